@@ -1,0 +1,309 @@
+"""FastVLM on ONNX Runtime: three sessions, IOBinding, and a per-request KV cache.
+
+Every model fact this module needs is read from the sessions themselves: layer count and
+KV shape from the decoder's ``past_key_values.*`` inputs, vocabulary size from its logits,
+image size and token count from the vision encoder. Nothing about FastVLM-0.5B is assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..resources.model_files import ModelFiles
+from .backend_exceptions import BackendInputError, BackendLoadError
+from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
+
+log = logging.getLogger(__name__)
+
+# Most capable first; CPU is always the last resort.
+PROVIDER_PRIORITY = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+)
+DEVICE_PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "mps": ("CoreMLExecutionProvider", "CPUExecutionProvider"),
+    "coreml": ("CoreMLExecutionProvider", "CPUExecutionProvider"),
+    "directml": ("DmlExecutionProvider", "CPUExecutionProvider"),
+    "openvino": ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
+}
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def select_providers(
+    device: str = "auto",
+    configured: Sequence[str | Sequence[Any]] | None = None,
+    available: Sequence[str] | None = None,
+) -> list[ProviderSpec]:
+    """Execution providers to use, most preferred first.
+
+    `configured` (names, or [name, {options}] pairs) wins over `device`; "auto" takes every
+    available provider in PROVIDER_PRIORITY order.
+    """
+    available = list(available if available is not None else ort.get_available_providers())
+    if configured:
+        chosen: list[ProviderSpec] = []
+        for entry in configured:
+            name, options = (entry, None) if isinstance(entry, str) else (entry[0], dict(entry[1]))
+            if name not in available:
+                raise BackendLoadError(
+                    f"execution provider {name!r} is not available in this onnxruntime build; "
+                    f"available: {', '.join(available)}"
+                )
+            chosen.append((name, options) if options else name)
+        return chosen
+    device = device.lower()
+    if device == "auto":
+        return [p for p in PROVIDER_PRIORITY if p in available] or ["CPUExecutionProvider"]
+    if device not in DEVICE_PROVIDERS:
+        raise BackendLoadError(f"unknown device {device!r}; known: auto, {', '.join(DEVICE_PROVIDERS)}")
+    wanted = DEVICE_PROVIDERS[device]
+    if wanted[0] not in available:
+        raise BackendLoadError(
+            f"device {device!r} needs {wanted[0]}, which this onnxruntime build lacks; "
+            f"available: {', '.join(available)}"
+        )
+    return [p for p in wanted if p in available]
+
+
+def provider_names(providers: Sequence[ProviderSpec]) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _device_type(providers: Sequence[str]) -> str:
+    """Where ORT should leave outputs (the KV cache) between steps."""
+    return "cuda" if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers) else "cpu"
+
+
+def default_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads  # 0: ORT's default, one per physical core
+    options.log_severity_level = 3  # warnings from graph partitioning are noise for users
+    return options
+
+
+@dataclass
+class OrtDecoderState(DecoderState):
+    """A request's KV cache, held as ORT values between steps (never copied to numpy)."""
+
+    past: list[ort.OrtValue]
+    length: int
+    last_logits: np.ndarray
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.last_logits
+
+
+class FastVLMONNXBackend(BaseFastVLMBackend):
+    """Runs the onnx-community three-graph FastVLM export with ONNX Runtime."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        providers: Sequence[ProviderSpec] | None = None,
+        session_options: ort.SessionOptions | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        started = time.perf_counter()
+        self._files = files
+        self._providers = list(providers or select_providers("auto"))
+        options = session_options or default_session_options()
+        self._vision = self._open(files.graphs["vision"], options)
+        self._embed = self._open(files.graphs["embed"], options)
+        self._decoder = self._open(files.graphs["decoder"], options)
+        active = tuple(self._decoder.get_providers())
+        self._device = _device_type(active)
+        self._vision_spec = self._read_vision_spec()
+        self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
+        self._kv_dtype = self._input_dtype(self._decoder, self._past_names[0])
+        self._embeds_dtype = self._input_dtype(self._decoder, "inputs_embeds")
+        self._context_length = context_length
+        self._info = BackendInfo(
+            runtime=f"onnxrt-{self._device}",
+            providers=active,
+            precision=files.precision,
+            graph_precisions=dict(files.graph_precisions),
+            load_time_ms=(time.perf_counter() - started) * 1000.0,
+            model_bytes=sum(_file_bytes(p) for p in files.graphs.values()),
+        )
+        log.info(
+            "loaded %s (%s, %s) in %.0f ms",
+            files.root.name,
+            files.precision,
+            ", ".join(active),
+            self._info.load_time_ms,
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    def _open(self, path: Any, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+        except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
+            raise BackendLoadError(f"cannot load {path}: {exc}") from exc
+
+    @staticmethod
+    def _input_dtype(session: ort.InferenceSession, name: str) -> type:
+        for value in session.get_inputs():
+            if value.name == name:
+                return _ORT_TO_NUMPY.get(value.type, np.float32)
+        raise BackendLoadError(f"graph has no input named {name!r}")
+
+    def _read_vision_spec(self) -> VisionSpec:
+        (pixel_input,) = self._vision.get_inputs()
+        (feature_output,) = self._vision.get_outputs()
+        height = pixel_input.shape[2]
+        tokens = feature_output.shape[1]
+        return VisionSpec(
+            image_size=height if isinstance(height, int) else 0,
+            image_tokens=tokens if isinstance(tokens, int) else None,
+            feature_dim=int(feature_output.shape[2]),
+        )
+
+    def _read_decoder_io(self) -> tuple[DecoderSpec, list[str], list[str]]:
+        inputs = {v.name: v for v in self._decoder.get_inputs()}
+        layers = sorted(int(m.group(1)) for name in inputs if (m := _PAST_KEY.match(name)))
+        if not layers or layers != list(range(len(layers))):
+            raise BackendLoadError("decoder graph has no past_key_values.{i}.key inputs numbered from 0")
+        past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        outputs = {v.name: v for v in self._decoder.get_outputs()}
+        missing = [n for n in [*past_names, "inputs_embeds", "attention_mask", "position_ids"] if n not in inputs]
+        missing += [n for n in ["logits", *present_names] if n not in outputs]
+        if missing:
+            raise BackendLoadError(f"decoder graph lacks expected inputs/outputs: {', '.join(missing)}")
+        kv_shape = inputs[past_names[0]].shape
+        vocab = outputs["logits"].shape[-1]
+        hidden = self._embed.get_outputs()[0].shape[-1]
+        spec = DecoderSpec(
+            num_layers=len(layers),
+            num_kv_heads=int(kv_shape[1]),
+            head_dim=int(kv_shape[3]),
+            hidden_size=int(hidden),
+            vocab_size=int(vocab) if isinstance(vocab, int) else 0,
+        )
+        return spec, past_names, present_names
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def vision_spec(self) -> VisionSpec:
+        return self._vision_spec
+
+    @property
+    def decoder_spec(self) -> DecoderSpec:
+        return self._decoder_spec
+
+    # ------------------------------------------------------------------ inference
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        name = self._vision.get_inputs()[0].name
+        dtype = _ORT_TO_NUMPY.get(self._vision.get_inputs()[0].type, np.float32)
+        (features,) = self._vision.run(None, {name: pixel_values.astype(dtype, copy=False)})
+        return features[0]
+
+    def _embed_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        (embeds,) = self._embed.run(None, {"input_ids": input_ids.reshape(1, -1).astype(np.int64, copy=False)})
+        return embeds
+
+    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None, image_token_id: int) -> OrtDecoderState:
+        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+        if input_ids.size == 0:
+            raise BackendInputError("the prompt is empty")
+        if self._context_length and input_ids.size >= self._context_length:
+            raise BackendInputError(
+                f"the prompt has {input_ids.size} tokens; the model's context holds {self._context_length}"
+            )
+        embeds = self._embed_ids(input_ids).astype(self._embeds_dtype, copy=False)
+        image_positions = np.flatnonzero(input_ids == image_token_id)
+        if image_features is not None or image_positions.size:
+            n_features = 0 if image_features is None else image_features.shape[0]
+            if image_positions.size != n_features:
+                raise BackendInputError(
+                    f"the prompt has {image_positions.size} image tokens but the image gave {n_features} features"
+                )
+            embeds[0, image_positions] = image_features
+        empty_past = [self._empty_kv() for _ in self._past_names]
+        return self._run_decoder(embeds, empty_past, past_length=0)
+
+    def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
+        assert isinstance(state, OrtDecoderState)
+        embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
+        new_state = self._run_decoder(embeds, state.past, past_length=state.length)
+        state.past, state.length, state.last_logits = new_state.past, new_state.length, new_state.last_logits
+        return state.last_logits
+
+    def _empty_kv(self) -> ort.OrtValue:
+        spec = self._decoder_spec
+        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self._kv_dtype)
+        return ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
+
+    def _run_decoder(self, embeds: np.ndarray, past: list[ort.OrtValue], past_length: int) -> OrtDecoderState:
+        new_tokens = embeds.shape[1]
+        total = past_length + new_tokens
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(past_length, total, dtype=np.int64).reshape(1, -1))
+        for name, value in zip(self._past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
+        self._decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[0, -1].astype(np.float32)
+        return OrtDecoderState(past=list(outputs[1:]), length=total, last_logits=logits)
+
+    def close(self) -> None:
+        self._vision = self._embed = self._decoder = None  # type: ignore[assignment]
+
+
+def _file_bytes(path: Any) -> int:
+    from pathlib import Path
+
+    path = Path(path)
+    size = path.stat().st_size
+    data = path.with_name(path.name + "_data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def providers_from_config(value: Any) -> list[str | Sequence[Any]] | None:
+    """Accept providers as a list of names or [name, {options}] pairs from YAML."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise BackendLoadError("providers must be a list of names or [name, {options}] pairs")
+    for entry in value:
+        ok = isinstance(entry, str) or (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], Mapping)
+        )
+        if not ok:
+            raise BackendLoadError(f"bad provider entry {entry!r}: use a name or [name, {{options}}]")
+    return value

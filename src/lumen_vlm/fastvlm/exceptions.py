@@ -1,0 +1,17 @@
+"""Errors raised while turning a request into model inputs.
+
+The service maps every `InputError` to INVALID_ARGUMENT; anything else escaping the
+model manager is treated as our own bug (INTERNAL).
+"""
+
+
+class InputError(ValueError):
+    """The request itself is wrong: the client can fix it and retry."""
+
+
+class ImageError(InputError):
+    """The image payload cannot be used (corrupt, empty, unsupported, too large)."""
+
+
+class PromptError(InputError):
+    """The messages or prompt cannot be turned into model input."""

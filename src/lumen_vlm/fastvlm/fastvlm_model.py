@@ -1,0 +1,249 @@
+"""The model manager: a generation request in, text deltas and a final result out.
+
+It turns image bytes into pixels and messages into prompt ids, drives the backend one token
+at a time, and passes the tokens through the sampler, the incremental detokenizer and the
+stop-sequence filter. It knows neither gRPC nor ONNX Runtime.
+
+Generation is a lazy iterator: the next decode step runs only when the caller asks for the
+next event, so a caller that stops iterating (a cancelled client, a deadline) stops the
+model within one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..backends.backend_exceptions import BackendInputError
+from ..backends.base import BaseFastVLMBackend, DecoderState
+from ..generation import (
+    FinishReason,
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopSequenceFilter,
+    TokenSampler,
+    clamp_max_new_tokens,
+)
+from ..resources.model_files import ModelFacts, locate_model_files, read_model_facts
+from ..resources.model_spec import ImageSpec, ResizeMode
+from .exceptions import InputError, PromptError
+from .image import ImageLimits, image_to_pixels
+from .prompt import ChatTemplate, encode_prompt, render_messages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to generate; validated by the service before it gets here."""
+
+    max_new_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_sequences: tuple[str, ...] = ()
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: chat messages, at most one image, and generation parameters."""
+
+    messages: Sequence[Any]
+    image: bytes | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    resize_mode: ResizeMode | None = None  # None: the manager's default
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Newly final text; the deltas of one generation join to its result's text."""
+
+    text: str
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The end of one generation."""
+
+    text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    input_tokens: int
+    image_tokens: int
+    ttft_ms: float  # request start -> first token sampled
+    generation_time_ms: float
+    token_ids: tuple[int, ...] = ()  # every sampled token, the final eos included
+
+
+GenerationEvent = TextDelta | GenerationResult
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request turned into model inputs, before any decoder work."""
+
+    input_ids: np.ndarray
+    image_features: np.ndarray | None
+    max_new_tokens: int
+    started: float
+
+
+class FastVLMModelManager:
+    """Owns a backend, the tokenizer and the model's facts; serves generation requests."""
+
+    def __init__(
+        self,
+        backend: BaseFastVLMBackend,
+        tokenizer: Tokenizer,
+        facts: ModelFacts,
+        image_limits: ImageLimits | None = None,
+        resize_mode: ResizeMode = ResizeMode.PAD,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.facts = facts
+        self.image_limits = image_limits or ImageLimits()
+        self.template = ChatTemplate(facts.chat_template, facts.special_tokens)
+        # The vision session's input shape is the final word on the image size.
+        size = backend.vision_spec.image_size or facts.image.size
+        if not size:
+            raise ValueError("neither the preprocessor config nor the vision graph states the image size")
+        self.image_spec = replace(facts.image, size=size, mode=resize_mode)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        model_dir: Path | str,
+        precision: str = "fp32",
+        backend_factory: Any = None,
+        **manager_options: Any,
+    ) -> FastVLMModelManager:
+        """Load a model directory with the ONNX Runtime backend (or `backend_factory(files, facts)`)."""
+        from ..backends.onnxrt_backend import FastVLMONNXBackend
+
+        files = locate_model_files(Path(model_dir), precision)
+        tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        facts = read_model_facts(files, tokenizer.token_to_id)
+        if backend_factory is None:
+            backend = FastVLMONNXBackend(files, context_length=facts.context_length)
+        else:
+            backend = backend_factory(files, facts)
+        return cls(backend, tokenizer, facts, **manager_options)
+
+    @property
+    def context_length(self) -> int:
+        return self.facts.context_length
+
+    @property
+    def model_id(self) -> str:
+        return self.facts.model_id
+
+    # ------------------------------------------------------------------ request -> inputs
+
+    def image_features(self, image: bytes, resize_mode: ResizeMode | None = None) -> np.ndarray:
+        spec: ImageSpec = self.image_spec if resize_mode is None else replace(self.image_spec, mode=resize_mode)
+        pixels = image_to_pixels(image, spec, self.image_limits)
+        return self.backend.encode_image(pixels)
+
+    def prompt_ids(self, messages: Sequence[Any], image_tokens: int | None, add_generation_prompt: bool) -> np.ndarray:
+        prompt = render_messages(messages, self.template, image_tokens is not None, add_generation_prompt)
+        log.debug("prompt: %r", prompt)
+        return encode_prompt(self.tokenizer, prompt, self.facts.image_token_id, image_tokens or 0)
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Validate and encode a request: image -> features, messages -> ids. Raises InputError."""
+        started = time.perf_counter()
+        features = None
+        if request.image is not None:
+            features = self.image_features(request.image, request.resize_mode)
+        image_tokens = None if features is None else int(features.shape[0])
+        ids = self.prompt_ids(request.messages, image_tokens, request.params.add_generation_prompt)
+        try:
+            max_new = clamp_max_new_tokens(request.params.max_new_tokens, int(ids.size), self.context_length)
+        except ValueError as exc:
+            raise PromptError(str(exc)) from exc
+        return PreparedRequest(ids, features, max_new, started)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
+        """Stream TextDelta events, then one GenerationResult."""
+        return self.generate_prepared(self.prepare(request), request.params)
+
+    def generate_text(self, request: GenerationRequest) -> GenerationResult:
+        """Run a request to the end and return only the result."""
+        for event in self.generate(request):
+            if isinstance(event, GenerationResult):
+                return event
+        raise RuntimeError("generation ended without a result")  # pragma: no cover - generator contract
+
+    def generate_prepared(self, prepared: PreparedRequest, params: GenerationParams) -> Iterator[GenerationEvent]:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        stop_filter = StopSequenceFilter(params.stop_sequences)
+        pieces: list[str] = []
+        tokens: list[int] = []
+        finish = FinishReason.LENGTH
+        ttft_ms = 0.0
+        count = 0
+        for count, token in enumerate(self._sample_tokens(prepared, params.sampling), start=1):
+            if count == 1:
+                ttft_ms = (time.perf_counter() - prepared.started) * 1000.0
+            tokens.append(token)
+            if token in self.facts.eos_token_ids:
+                finish = FinishReason.EOS
+                break
+            text, stopped = stop_filter.feed(detokenizer.push(token))
+            if text:
+                pieces.append(text)
+                yield TextDelta(text, count)
+            if stopped:
+                finish = FinishReason.STOP_SEQUENCE
+                break
+        if finish is not FinishReason.STOP_SEQUENCE:
+            # Release what was held back: an unfinished character, a possible stop-sequence start.
+            text, stopped = stop_filter.feed(detokenizer.flush())
+            if stopped:
+                finish = FinishReason.STOP_SEQUENCE
+            else:
+                text += stop_filter.flush()
+            if text:
+                pieces.append(text)
+                yield TextDelta(text, count)
+        yield GenerationResult(
+            text="".join(pieces),
+            finish_reason=finish,
+            generated_tokens=count,
+            input_tokens=int(prepared.input_ids.size),
+            image_tokens=0 if prepared.image_features is None else int(prepared.image_features.shape[0]),
+            ttft_ms=ttft_ms,
+            generation_time_ms=(time.perf_counter() - prepared.started) * 1000.0,
+            token_ids=tuple(tokens),
+        )
+
+    def _sample_tokens(self, prepared: PreparedRequest, sampling: SamplingParams) -> Iterator[int]:
+        """Prefill, then sample and decode one token at a time, up to the request's limit."""
+        sampler = TokenSampler(sampling)
+        history = list(prepared.input_ids.tolist())
+        try:
+            state: DecoderState = self.backend.prefill(
+                prepared.input_ids, prepared.image_features, self.facts.image_token_id
+            )
+        except BackendInputError as exc:
+            raise InputError(str(exc)) from exc
+        logits = state.logits
+        for step in range(prepared.max_new_tokens):
+            token = sampler.next_token(logits, history)
+            yield token
+            if step + 1 < prepared.max_new_tokens:
+                history.append(token)
+                logits = self.backend.decode_step(state, token)
+
+    def close(self) -> None:
+        self.backend.close()

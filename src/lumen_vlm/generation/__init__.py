@@ -1,0 +1,27 @@
+"""Pure-numpy generation helpers: sampling, streaming detokenization and stopping rules."""
+
+from lumen_vlm.generation.detokenizer import IncrementalDetokenizer
+from lumen_vlm.generation.sampling import (
+    SamplingParams,
+    TokenSampler,
+    apply_repetition_penalty,
+    apply_temperature,
+    process_logits,
+    top_k_filter,
+    top_p_filter,
+)
+from lumen_vlm.generation.stopping import FinishReason, StopSequenceFilter, clamp_max_new_tokens
+
+__all__ = [
+    "FinishReason",
+    "IncrementalDetokenizer",
+    "SamplingParams",
+    "StopSequenceFilter",
+    "TokenSampler",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "clamp_max_new_tokens",
+    "process_logits",
+    "top_k_filter",
+    "top_p_filter",
+]

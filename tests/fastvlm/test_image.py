@@ -1,0 +1,385 @@
+"""Image bytes -> pixels: decoding, limits, refusals and the shape of the result (no torch needed)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lumen_vlm.fastvlm.exceptions import ImageError, InputError
+from lumen_vlm.fastvlm.image import (
+    ImageLimits,
+    image_to_pixels,
+    load_image,
+    preprocess,
+    sniff_image_mime,
+)
+from lumen_vlm.resources.model_spec import ImageSpec, ResizeMode
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# FastVLM's own preprocessor_config: no mean shift, unit std, so the pad colour is black.
+FASTVLM_SPEC = ImageSpec(size=32, mode=ResizeMode.PAD)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def solid(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
+    return Image.new("RGB", (width, height), colour)
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR claims width x height (CRC fixed, so only the size is a lie)."""
+    data = encode(Image.new("RGB", (1, 1)), "PNG")
+    assert data[12:16] == b"IHDR"
+    chunk = bytearray(data[12:29])  # chunk type + 13 bytes of IHDR data
+    chunk[4:12] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(bytes(chunk)))
+    return data[:12] + bytes(chunk) + crc + data[33:]
+
+
+def expected_norm(value: int, mean: float, std: float) -> np.float32:
+    """One 8-bit value through transformers' rescale (float64 -> float32) and normalize (float32)."""
+    scaled = np.float32(np.float64(value) * (1 / 255))
+    return (scaled - np.float32(mean)) / np.float32(std)
+
+
+# --- sniffing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "image/jpeg"),
+        (b"\xff\xd8\xff", "image/jpeg"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png"),
+        (b"RIFF\x24\x00\x00\x00WEBPVP8 ", "image/webp"),
+        (b"RIFF\x24\x00\x00\x00WEBP", "image/webp"),
+        (b"", None),
+        (b"\xff\xd8", None),
+        (b"\x89PNG\r\n", None),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", None),
+        (b"RIFF\x24\x00\x00\x00WEB", None),
+        (b"GIF89a\x01\x00\x01\x00", None),
+        (b"BM\x3a\x00\x00\x00", None),
+        (b"II*\x00\x08\x00\x00\x00", None),
+        (b"MM\x00*\x00\x00\x00\x08", None),
+        (b"hello world", None),
+    ],
+)
+def test_sniff_table(data: bytes, mime: str | None) -> None:
+    assert sniff_image_mime(data) == mime
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_sniff_real_files(fmt: str, mime: str) -> None:
+    assert sniff_image_mime(encode(noise(8, 8), fmt)) == mime
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_sniff_other_formats(fmt: str) -> None:
+    assert sniff_image_mime(encode(noise(8, 8), fmt)) is None
+
+
+# --- decoding -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_load_formats(fmt: str) -> None:
+    image = load_image(encode(noise(40, 30), fmt))
+    assert image.mode == "RGB"
+    assert image.size == (40, 30)
+
+
+def test_png_and_lossless_webp_are_exact() -> None:
+    source = noise(17, 9)
+    for data in (encode(source, "PNG"), encode(source, "WEBP", lossless=True)):
+        assert np.array_equal(np.asarray(load_image(data)), np.asarray(source))
+
+
+def test_rgba_drops_alpha_without_compositing() -> None:
+    # Apple's reference is a bare .convert("RGB"): a fully transparent pixel keeps its colour.
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (200, 100, 50, 255))
+    image = load_image(encode(rgba, "PNG"))
+    assert image.mode == "RGB"
+    assert image.getpixel((1, 1)) == (10, 20, 30)
+    assert image.getpixel((0, 0)) == (200, 100, 50)
+
+
+def test_palette_png_with_transparency() -> None:
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30, 240, 230, 220] + [0] * 762)
+    pal.putpixel((3, 3), 1)
+    data = encode(pal, "PNG", transparency=0)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.mode == "P" and "transparency" in check.info
+    image = load_image(data)
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (10, 20, 30)  # the transparent index keeps its palette colour
+    assert image.getpixel((3, 3)) == (240, 230, 220)
+
+
+def test_grayscale() -> None:
+    gray = Image.new("L", (5, 3), 77)
+    for fmt in ("PNG", "JPEG"):
+        image = load_image(encode(gray, fmt))
+        assert image.mode == "RGB"
+        assert image.size == (5, 3)
+        r, g, b = image.getpixel((2, 1))
+        assert r == g == b and abs(r - 77) <= 2
+
+
+def test_cmyk_jpeg() -> None:
+    image = load_image(encode(Image.new("CMYK", (6, 6), (0, 0, 0, 0)), "JPEG"))
+    assert image.mode == "RGB"
+    assert all(c >= 250 for c in image.getpixel((3, 3)))
+
+
+def test_tiny_1x1() -> None:
+    image = load_image(encode(solid(1, 1, (1, 2, 3)), "PNG"))
+    assert image.size == (1, 1)
+    assert image.getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_exif_orientation_is_applied() -> None:
+    # 40 wide x 20 high: left half red, right half blue, tagged "rotate 90° clockwise to view".
+    source = solid(40, 20, (255, 0, 0))
+    source.paste(solid(20, 20, (0, 0, 255)), (20, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    data = encode(source, "JPEG", exif=exif, quality=95)
+    with Image.open(io.BytesIO(data)) as raw:
+        assert raw.size == (40, 20) and raw.getexif()[0x0112] == 6
+
+    image = load_image(data)
+    assert image.size == (20, 40)  # transposed
+    top = image.getpixel((10, 5))
+    bottom = image.getpixel((10, 34))
+    assert top[0] > 200 and top[2] < 60  # the left edge (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_animated_images_give_the_first_frame() -> None:
+    frames = [solid(8, 8, (255, 0, 0)), solid(8, 8, (0, 0, 255))]
+    for fmt, kwargs in [("PNG", {}), ("WEBP", {"lossless": True})]:
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, **kwargs)
+        with Image.open(io.BytesIO(data)) as check:
+            assert getattr(check, "n_frames", 1) == 2
+        image = load_image(data)
+        assert image.size == (8, 8)
+        assert image.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_mpo_jpeg_is_accepted() -> None:
+    # Phone cameras write JPEGs with a multi-picture index, which Pillow opens as "MPO".
+    data = encode(solid(16, 8, (250, 0, 0)), "MPO", save_all=True, append_images=[solid(16, 8, (0, 0, 250))])
+    assert sniff_image_mime(data) == "image/jpeg"
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.format == "MPO"
+    image = load_image(data)
+    assert image.size == (16, 8)
+    r, _, b = image.getpixel((8, 4))
+    assert r > 200 and b < 50
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def _bad_inputs() -> dict[str, bytes]:
+    source = noise(64, 48, seed=3)
+    jpeg = encode(source, "JPEG")
+    png = encode(source, "PNG")
+    webp = encode(source, "WEBP")
+    return {
+        "empty": b"",
+        "random": np.random.default_rng(7).bytes(1000),
+        "text": b"this is not an image, just some text\n" * 10,
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "truncated_png": png[: len(png) // 2],
+        "truncated_webp": webp[: len(webp) // 2],
+        "png_signature_only": png[:8],
+        "jpeg_signature_then_garbage": b"\xff\xd8\xff" + np.random.default_rng(8).bytes(500),
+        "gif": encode(source, "GIF"),
+        "bmp": encode(source, "BMP"),
+        "tiff": encode(source, "TIFF"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_inputs()))
+def test_bad_inputs_raise_image_error(name: str) -> None:
+    data = _bad_inputs()[name]
+    with pytest.raises(ImageError) as info:
+        load_image(data)
+    assert isinstance(info.value, InputError)
+    assert str(info.value)
+    with pytest.raises(ImageError):
+        image_to_pixels(data, FASTVLM_SPEC)
+
+
+def test_corrupt_png_crc() -> None:
+    data = bytearray(encode(noise(16, 16), "PNG"))
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF  # damage the compressed pixels; the CRC no longer matches
+    with pytest.raises(ImageError) as info:
+        load_image(bytes(data))
+    assert info.value.__cause__ is not None
+
+
+def test_truncated_errors_keep_their_cause() -> None:
+    jpeg = encode(noise(64, 48), "JPEG")
+    with pytest.raises(ImageError, match="JPEG") as info:
+        load_image(jpeg[: len(jpeg) // 2])
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_unsupported_format_message() -> None:
+    with pytest.raises(ImageError, match="JPEG, PNG and WebP"):
+        load_image(encode(noise(8, 8), "GIF"))
+
+
+def test_huge_png_header_is_rejected_before_decoding() -> None:
+    data = png_with_size(100_000, 100_000)
+    assert len(data) < 100
+    with pytest.raises(ImageError, match="pixels"):
+        load_image(data)
+
+
+def test_pixel_limit_from_header() -> None:
+    # 64 M pixels: under PIL's own bomb threshold, over our default limit.
+    with pytest.raises(ImageError, match="8000x8000 = 64000000 pixels"):
+        load_image(png_with_size(8000, 8000))
+    with pytest.raises(ImageError, match="pixels"):
+        load_image(encode(noise(20, 10), "PNG"), ImageLimits(max_pixels=199))
+    assert load_image(encode(noise(20, 10), "PNG"), ImageLimits(max_pixels=200)).size == (20, 10)
+
+
+def test_pil_bomb_error_becomes_image_error_without_global_changes() -> None:
+    # 400 M pixels is over twice PIL's MAX_IMAGE_PIXELS, where PIL itself refuses in open().
+    max_pixels_before = Image.MAX_IMAGE_PIXELS
+    filters_before = list(warnings.filters)
+    with pytest.raises(ImageError, match="too large to decode safely"):
+        load_image(png_with_size(20_000, 20_000), ImageLimits(max_pixels=10**12))
+    assert max_pixels_before == Image.MAX_IMAGE_PIXELS
+    assert warnings.filters == filters_before
+
+
+def test_byte_limit() -> None:
+    data = encode(noise(32, 32), "PNG")
+    with pytest.raises(ImageError, match="bytes"):
+        load_image(data, ImageLimits(max_bytes=len(data) - 1))
+    assert load_image(data, ImageLimits(max_bytes=len(data))).size == (32, 32)
+
+
+def test_extreme_aspect_ratio_is_refused_before_allocating() -> None:
+    thin = Image.new("RGB", (50_000, 1))  # 50 k pixels, but its PAD canvas would be 2.5 G pixels
+    for mode in ResizeMode:
+        with pytest.raises(ImageError, match="aspect ratio"):
+            preprocess(thin, ImageSpec(size=1024, mode=mode))
+    with pytest.raises(ImageError, match="aspect ratio"):
+        image_to_pixels(encode(thin, "PNG"), ImageSpec(size=1024, mode=ResizeMode.CROP))
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(ResizeMode))
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (32, 32), (40, 30), (30, 40), (1000, 10), (10, 1000)])
+def test_output_shape_and_dtype(mode: ResizeMode, width: int, height: int) -> None:
+    spec = ImageSpec(size=32, image_mean=CLIP_MEAN, image_std=CLIP_STD, mode=mode)
+    pixels = preprocess(noise(width, height), spec)
+    assert pixels.shape == (1, 3, 32, 32)
+    assert pixels.dtype == np.float32
+    assert pixels.flags["C_CONTIGUOUS"]
+    assert np.isfinite(pixels).all()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_image_to_pixels(fmt: str) -> None:
+    pixels = image_to_pixels(encode(noise(50, 20), fmt), FASTVLM_SPEC)
+    assert pixels.shape == (1, 3, 32, 32) and pixels.dtype == np.float32
+    assert pixels.min() >= 0.0 and pixels.max() <= 1.0  # mean 0, std 1: just rescaled
+
+
+def test_preprocess_accepts_non_rgb_images() -> None:
+    gray = Image.new("L", (10, 10), 51)
+    pixels = preprocess(gray, FASTVLM_SPEC)
+    assert np.all(pixels == expected_norm(51, 0.0, 1.0))
+
+
+def test_pad_black_bars_and_centred_image() -> None:
+    # 100x50 landscape -> 100x100 canvas, image on rows 25..74 -> resized to 50: rows 12.5..37.5.
+    colour = (200, 100, 50)
+    spec = ImageSpec(size=50, mode=ResizeMode.PAD)
+    pixels = preprocess(solid(100, 50, colour), spec)[0]
+    # FastVLM's mean is 0: the bars are black, exactly (0 - mean) / std = 0.
+    for row in (0, 5, 44, 49):
+        assert np.all(pixels[:, row, :] == 0.0), row
+    for c in range(3):
+        assert pixels[c, 25, 25] == expected_norm(colour[c], 0.0, 1.0)
+        assert np.all(pixels[c, 16:34, :] == expected_norm(colour[c], 0.0, 1.0))
+
+
+def test_pad_portrait_bars_left_and_right() -> None:
+    colour = (10, 240, 130)
+    spec = ImageSpec(size=40, mode=ResizeMode.PAD)
+    pixels = preprocess(solid(20, 80, colour), spec)[0]  # image on columns 15..24 of 40
+    assert np.all(pixels[:, :, :10] == 0.0)
+    assert np.all(pixels[:, :, 30:] == 0.0)
+    for c in range(3):
+        assert np.all(pixels[c, :, 17:23] == expected_norm(colour[c], 0.0, 1.0))
+
+
+def test_pad_bars_use_the_mean_colour() -> None:
+    # With a CLIP-style mean the canvas is int(mean * 255): after normalizing, the bars are
+    # (int(m * 255) / 255 - m) / std, i.e. almost exactly zero.
+    spec = ImageSpec(size=50, image_mean=CLIP_MEAN, image_std=CLIP_STD, mode=ResizeMode.PAD)
+    pixels = preprocess(solid(100, 50, (255, 255, 255)), spec)[0]
+    for c in range(3):
+        bar = expected_norm(int(CLIP_MEAN[c] * 255), CLIP_MEAN[c], CLIP_STD[c])
+        assert abs(bar) < 1 / 255 / CLIP_STD[c]
+        assert np.all(pixels[c, :5, :] == bar)
+        assert np.all(pixels[c, 45:, :] == bar)
+        assert pixels[c, 25, 25] == expected_norm(255, CLIP_MEAN[c], CLIP_STD[c])
+
+
+def test_crop_keeps_the_centre() -> None:
+    # 90x30: left third red, middle green, right third blue -> shortest edge 30, crop the middle.
+    image = solid(90, 30, (255, 0, 0))
+    image.paste(solid(30, 30, (0, 255, 0)), (30, 0))
+    image.paste(solid(30, 30, (0, 0, 255)), (60, 0))
+    pixels = preprocess(image, ImageSpec(size=30, mode=ResizeMode.CROP))[0]
+    assert np.all(pixels[1, :, 3:27] == 1.0)
+    assert np.all(pixels[0, :, 3:27] == 0.0)
+    assert np.all(pixels[2, :, 3:27] == 0.0)
+
+
+def test_square_pad_and_crop_agree() -> None:
+    image = noise(37, 37)
+    spec = ImageSpec(size=24, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    pad = preprocess(image, spec)
+    crop = preprocess(image, ImageSpec(size=24, image_mean=CLIP_MEAN, image_std=CLIP_STD, mode=ResizeMode.CROP))
+    assert np.array_equal(pad, crop)
+
+
+def test_same_size_square_is_only_rescaled_and_normalized() -> None:
+    image = noise(16, 16)
+    spec = ImageSpec(size=16, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    pixels = preprocess(image, spec)[0]
+    raw = np.asarray(image).astype(np.float64) * (1 / 255)
+    expected = (raw.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+    assert np.array_equal(pixels, expected.transpose(2, 0, 1))
