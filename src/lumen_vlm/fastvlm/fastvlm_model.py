@@ -122,19 +122,23 @@ class FastVLMModelManager:
         cls,
         model_dir: Path | str,
         precision: str = "fp32",
-        backend_factory: Any = None,
+        device: str = "auto",
+        providers: Sequence[Any] | None = None,
+        intra_op_threads: int = 0,
         **manager_options: Any,
     ) -> FastVLMModelManager:
-        """Load a model directory with the ONNX Runtime backend (or `backend_factory(files, facts)`)."""
-        from ..backends.onnxrt_backend import FastVLMONNXBackend
+        """Load a model directory with the ONNX Runtime backend."""
+        from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
         files = locate_model_files(Path(model_dir), precision)
         tokenizer = Tokenizer.from_file(str(files.tokenizer))
         facts = read_model_facts(files, tokenizer.token_to_id)
-        if backend_factory is None:
-            backend = FastVLMONNXBackend(files, context_length=facts.context_length)
-        else:
-            backend = backend_factory(files, facts)
+        backend = FastVLMONNXBackend(
+            files,
+            providers=select_providers(device, providers),
+            session_options=default_session_options(intra_op_threads),
+            context_length=facts.context_length,
+        )
         return cls(backend, tokenizer, facts, **manager_options)
 
     @property

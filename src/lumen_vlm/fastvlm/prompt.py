@@ -132,6 +132,8 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, image_token_id: int, image_
         raise PromptError("one image per request: the prompt holds more than one image token")
     if positions.size == 0 or image_tokens == 1:
         return ids
+    if image_tokens < 1:
+        raise PromptError(f"the prompt holds {IMAGE_PLACEHOLDER} but the request has no image")
     at = int(positions[0])
     return np.concatenate([ids[:at], np.full(image_tokens, image_token_id, dtype=np.int64), ids[at + 1 :]])
 

@@ -1,0 +1,194 @@
+"""The ONNX Runtime backend on the tiny model: facts from sessions, precisions, providers, layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from lumen_vlm.backends.backend_exceptions import BackendInputError, BackendLoadError
+from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend, select_providers
+from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
+from lumen_vlm.generation import FinishReason
+from lumen_vlm.resources.exceptions import ModelFilesError
+from lumen_vlm.resources.model_files import locate_model_files
+from tools.quantize_model import quantize_decoder
+
+from ..parity import assert_case_matches, golden_request
+
+
+@pytest.fixture(scope="module")
+def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    model_dir = tmp_path_factory.mktemp("quantized") / "tiny"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for precision in ("int8", "q4"):
+        quantize_decoder(model_dir, precision)
+    return model_dir
+
+
+def test_facts_come_from_the_sessions(tiny_model_dir: Path) -> None:
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    text = config["text_config"]
+    backend = FastVLMONNXBackend(locate_model_files(tiny_model_dir))
+    spec = backend.decoder_spec
+    assert spec.num_layers == text["num_hidden_layers"]
+    assert spec.num_kv_heads == text["num_key_value_heads"]
+    assert spec.head_dim == text["hidden_size"] // text["num_attention_heads"]
+    assert spec.hidden_size == text["hidden_size"]
+    assert spec.vocab_size == text["vocab_size"]
+    assert backend.vision_spec.image_tokens == config["image_seq_length"]
+    assert backend.info.runtime == "onnxrt-cpu"
+    assert backend.info.providers == ("CPUExecutionProvider",)
+
+
+def test_image_size_matches_the_preprocessor_config(tiny_model_dir: Path) -> None:
+    preprocessor = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    backend = FastVLMONNXBackend(locate_model_files(tiny_model_dir))
+    assert backend.vision_spec.image_size == preprocessor["crop_size"]["height"]
+
+
+@pytest.mark.parametrize("precision, op", [("int8", "MatMulInteger"), ("q4", "MatMulNBits")])
+def test_quantized_decoders_load_and_generate(
+    quantized_model_dir: Path, golden: dict[str, Any], precision: str, op: str
+) -> None:
+    files = locate_model_files(quantized_model_dir, precision)
+    assert files.graphs["decoder"].name == f"decoder_model_merged_{precision}.onnx"
+    assert op in {node.op_type for node in onnx.load(str(files.graphs["decoder"])).graph.node}
+    # Vision and embedding have no such variant here, so they fall back to fp32.
+    assert files.graph_precisions == {"vision": "fp32", "embed": "fp32", "decoder": precision}
+
+    quantized = FastVLMModelManager.from_model_dir(quantized_model_dir, precision=precision)
+    reference = FastVLMModelManager.from_model_dir(quantized_model_dir)
+    case = golden["cases"][0]
+    prepared = quantized.prepare(golden_request(case))
+    q_logits = quantized.backend.prefill(prepared.input_ids, prepared.image_features, quantized.facts.image_token_id)
+    r_logits = reference.backend.prefill(prepared.input_ids, prepared.image_features, reference.facts.image_token_id)
+    # Quantization perturbs the logits but must keep them close to fp32's.
+    correlation = np.corrcoef(q_logits.logits, r_logits.logits)[0, 1]
+    assert correlation > 0.98
+    assert quantized.backend.info.precision == precision
+    result = quantized.generate_text(golden_request(case))
+    assert result.generated_tokens == case["max_new_tokens"] or result.finish_reason is FinishReason.EOS
+    assert result.text
+
+
+def test_a_missing_precision_lists_what_exists(quantized_model_dir: Path) -> None:
+    with pytest.raises(ModelFilesError, match=r"no fp16 decoder graph.*precisions present: fp32, int8, q4"):
+        locate_model_files(quantized_model_dir, "fp16")
+
+
+def test_an_unknown_precision_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelFilesError, match="unknown precision 'fp8'"):
+        locate_model_files(tiny_model_dir, "fp8")
+
+
+def test_not_a_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelFilesError, match="not a FastVLM model directory"):
+        locate_model_files(tmp_path)
+
+
+def test_provider_selection() -> None:
+    assert select_providers("auto", available=["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert select_providers("auto", available=["CPUExecutionProvider", "CUDAExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert select_providers("cuda", available=["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    configured = [["CUDAExecutionProvider", {"device_id": 1}], "CPUExecutionProvider"]
+    assert select_providers("cpu", configured, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
+    with pytest.raises(BackendLoadError, match="needs CUDAExecutionProvider"):
+        select_providers("cuda", available=["CPUExecutionProvider"])
+    with pytest.raises(BackendLoadError, match="unknown device 'tpu'"):
+        select_providers("tpu", available=["CPUExecutionProvider"])
+    with pytest.raises(BackendLoadError, match="not available"):
+        select_providers("auto", ["TensorrtExecutionProvider"], ["CPUExecutionProvider"])
+
+
+def test_prefill_checks_the_image_token_count(manager: FastVLMModelManager) -> None:
+    features = np.zeros((3, manager.backend.decoder_spec.hidden_size), dtype=np.float32)
+    ids = np.array([1, 2, manager.facts.image_token_id, 3], dtype=np.int64)
+    with pytest.raises(BackendInputError, match="1 image tokens but the image gave 3 features"):
+        manager.backend.prefill(ids, features, manager.facts.image_token_id)
+
+
+def lumen_layout_copy(source: Path, target: Path) -> Path:
+    """The tiny model re-laid as a Lumen model: model_info.json + onnx/{graph}.{precision}.onnx."""
+    target.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, target / name)
+    (target / "onnx").mkdir()
+    for graph, community in (
+        ("vision", "vision_encoder"),
+        ("embed", "embed_tokens"),
+        ("decoder", "decoder_model_merged"),
+    ):
+        shutil.copy(source / "onnx" / f"{community}.onnx", target / "onnx" / f"{graph}.fp32.onnx")
+    extra = {
+        key: json.loads((source / f"{name}.json").read_text())
+        for key, name in (
+            ("config", "config"),
+            ("generation_config", "generation_config"),
+            ("preprocessor_config", "preprocessor_config"),
+        )
+    }
+    model_info = {
+        "name": "fastvlm-tiny",
+        "version": "1.0.0",
+        "description": "tiny random FastVLM",
+        "model_type": "vlm",
+        "source": {"format": "custom", "repo_id": "local/fastvlm-tiny"},
+        "runtimes": {"onnx": {"available": True, "files": {"fp32": ["onnx/decoder.fp32.onnx"]}}},
+        "extra_metadata": extra,
+    }
+    (target / "model_info.json").write_text(json.dumps(model_info))
+    return target
+
+
+def test_lumen_layout_gives_the_same_tokens(tmp_path: Path, tiny_model_dir: Path, golden: dict[str, Any]) -> None:
+    model_dir = lumen_layout_copy(tiny_model_dir, tmp_path / "fastvlm-tiny")
+    files = locate_model_files(model_dir)
+    assert files.layout == "lumen"
+    lumen = FastVLMModelManager.from_model_dir(model_dir)
+    assert lumen.model_id == "fastvlm-tiny"
+    for case in golden["cases"][:2]:
+        assert_case_matches(lumen, case)
+
+
+def test_eos_ids_are_read_from_the_generation_config(
+    tmp_path: Path, tiny_model_dir: Path, golden: dict[str, Any]
+) -> None:
+    case = golden["cases"][0]
+    stop_at = 5
+    eos_token = case["output_ids"][stop_at]
+    assert eos_token not in case["output_ids"][:stop_at]
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    generation["eos_token_id"] = [*generation["eos_token_id"], eos_token]
+    (model_dir / "generation_config.json").write_text(json.dumps(generation))
+    manager = FastVLMModelManager.from_model_dir(model_dir)
+    assert eos_token in manager.facts.eos_token_ids
+    result = manager.generate_text(golden_request(case))
+    assert result.finish_reason is FinishReason.EOS
+    assert list(result.token_ids) == case["output_ids"][: stop_at + 1]
+    assert result.generated_tokens == stop_at + 1
+
+
+def test_max_new_tokens_is_clamped_to_the_context(manager: FastVLMModelManager, golden: dict[str, Any]) -> None:
+    case = golden["cases"][0]
+    request = golden_request(case)
+    prepared = manager.prepare(
+        GenerationRequest(request.messages, request.image, GenerationParams(max_new_tokens=10**6))
+    )
+    assert prepared.max_new_tokens == manager.context_length - prepared.input_ids.size

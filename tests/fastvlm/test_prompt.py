@@ -1,0 +1,87 @@
+"""Prompt building: the chat template in a sandbox, image placement, expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from lumen_vlm.fastvlm.exceptions import PromptError
+from lumen_vlm.fastvlm.prompt import ChatTemplate, encode_prompt, place_image, render_messages
+from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
+from tools.make_test_model import import_reference_stack
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is it?"}],
+    [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Which colour? 颜色？🐱"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def template(tiny_model_dir: Path) -> ChatTemplate:
+    files = locate_model_files(tiny_model_dir)
+    facts = read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id)
+    return ChatTemplate(facts.chat_template, facts.special_tokens)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_rendering_matches_transformers(
+    tiny_model_dir: Path, template: ChatTemplate, messages: list[dict[str, str]], add_generation_prompt: bool
+) -> None:
+    import_reference_stack()
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    has_image = any("<image>" in m["content"] for m in messages)
+    assert render_messages(messages, template, has_image, add_generation_prompt) == expected
+
+
+def test_default_system_prompt_is_the_templates(template: ChatTemplate) -> None:
+    text = template.render([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_image_leads_the_first_user_turn_when_not_placed() -> None:
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "first"},
+        {"role": "user", "content": "second"},
+    ]
+    placed = place_image(messages, has_image=True)
+    assert [m["content"] for m in placed] == ["s", "<image>\nfirst", "second"]
+    assert messages[1]["content"] == "first", "the caller's messages are not modified"
+
+
+def test_the_sandbox_refuses_unsafe_templates() -> None:
+    template = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(PromptError, match="unsafe"):
+        template.render([{"role": "user", "content": "x"}])
+
+
+def test_template_exceptions_become_prompt_errors() -> None:
+    template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(PromptError, match="roles must alternate"):
+        template.render([{"role": "user", "content": "x"}])
+
+
+def test_the_image_token_expands_in_place(tiny_model_dir: Path) -> None:
+    files = locate_model_files(tiny_model_dir)
+    tokenizer = Tokenizer.from_file(str(files.tokenizer))
+    image_id = read_model_facts(files, tokenizer.token_to_id).image_token_id
+    plain = encode_prompt(tokenizer, "a <image> b", image_id, 1)
+    expanded = encode_prompt(tokenizer, "a <image> b", image_id, 5)
+    at = int(np.flatnonzero(plain == image_id)[0])
+    assert expanded.tolist() == plain[:at].tolist() + [image_id] * 5 + plain[at + 1 :].tolist()
+    with pytest.raises(PromptError, match="no image"):
+        encode_prompt(tokenizer, "a <image> b", image_id, 0)
