@@ -655,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--golden", type=Path, help="also write transformers' golden outputs here")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--save-torch", action="store_true", help="also save the PyTorch weights under OUT/torch (for benchmarks)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # The ONNX optimizer logs every folded initializer at INFO.
@@ -671,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config, args.seed)
     write_model_dir(out_dir, preset, config, tokenizer, special_ids)
     export_onnx(model, preset, out_dir)
+    if args.save_torch:
+        model.save_pretrained(str(out_dir / "torch"))
     if args.golden:
         make_goldens(model, out_dir, args.golden.expanduser(), preset, args.max_new_tokens)
     log.info("wrote %s", out_dir)

@@ -172,3 +172,29 @@ def test_generation_stops_when_the_caller_stops_iterating(manager: FastVLMModelM
     finally:
         backend.decode_step = original  # type: ignore[method-assign]
     assert calls <= 3
+
+
+def test_a_second_question_about_the_same_photo_reuses_features_and_prefix(
+    tiny_model_dir, golden: dict[str, Any]
+) -> None:  # type: ignore[no-untyped-def]
+    cached = FastVLMModelManager.from_model_dir(tiny_model_dir)
+    # The reference: every request from scratch.
+    uncached = FastVLMModelManager.from_model_dir(tiny_model_dir, feature_cache_bytes=0, prefix_cache_bytes=0)
+    encodes = 0
+    original = cached.backend.encode_image
+
+    def counting_encode(pixels):  # type: ignore[no-untyped-def]
+        nonlocal encodes
+        encodes += 1
+        return original(pixels)
+
+    cached.backend.encode_image = counting_encode  # type: ignore[method-assign]
+    image = golden["cases"][0]["image_bytes"]
+    questions = ["What do you see?", "Is it day or night?", "Count the shapes."]
+    for question in questions:
+        request = GenerationRequest([{"role": "user", "content": question}], image, GenerationParams(max_new_tokens=12))
+        assert cached.generate_text(request).token_ids == uncached.generate_text(request).token_ids
+    assert encodes == 1
+    assert cached.feature_cache.hits == 2
+    prefix_cache = cached.backend.prefix_cache
+    assert (prefix_cache.misses, prefix_cache.hits) == (1, 2)

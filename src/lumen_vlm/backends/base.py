@@ -42,7 +42,8 @@ class BackendInfo:
     precision: str
     graph_precisions: dict[str, str] = field(default_factory=dict)
     load_time_ms: float = 0.0
-    model_bytes: int = 0
+    model_bytes: int = 0  # all three graphs, with their external data
+    decoder_bytes: int = 0  # the weights every decode step reads
 
 
 class DecoderState(ABC):
@@ -76,11 +77,19 @@ class BaseFastVLMBackend(ABC):
         """float32 [1, 3, H, W] pixels -> [tokens, hidden] projected image features."""
 
     @abstractmethod
-    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None, image_token_id: int) -> DecoderState:
+    def prefill(
+        self,
+        input_ids: np.ndarray,
+        image_features: np.ndarray | None,
+        image_token_id: int,
+        image_key: str | None = None,
+    ) -> DecoderState:
         """Run the prompt through the decoder.
 
         `input_ids` is int64 [seq]; the positions holding `image_token_id` receive the rows of
-        `image_features` in order (as transformers' masked_scatter does).
+        `image_features` in order (as transformers' masked_scatter does). `image_key`
+        identifies the image's content: with it, a backend may reuse the KV cache of an
+        identical prompt prefix up to the image from an earlier request.
         """
 
     @abstractmethod

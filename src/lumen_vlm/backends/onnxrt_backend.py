@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..cache import ByteBudgetLRU
 from ..resources.model_files import ModelFiles
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
@@ -122,8 +123,12 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         providers: Sequence[ProviderSpec] | None = None,
         session_options: ort.SessionOptions | None = None,
         context_length: int | None = None,
+        prefix_cache_bytes: int = 256 << 20,
     ) -> None:
         started = time.perf_counter()
+        # Decoder states are never modified in place (each step makes new ORT values), so a
+        # cached prefix can be shared by concurrent requests.
+        self.prefix_cache: ByteBudgetLRU[OrtDecoderState] = ByteBudgetLRU(prefix_cache_bytes, _state_bytes)
         self._files = files
         self._providers = list(providers or select_providers("auto"))
         options = session_options or default_session_options()
@@ -144,6 +149,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             graph_precisions=dict(files.graph_precisions),
             load_time_ms=(time.perf_counter() - started) * 1000.0,
             model_bytes=sum(_file_bytes(p) for p in files.graphs.values()),
+            decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
             "loaded %s (%s, %s) in %.0f ms",
@@ -229,14 +235,15 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         (embeds,) = self._embed.run(None, {"input_ids": input_ids.reshape(1, -1).astype(np.int64, copy=False)})
         return embeds
 
-    def prefill(self, input_ids: np.ndarray, image_features: np.ndarray | None, image_token_id: int) -> OrtDecoderState:
+    def prefill(
+        self,
+        input_ids: np.ndarray,
+        image_features: np.ndarray | None,
+        image_token_id: int,
+        image_key: str | None = None,
+    ) -> OrtDecoderState:
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        if input_ids.size == 0:
-            raise BackendInputError("the prompt is empty")
-        if self._context_length and input_ids.size >= self._context_length:
-            raise BackendInputError(
-                f"the prompt has {input_ids.size} tokens; the model's context holds {self._context_length}"
-            )
+        self._check_prompt_length(input_ids.size)
         embeds = self._embed_ids(input_ids).astype(self._embeds_dtype, copy=False)
         image_positions = np.flatnonzero(input_ids == image_token_id)
         if image_features is not None or image_positions.size:
@@ -246,8 +253,25 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                     f"the prompt has {image_positions.size} image tokens but the image gave {n_features} features"
                 )
             embeds[0, image_positions] = image_features
-        empty_past = [self._empty_kv() for _ in self._past_names]
-        return self._run_decoder(embeds, empty_past, past_length=0)
+        split = int(image_positions[-1]) + 1 if image_positions.size else 0
+        if image_key is None or not 0 < split < input_ids.size or self.prefix_cache.max_bytes == 0:
+            return self._run_decoder(embeds, self._empty_past(), past_length=0)
+        # The prompt up to and including the image is often repeated (a new question about the
+        # same photo): its KV cache is kept, and only the rest of the prompt is run.
+        key = (image_key, input_ids[:split].tobytes())
+        prefix = self.prefix_cache.get(key)
+        if prefix is None:
+            prefix = self._run_decoder(embeds[:, :split], self._empty_past(), past_length=0)
+            self.prefix_cache.put(key, prefix)
+        return self._run_decoder(embeds[:, split:], prefix.past, past_length=split)
+
+    def _check_prompt_length(self, n_tokens: int) -> None:
+        if n_tokens == 0:
+            raise BackendInputError("the prompt is empty")
+        if self._context_length and n_tokens >= self._context_length:
+            raise BackendInputError(
+                f"the prompt has {n_tokens} tokens; the model's context holds {self._context_length}"
+            )
 
     def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
         assert isinstance(state, OrtDecoderState)
@@ -256,10 +280,10 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         state.past, state.length, state.last_logits = new_state.past, new_state.length, new_state.last_logits
         return state.last_logits
 
-    def _empty_kv(self) -> ort.OrtValue:
+    def _empty_past(self) -> list[ort.OrtValue]:
         spec = self._decoder_spec
         empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self._kv_dtype)
-        return ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0)
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for _ in self._past_names]
 
     def _run_decoder(self, embeds: np.ndarray, past: list[ort.OrtValue], past_length: int) -> OrtDecoderState:
         new_tokens = embeds.shape[1]
@@ -282,13 +306,16 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._vision = self._embed = self._decoder = None  # type: ignore[assignment]
 
 
+def _state_bytes(state: OrtDecoderState) -> int:
+    return sum(value.tensor_size_in_bytes() for value in state.past)
+
+
 def _file_bytes(path: Any) -> int:
+    """A graph's size with its external-data side files (``X.onnx_data``, ``X.onnx.data``)."""
     from pathlib import Path
 
     path = Path(path)
-    size = path.stat().st_size
-    data = path.with_name(path.name + "_data")
-    return size + (data.stat().st_size if data.exists() else 0)
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
 def providers_from_config(value: Any) -> list[str | Sequence[Any]] | None:

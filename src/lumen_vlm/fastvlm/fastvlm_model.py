@@ -11,6 +11,7 @@ model within one step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..backends.backend_exceptions import BackendInputError
+from ..cache import ByteBudgetLRU
 from ..backends.base import BaseFastVLMBackend, DecoderState
 from ..generation import (
     FinishReason,
@@ -93,6 +95,7 @@ class PreparedRequest:
     image_features: np.ndarray | None
     max_new_tokens: int
     started: float
+    image_key: str | None = None  # the image's content hash, for the backend's prefix cache
 
 
 class FastVLMModelManager:
@@ -105,6 +108,7 @@ class FastVLMModelManager:
         facts: ModelFacts,
         image_limits: ImageLimits | None = None,
         resize_mode: ResizeMode = ResizeMode.PAD,
+        feature_cache_bytes: int = 64 << 20,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -116,6 +120,8 @@ class FastVLMModelManager:
         if not size:
             raise ValueError("neither the preprocessor config nor the vision graph states the image size")
         self.image_spec = replace(facts.image, size=size, mode=resize_mode)
+        # A second question about the same photo skips the vision encoder.
+        self.feature_cache: ByteBudgetLRU[np.ndarray] = ByteBudgetLRU(feature_cache_bytes, lambda a: a.nbytes)
 
     @classmethod
     def from_model_dir(
@@ -125,6 +131,7 @@ class FastVLMModelManager:
         device: str = "auto",
         providers: Sequence[Any] | None = None,
         intra_op_threads: int = 0,
+        prefix_cache_bytes: int = 256 << 20,
         **manager_options: Any,
     ) -> FastVLMModelManager:
         """Load a model directory with the ONNX Runtime backend."""
@@ -138,6 +145,7 @@ class FastVLMModelManager:
             providers=select_providers(device, providers),
             session_options=default_session_options(intra_op_threads),
             context_length=facts.context_length,
+            prefix_cache_bytes=prefix_cache_bytes,
         )
         return cls(backend, tokenizer, facts, **manager_options)
 
@@ -151,10 +159,16 @@ class FastVLMModelManager:
 
     # ------------------------------------------------------------------ request -> inputs
 
-    def image_features(self, image: bytes, resize_mode: ResizeMode | None = None) -> np.ndarray:
+    def image_features(self, image: bytes, resize_mode: ResizeMode | None = None) -> tuple[np.ndarray, str]:
+        """Image bytes -> (features, content key); features come from the cache when seen before."""
         spec: ImageSpec = self.image_spec if resize_mode is None else replace(self.image_spec, mode=resize_mode)
-        pixels = image_to_pixels(image, spec, self.image_limits)
-        return self.backend.encode_image(pixels)
+        key = f"{hashlib.sha256(image).hexdigest()}:{spec.mode.value}"
+        features = self.feature_cache.get(key)
+        if features is None:
+            features = self.backend.encode_image(image_to_pixels(image, spec, self.image_limits))
+            features.setflags(write=False)  # shared by every request about this image
+            self.feature_cache.put(key, features)
+        return features, key
 
     def prompt_ids(self, messages: Sequence[Any], image_tokens: int | None, add_generation_prompt: bool) -> np.ndarray:
         prompt = render_messages(messages, self.template, image_tokens is not None, add_generation_prompt)
@@ -164,16 +178,16 @@ class FastVLMModelManager:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Validate and encode a request: image -> features, messages -> ids. Raises InputError."""
         started = time.perf_counter()
-        features = None
+        features, image_key = None, None
         if request.image is not None:
-            features = self.image_features(request.image, request.resize_mode)
+            features, image_key = self.image_features(request.image, request.resize_mode)
         image_tokens = None if features is None else int(features.shape[0])
         ids = self.prompt_ids(request.messages, image_tokens, request.params.add_generation_prompt)
         try:
             max_new = clamp_max_new_tokens(request.params.max_new_tokens, int(ids.size), self.context_length)
         except ValueError as exc:
             raise PromptError(str(exc)) from exc
-        return PreparedRequest(ids, features, max_new, started)
+        return PreparedRequest(ids, features, max_new, started, image_key)
 
     # ------------------------------------------------------------------ generation
 
@@ -237,7 +251,7 @@ class FastVLMModelManager:
         history = list(prepared.input_ids.tolist())
         try:
             state: DecoderState = self.backend.prefill(
-                prepared.input_ids, prepared.image_features, self.facts.image_token_id
+                prepared.input_ids, prepared.image_features, self.facts.image_token_id, prepared.image_key
             )
         except BackendInputError as exc:
             raise InputError(str(exc)) from exc

@@ -1,0 +1,363 @@
+"""Lumen VLM against transformers on the FastVLM-0.5B architecture, side by side in one run.
+
+    python benchmarks/run_benchmark.py                # full size (builds and caches the model once)
+    python benchmarks/run_benchmark.py --quick        # tiny model: checks the benchmark works
+
+The model is a random-weight FastVLM-0.5B built by tools/make_test_model.py (random weights
+cost exactly what real ones do), with int8 and q4 decoders from tools/quantize_model.py.
+Each engine runs in its own process (so its peak RSS is its own), one after another, on the
+same 1024x1024 photo and a ~20-token question, greedy, ignoring EOS so every run decodes the
+same number of tokens. The machine's memory read bandwidth is measured in the same run, and
+each engine's decode speed is set against it (bytes of decoder weights read per token).
+
+Medians over --runs runs after one warm-up; JSON to --json, a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LUMEN_VLM_BENCH_CACHE", "~/.cache/lumen-vlm/bench")).expanduser()
+QUESTION = "Describe this photo in detail: what objects, colours and people do you see?"
+ENGINES = ("lumen-fp32", "lumen-int8", "lumen-q4", "transformers")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_photo(size: int = 1024) -> bytes:
+    """A deterministic 1024x1024 JPEG with some structure."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([base[None, :].repeat(size, 0), base[:, None].repeat(size, 1), np.full((size, size), 90.0)], -1)
+    pixels += rng.normal(0, 12, pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((300, 200, 700, 600), fill=(240, 220, 30))
+    draw.rectangle((100, 750, 900, 950), fill=(20, 120, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def ensure_model(model_dir: Path, size: str) -> Path:
+    """Build the random-weight model (ONNX + PyTorch weights) and its quantized decoders once."""
+    marker = model_dir / ".bench-complete"
+    if marker.exists():
+        return model_dir
+    command = [sys.executable, str(ROOT / "tools/make_test_model.py"), "--size", size, "--save-torch"]
+    subprocess.run([*command, "--out", str(model_dir)], check=True)
+    sys.path.insert(0, str(ROOT))
+    from tools.quantize_model import quantize_decoder
+
+    for precision in ("int8", "q4"):
+        quantize_decoder(model_dir, precision)
+    marker.write_text("ok\n")
+    return model_dir
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second the machine reads from RAM, all cores reading one large array at once."""
+    threads = os.cpu_count() or 1
+    data = np.ones(int(gib * (1 << 30)) // 8, dtype=np.float64)
+    chunks = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(chunk,)) for chunk in chunks]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - start) * 1000.0, value
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def lumen_worker(model_dir: Path, precision: str, runs: int, new_tokens: int) -> dict[str, Any]:
+    from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
+    from lumen_vlm.fastvlm.image import image_to_pixels
+
+    load_ms, manager = timed(lambda: FastVLMModelManager.from_model_dir(model_dir, precision=precision))
+    backend = manager.backend
+    photo = make_photo()
+    messages = [{"role": "user", "content": QUESTION}]
+    image_id = manager.facts.image_token_id
+
+    def cold_run() -> dict[str, float]:
+        pixels_ms, pixels = timed(lambda: image_to_pixels(photo, manager.image_spec))
+        vision_ms, features = timed(lambda: backend.encode_image(pixels))
+        ids = manager.prompt_ids(messages, features.shape[0], True)
+        prefill_ms, state = timed(lambda: backend.prefill(ids, features, image_id))
+        token = int(np.argmax(state.logits))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):  # greedy, EOS ignored: every run decodes the same count
+            token = int(np.argmax(backend.decode_step(state, token)))
+        decode_s = time.perf_counter() - start
+        return {
+            "preprocess_ms": pixels_ms,
+            "vision_ms": vision_ms,
+            "prefill_ms": prefill_ms,
+            "ttft_ms": pixels_ms + vision_ms + prefill_ms,
+            "decode_tok_s": (new_tokens - 1) / decode_s,
+            "prompt_tokens": int(ids.size),
+        }
+
+    def same_photo_ttft(question_index: int) -> float:
+        """TTFT of the served path for a new question about a photo asked about before."""
+        question = f"{QUESTION} (question {question_index})"
+        params = GenerationParams(max_new_tokens=1)
+        manager.generate_text(GenerationRequest(messages, photo, params))  # the photo's first question
+        request = GenerationRequest([{"role": "user", "content": question}], photo, params)
+        return manager.generate_text(request).ttft_ms
+
+    # Cold measurements bypass the feature and prefix caches by calling the backend directly.
+    cold_run()
+    samples = [cold_run() for _ in range(runs)]
+    repeat_ttft = [same_photo_ttft(i) for i in range(runs)]
+    result = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    result.update(
+        {
+            "engine": f"lumen-{precision}",
+            "load_ms": load_ms,
+            "same_photo_ttft_ms": statistics.median(repeat_ttft),
+            "decoder_bytes": backend.info.decoder_bytes,
+            "model_bytes": backend.info.model_bytes,
+            "providers": list(backend.info.providers),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
+    return result
+
+
+def transformers_worker(model_dir: Path, runs: int, new_tokens: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tools.make_test_model import import_reference_stack, reference_messages, reference_pixels
+
+    import_reference_stack()
+    import torch
+    from transformers import AutoTokenizer, FastVlmForConditionalGeneration
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    load_ms, model = timed(lambda: FastVlmForConditionalGeneration.from_pretrained(str(model_dir / "torch")).eval())
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    size = json.loads((model_dir / "preprocessor_config.json").read_text())["crop_size"]["height"]
+    photo = make_photo()
+    image_id = model.config.image_token_index
+
+    def cold_run() -> dict[str, float]:
+        pixels_ms, pixels = timed(lambda: torch.from_numpy(reference_pixels(photo, size, "pad")))
+        with torch.inference_mode():
+            vision_ms, features = timed(lambda: model.get_image_features(pixel_values=pixels).pooler_output)
+            prompt = tokenizer.apply_chat_template(
+                reference_messages([{"role": "user", "content": QUESTION}]), tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            expanded = [t for token in ids for t in ([token] * features.shape[1] if token == image_id else [token])]
+            input_ids = torch.tensor([expanded])
+            kwargs = {"input_ids": input_ids, "pixel_values": pixels, "do_sample": False, "pad_token_id": 0}
+            ttft_ms, _ = timed(lambda: model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1))
+            embeds = model.get_input_embeddings()(input_ids)
+            embeds[input_ids == image_id] = features.reshape(-1, embeds.shape[-1])
+            prefill_ms, _ = timed(lambda: model(inputs_embeds=embeds, logits_to_keep=1))
+            total_ms, _ = timed(lambda: model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+        return {
+            "preprocess_ms": pixels_ms,
+            "vision_ms": vision_ms,
+            "prefill_ms": prefill_ms,
+            "ttft_ms": pixels_ms + ttft_ms,
+            "decode_tok_s": (new_tokens - 1) / ((total_ms - ttft_ms) / 1000.0),
+            "prompt_tokens": len(expanded),
+        }
+
+    cold_run()
+    samples = [cold_run() for _ in range(runs)]
+    result = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    decoder = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "vision_tower" not in n and "projector" not in n
+    )
+    result.update(
+        {
+            "engine": "transformers",
+            "load_ms": load_ms,
+            "same_photo_ttft_ms": None,
+            "decoder_bytes": decoder,
+            "model_bytes": weights,
+            "providers": [f"torch {torch.__version__} ({torch.get_num_threads()} threads)"],
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
+    return result
+
+
+def run_worker(engine: str, model_dir: Path, runs: int, new_tokens: int) -> dict[str, Any]:
+    """Run one engine in a fresh process and return its measurements."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        out_path = Path(out.name)
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        engine,
+        "--model-dir",
+        str(model_dir),
+        "--runs",
+        str(runs),
+        "--new-tokens",
+        str(new_tokens),
+        "--json",
+        str(out_path),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT)
+    result = json.loads(out_path.read_text())
+    out_path.unlink()
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def add_bandwidth(results: list[dict[str, Any]], bandwidth: float) -> None:
+    """Decoder bytes read per token x tokens/s, as a fraction of the measured RAM bandwidth."""
+    for result in results:
+        achieved = result["decoder_bytes"] * result["decode_tok_s"]
+        result["achieved_gb_s"] = achieved / 1e9
+        result["bandwidth_fraction"] = achieved / bandwidth
+        result["decode_ceiling_tok_s"] = bandwidth / result["decoder_bytes"]
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    reference = next((r for r in results if r["engine"] == "transformers"), None)
+    header = (
+        "| engine | load s | vision ms | prefill ms | TTFT ms | same photo TTFT ms | decode tok/s "
+        "| decode vs transformers | TTFT vs transformers | bandwidth used | peak RSS MB | model MB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        decode_ratio = f"{r['decode_tok_s'] / reference['decode_tok_s']:.2f}x" if reference else "-"
+        ttft_ratio = f"{r['ttft_ms'] / reference['ttft_ms']:.2f}x" if reference else "-"
+        same = f"{r['same_photo_ttft_ms']:.0f}" if r.get("same_photo_ttft_ms") is not None else "-"
+        lines.append(
+            f"| {r['engine']} | {r['load_ms'] / 1000:.1f} | {r['vision_ms']:.0f} | {r['prefill_ms']:.0f} "
+            f"| {r['ttft_ms']:.0f} | {same} | {r['decode_tok_s']:.1f} | {decode_ratio} | {ttft_ratio} "
+            f"| {r['bandwidth_fraction'] * 100:.0f}% of {r['decode_ceiling_tok_s']:.1f} tok/s "
+            f"| {r['peak_rss_mb']:.0f} | {r['model_bytes'] / 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 run: a smoke test, not a measurement")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model-dir", type=Path, help="use (and cache) the model here")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        if args.worker == "transformers":
+            result = transformers_worker(args.model_dir, args.runs, args.new_tokens)
+        else:
+            result = lumen_worker(args.model_dir, args.worker.split("-", 1)[1], args.runs, args.new_tokens)
+        args.json.write_text(json.dumps(result))
+        return 0
+
+    size = "tiny" if args.quick else "full"
+    runs = 1 if args.quick else args.runs
+    new_tokens = 8 if args.quick else args.new_tokens
+    temporary = None
+    if args.model_dir is None and args.quick:
+        temporary = Path(tempfile.mkdtemp(prefix="lumen-vlm-bench-"))
+        model_dir = temporary / "tiny"
+    else:
+        model_dir = (args.model_dir or CACHE / "fastvlm-0.5b-random").expanduser()
+    try:
+        ensure_model(model_dir, size)
+        bandwidth = memory_read_bandwidth(gib=0.25 if args.quick else 1.0)
+        results = [run_worker(engine, model_dir, runs, new_tokens) for engine in args.engines]
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    add_bandwidth(results, bandwidth)
+    report = {
+        "machine": machine_description(),
+        "memory_read_gb_s": bandwidth / 1e9,
+        "size": size,
+        "runs": runs,
+        "new_tokens": new_tokens,
+        "results": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"machine: {report['machine']}")
+    print(
+        f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; {size} model, "
+        f"median of {runs} runs, {new_tokens} new tokens"
+    )
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

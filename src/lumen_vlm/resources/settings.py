@@ -1,0 +1,89 @@
+"""The settings one VLM service runs with, after the YAML config is validated and resolved.
+
+`resources/config.py` builds these from either config form; the service, server and CLI
+only ever see these typed records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def default_max_concurrency() -> int:
+    """Concurrent generations by default: one per two cores, at least one.
+
+    Each generation already uses every core through ORT's intra-op threads; more concurrent
+    generations than that mostly trade latency for nothing.
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to load and how."""
+
+    alias: str  # the key under services.vlm.models
+    model: str  # a local directory, a Lumen model name, or a Hugging Face repo id
+    runtime: str = "onnx"
+    precision: str = "fp32"
+    model_dir: Path | None = None  # filled in once the model is resolved on disk
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    device: str = "auto"  # auto, cpu, cuda, mps/coreml, directml, openvino, tensorrt
+    providers: list[Any] | None = None  # names or [name, {options}] pairs; wins over device
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
+
+
+@dataclass(frozen=True)
+class GenerationLimits:
+    """Defaults and bounds for requests; every one is enforced and reported in capabilities."""
+
+    default_max_new_tokens: int = 512
+    max_new_tokens: int = 2048  # upper bound a request may ask for (also clamped to the context)
+    max_payload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_stop_sequences: int = 8
+    max_stop_sequence_chars: int = 256
+    max_messages_chars: int = 200_000
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    max_concurrency: int = field(default_factory=default_max_concurrency)
+    max_queue: int = 16  # requests waiting for a slot; beyond it UNAVAILABLE at once
+    queue_timeout_s: float = 60.0  # longest wait for a slot before UNAVAILABLE
+    shutdown_grace_s: float = 20.0  # in-flight generations may finish within this on SIGTERM
+
+
+@dataclass(frozen=True)
+class MdnsSettings:
+    enabled: bool = False
+    service_name: str = "lumen-vlm"
+    uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    mdns: MdnsSettings = field(default_factory=MdnsSettings)
+
+
+@dataclass(frozen=True)
+class VLMSettings:
+    """Everything the VLM service needs, from one config file."""
+
+    cache_dir: Path
+    model: ModelSettings
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    limits: GenerationLimits = field(default_factory=GenerationLimits)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    service_name: str = "vlm"
+    region: str = "other"  # metadata.region: where lumen-resources' Downloader fetches Lumen models
+    config_dir: Path | None = None  # the config file's directory: relative model paths resolve from it
