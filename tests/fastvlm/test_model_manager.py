@@ -198,3 +198,35 @@ def test_a_second_question_about_the_same_photo_reuses_features_and_prefix(
     assert cached.feature_cache.hits == 2
     prefix_cache = cached.backend.prefix_cache
     assert (prefix_cache.misses, prefix_cache.hits) == (1, 2)
+
+
+def test_the_check_hook_stops_generation_before_the_next_decode_step(
+    manager: FastVLMModelManager, golden: dict[str, Any]
+) -> None:
+    class Stop(Exception):
+        pass
+
+    checks = 0
+
+    def check() -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 3:
+            raise Stop
+
+    steps = 0
+    original = manager.backend.decode_step
+
+    def counting_step(state, token):  # type: ignore[no-untyped-def]
+        nonlocal steps
+        steps += 1
+        return original(state, token)
+
+    manager.backend.decode_step = counting_step  # type: ignore[method-assign]
+    try:
+        request = with_params(golden_request(golden["cases"][0]), max_new_tokens=200)
+        with pytest.raises(Stop):
+            list(manager.generate_prepared(manager.prepare(request), request.params, check))
+    finally:
+        manager.backend.decode_step = original  # type: ignore[method-assign]
+    assert steps == 2  # the third check refused the third step

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -316,21 +316,3 @@ def _file_bytes(path: Any) -> int:
 
     path = Path(path)
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
-
-
-def providers_from_config(value: Any) -> list[str | Sequence[Any]] | None:
-    """Accept providers as a list of names or [name, {options}] pairs from YAML."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise BackendLoadError("providers must be a list of names or [name, {options}] pairs")
-    for entry in value:
-        ok = isinstance(entry, str) or (
-            isinstance(entry, list | tuple)
-            and len(entry) == 2
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], Mapping)
-        )
-        if not ok:
-            raise BackendLoadError(f"bad provider entry {entry!r}: use a name or [name, {{options}}]")
-    return value

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..backends.backend_exceptions import BackendInputError
-from ..cache import ByteBudgetLRU
 from ..backends.base import BaseFastVLMBackend, DecoderState
+from ..cache import ByteBudgetLRU
 from ..generation import (
     FinishReason,
     IncrementalDetokenizer,
@@ -202,7 +202,11 @@ class FastVLMModelManager:
                 return event
         raise RuntimeError("generation ended without a result")  # pragma: no cover - generator contract
 
-    def generate_prepared(self, prepared: PreparedRequest, params: GenerationParams) -> Iterator[GenerationEvent]:
+    def generate_prepared(
+        self, prepared: PreparedRequest, params: GenerationParams, check: Callable[[], None] | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Generate from a prepared request; `check` runs before every decode step and may
+        raise to stop the generation there (a cancelled call, a passed deadline)."""
         detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         stop_filter = StopSequenceFilter(params.stop_sequences)
         pieces: list[str] = []
@@ -210,7 +214,7 @@ class FastVLMModelManager:
         finish = FinishReason.LENGTH
         ttft_ms = 0.0
         count = 0
-        for count, token in enumerate(self._sample_tokens(prepared, params.sampling), start=1):
+        for count, token in enumerate(self._sample_tokens(prepared, params.sampling, check), start=1):
             if count == 1:
                 ttft_ms = (time.perf_counter() - prepared.started) * 1000.0
             tokens.append(token)
@@ -245,7 +249,9 @@ class FastVLMModelManager:
             token_ids=tuple(tokens),
         )
 
-    def _sample_tokens(self, prepared: PreparedRequest, sampling: SamplingParams) -> Iterator[int]:
+    def _sample_tokens(
+        self, prepared: PreparedRequest, sampling: SamplingParams, check: Callable[[], None] | None
+    ) -> Iterator[int]:
         """Prefill, then sample and decode one token at a time, up to the request's limit."""
         sampler = TokenSampler(sampling)
         history = list(prepared.input_ids.tolist())
@@ -260,6 +266,8 @@ class FastVLMModelManager:
             token = sampler.next_token(logits, history)
             yield token
             if step + 1 < prepared.max_new_tokens:
+                if check is not None:
+                    check()
                 history.append(token)
                 logits = self.backend.decode_step(state, token)
 

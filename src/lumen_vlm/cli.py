@@ -1,0 +1,147 @@
+"""Command line: run the server, or describe one photo.
+
+lumen-vlm --config config.yaml [--port N] [--host H] [--log-level L]
+lumen-vlm describe IMAGE [--prompt TEXT] (--config FILE | --model DIR_OR_NAME)
+lumen-vlm --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("lumen_vlm")
+CONFIG_ERROR_EXIT = 2
+DEFAULT_CACHE_DIR = "~/.cache/lumen"
+DEFAULT_PROMPT = "Describe this photo."
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Colourised console logging (plain when the output is not a terminal)."""
+    import colorlog
+
+    handler = colorlog.StreamHandler()
+    handler.setFormatter(
+        colorlog.ColoredFormatter(
+            "%(log_color)s%(asctime)s %(levelname)-7s%(reset)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            no_color=not sys.stderr.isatty(),
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lumen-vlm",
+        description="FastVLM vision-language service for Lumen (gRPC). "
+        "Use 'lumen-vlm describe IMAGE --model DIR' to try a model without a server.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="Lumen YAML config file")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides the config)")
+    parser.add_argument("--host", help="address to bind (overrides the config)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"lumen-vlm {__version__}")
+    return parser
+
+
+def _describe_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lumen-vlm describe", description="Describe one image, streaming the answer.")
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="Lumen YAML config file naming the model")
+    source.add_argument("--model", help="model directory, Lumen model name or Hugging Face repo id")
+    parser.add_argument("--precision", default=None, help="fp32, fp16, int8, q4, ... (default: the config's or fp32)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _settings_for_describe(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .resources.config import load_settings, settings_from_mapping
+
+    if args.config is not None:
+        settings = load_settings(args.config)
+    else:
+        mapping = {
+            "cache_dir": args.cache_dir,
+            "services": {"vlm": {"models": {"cli": {"model": args.model, "runtime": "onnx"}}}},
+        }
+        settings = settings_from_mapping(mapping, base_dir=Path.cwd())
+    if args.precision:
+        from dataclasses import replace
+
+        settings = replace(settings, model=replace(settings.model, precision=args.precision))
+    return settings
+
+
+def serve_main(argv: list[str]) -> int:
+    from .resources.config import load_settings
+    from .resources.exceptions import ResourceError
+    from .resources.loader import resolve_model
+    from .server import run, settings_with_overrides
+
+    args = _serve_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
+        model_dir = resolve_model(settings)
+    except ResourceError as exc:
+        log.error("%s", exc)
+        return CONFIG_ERROR_EXIT
+    return run(settings, model_dir)
+
+
+def describe_main(argv: list[str]) -> int:
+    from .fastvlm.exceptions import InputError
+    from .fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest, TextDelta
+    from .generation import SamplingParams
+    from .resources.exceptions import ResourceError
+    from .resources.loader import resolve_model
+
+    args = _describe_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        settings = _settings_for_describe(args)
+        model_dir = resolve_model(settings)
+        manager = FastVLMModelManager.from_model_dir(
+            model_dir,
+            precision=settings.model.precision,
+            device=settings.backend.device,
+            providers=settings.backend.providers,
+        )
+        image = args.image.read_bytes()
+    except (ResourceError, OSError) as exc:
+        log.error("%s", exc)
+        return CONFIG_ERROR_EXIT
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=args.temperature))
+    request = GenerationRequest([{"role": "user", "content": args.prompt}], image, params)
+    try:
+        for event in manager.generate(request):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+    except InputError as exc:
+        log.error("%s", exc)
+        return 1
+    print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "describe":
+        return describe_main(args[1:])
+    return serve_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,685 @@
+"""The gRPC face of the model: the Lumen `Inference` service for FastVLM.
+
+Protocol semantics live here and nowhere else: chunk reassembly and meta validation (through
+`request_parsing`), admission (concurrency limit, bounded queue, deadlines, cancellation), and
+turning the model manager's events into `InferResponse`s. No ONNX Runtime, no numpy.
+
+Threading. The service is written for grpc's synchronous server. Each `Infer` stream is
+handled by one worker thread that reads the stream's requests and answers them in order; a
+generation runs in that thread, one decode step per `next()` on the manager's lazy event
+iterator, and every response is yielded the moment its event arrives. At most
+`admission.max_concurrency` generations run at once and at most `admission.max_queue` wait
+for a slot; the rest are answered UNAVAILABLE at once. A waiting request, and an idle open
+stream, each hold a worker thread, so the server's thread pool must be larger than
+``max_concurrency + max_queue`` (see `thread_pool_size`) or waiting requests starve health
+checks and capability calls.
+
+Cancellation. Between two events the handler checks the call: a client that cancelled or
+disconnected stops its generation there and frees its slot (grpc also stops pulling from the
+response generator, which then closes and releases the slot in its `finally`). A passed
+deadline answers DEADLINE_EXCEEDED. Only `is_active`, `add_callback` and `time_remaining` of
+the context are used, each optionally, so a hub may pass a context of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
+
+from .. import __version__
+from ..proto import ml_service_pb2, ml_service_pb2_grpc
+from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
+from ..resources.settings import VLMSettings
+from .exceptions import InputError
+from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
+from .image import ImageLimits
+from .request_parsing import (
+    IMAGE_MIMES,
+    ChunkAssembler,
+    CompleteRequest,
+    RequestError,
+    build_generation_request,
+)
+
+log = logging.getLogger(__name__)
+
+VLM_GENERATE = "vlm_generate"
+VLM_GENERATE_STREAM = "vlm_generate_stream"
+RESULT_SCHEMA = "text_generation_v1"
+JSON_MIME = f"application/json;schema={RESULT_SCHEMA}"
+TEXT_MIME = "text/plain;charset=utf-8"
+DEFAULT_SERVICE_NAME = "lumen-vlm"
+
+ErrorCode = ml_service_pb2.ErrorCode
+
+# A waiting request re-checks its call this often, so a cancelled waiter leaves the queue
+# promptly even on a context without add_callback.
+_WAIT_SLICE_S = 0.05
+# Room for a request's meta (messages can be up to max_messages_chars) beside its payload.
+_MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ServiceError(Exception):
+    """An error the service answers with a specific code."""
+
+    code: int = ErrorCode.ERROR_CODE_INTERNAL
+
+
+class Unavailable(ServiceError):
+    """Overloaded, shutting down or not ready: the client may retry later."""
+
+    code = ErrorCode.ERROR_CODE_UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = ErrorCode.ERROR_CODE_DEADLINE_EXCEEDED
+
+
+class ClientGone(Exception):
+    """The client cancelled or disconnected: stop, nothing can be answered."""
+
+
+def error_code_for(exc: BaseException) -> int:
+    """The one place where exceptions become error codes."""
+    if isinstance(exc, RequestError | InputError | UnknownTaskError):
+        return ErrorCode.ERROR_CODE_INVALID_ARGUMENT
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return ErrorCode.ERROR_CODE_INTERNAL
+
+
+# --------------------------------------------------------------------------- the call
+
+
+def watch_termination(context: Any) -> threading.Event:
+    """An event set when the RPC terminates (cancelled, disconnected, deadline, or done).
+
+    Registered once per stream: grpc keeps every callback until the RPC ends.
+    """
+    terminated = threading.Event()
+    add_callback = getattr(context, "add_callback", None)
+    if callable(add_callback):
+        try:
+            add_callback(terminated.set)
+        except Exception:  # a foreign context may refuse; is_active() still works
+            log.debug("context.add_callback failed; relying on is_active()", exc_info=True)
+    return terminated
+
+
+class CallControl:
+    """What one request needs to know about its call: cancelled, past its deadline, shut down.
+
+    The gRPC context is read defensively (any attribute may be missing), so the service works
+    with grpc's context, a hub's own context, or none at all.
+    """
+
+    def __init__(self, context: Any, terminated: threading.Event | None = None) -> None:
+        self._context = context
+        self._terminated = terminated or watch_termination(context)
+        self.server_cancelled = threading.Event()  # cancel_all(): the server is going down
+
+    def time_remaining(self) -> float | None:
+        remaining = getattr(self._context, "time_remaining", None)
+        if not callable(remaining):
+            return None
+        try:
+            value = remaining()
+        except Exception:
+            return None
+        return None if value is None else float(value)
+
+    def is_active(self) -> bool:
+        if self._terminated.is_set():
+            return False
+        active = getattr(self._context, "is_active", None)
+        if not callable(active):
+            return True
+        try:
+            return bool(active())
+        except Exception:
+            return True
+
+    def check(self) -> None:
+        """Raise if the request must stop: Unavailable, DeadlineExceeded or ClientGone."""
+        if self.server_cancelled.is_set():
+            raise Unavailable("the server is shutting down; the generation was cancelled")
+        remaining = self.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed")
+        if not self.is_active():
+            raise ClientGone()
+
+
+# --------------------------------------------------------------------------- admission
+
+
+class Admission:
+    """At most `max_concurrency` generations at once, at most `max_queue` waiting, FIFO.
+
+    A request that finds the queue full is refused at once: under overload a fast
+    UNAVAILABLE lets the client back off or try another instance, a long wait does not.
+    """
+
+    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_queue = max(0, int(max_queue))
+        self._cond = threading.Condition()
+        self._active = 0
+        self._queue: deque[object] = deque()
+        self._closed = False
+
+    @property
+    def active(self) -> int:
+        with self._cond:
+            return self._active
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    @contextmanager
+    def slot(self, queue_timeout_s: float, control: CallControl) -> Iterator[None]:
+        """Hold a generation slot for the block."""
+        self._acquire(queue_timeout_s, control)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """Refuse new requests and wake the waiting ones, which then give up."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0 and not self._queue, timeout)
+
+    def _acquire(self, queue_timeout_s: float, control: CallControl) -> None:
+        started = time.monotonic()
+        ticket = object()
+        with self._cond:
+            self._raise_if_closed()
+            if self._active < self.max_concurrency and not self._queue:
+                self._active += 1
+                return
+            if len(self._queue) >= self.max_queue:
+                raise Unavailable(
+                    f"server busy: {self._active} generations running, {len(self._queue)} waiting "
+                    f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
+                )
+            self._queue.append(ticket)
+        try:
+            self._wait_for_turn(ticket, started, queue_timeout_s, control)
+        except BaseException:
+            with self._cond:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may now be at the head
+            raise
+
+    def _wait_for_turn(self, ticket: object, started: float, queue_timeout_s: float, control: CallControl) -> None:
+        while True:
+            with self._cond:
+                self._raise_if_closed()
+                if self._queue[0] is ticket and self._active < self.max_concurrency:
+                    self._queue.popleft()
+                    self._active += 1
+                    self._cond.notify_all()
+                    return
+                self._cond.wait(_WAIT_SLICE_S)
+            # Checked outside our lock: the context takes grpc's own lock. A deadline that
+            # passes while waiting answers DEADLINE_EXCEEDED from here.
+            control.check()
+            waited = time.monotonic() - started
+            if waited >= queue_timeout_s:
+                raise Unavailable(f"no generation slot became free within {queue_timeout_s:g} s; retry later")
+
+    def _release(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def error_response(
+    correlation_id: str, exc: BaseException, lat_ms: float | None = None
+) -> ml_service_pb2.InferResponse:
+    message = str(exc) or type(exc).__name__
+    code = error_code_for(exc)
+    if code == ErrorCode.ERROR_CODE_INTERNAL:
+        message = "internal error while serving the request; see the server log"
+    meta = {} if lat_ms is None else {"lat_ms": f"{lat_ms:.1f}"}
+    return ml_service_pb2.InferResponse(
+        correlation_id=correlation_id,
+        is_final=True,
+        error=ml_service_pb2.Error(code=code, message=message, detail=type(exc).__name__),
+        meta=meta,
+    )
+
+
+def partial_response(correlation_id: str, delta: TextDelta, seq: int) -> ml_service_pb2.InferResponse:
+    return ml_service_pb2.InferResponse(
+        correlation_id=correlation_id,
+        is_final=False,
+        result=delta.text.encode("utf-8"),
+        result_mime=TEXT_MIME,
+        seq=seq,
+        meta={"generated_tokens": str(delta.generated_tokens)},
+    )
+
+
+def result_json(
+    result: GenerationResult,
+    request: GenerationRequest,
+    prepared: PreparedRequest,
+    model_id: str,
+    streaming_chunks: int | None,
+) -> bytes:
+    """The text_generation_v1 document, validated against lumen-resources' schema."""
+    sampling = request.params.sampling
+    document = TextGenerationV1.model_validate(
+        {
+            "text": result.text,
+            "finish_reason": result.finish_reason.value,
+            "generated_tokens": result.generated_tokens,
+            "input_tokens": result.input_tokens,
+            "model_id": model_id,
+            "metadata": {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": prepared.max_new_tokens,
+                "seed": sampling.seed,
+                "generation_time_ms": round(result.generation_time_ms, 3),
+                "streaming_chunks": streaming_chunks,
+            },
+        }
+    )
+    return document.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def server_thread_pool_size(settings: VLMSettings, headroom: int = 8) -> int:
+    """Workers a grpc server needs: every running and waiting request, plus headroom for idle
+    streams, health checks and capability calls."""
+    return settings.admission.max_concurrency + settings.admission.max_queue + headroom
+
+
+def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
+    """Message size limits that let a whole max_payload_bytes image arrive in one message
+    (grpc's default is 4 MiB); the Go SDK chunks anything over 1 MiB anyway."""
+    limit = settings.limits.max_payload_bytes + _MESSAGE_OVERHEAD_BYTES
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
+    """Lumen `Inference` servicer over a ready `FastVLMModelManager`.
+
+    Construct it with a loaded manager and the settings (tests do), or with `from_settings` /
+    `from_config`, which load the model and return a servicer ready to serve.
+    """
+
+    def __init__(self, manager: FastVLMModelManager, settings: VLMSettings, *, owns_manager: bool = False) -> None:
+        self.manager = manager
+        self.settings = settings
+        self._owns_manager = owns_manager  # close() closes only a manager we built
+        self._admission = Admission(settings.admission.max_concurrency, settings.admission.max_queue)
+        self._registry = self._build_registry()
+        self._controls: set[CallControl] = set()
+        self._controls_lock = threading.Lock()
+        self._shutting_down = threading.Event()
+        self._closed = False
+        self._capability: ml_service_pb2.Capability | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, settings: VLMSettings, model_dir: Path | str) -> FastVLMService:
+        """Load the model in `model_dir` as the settings say, and serve it."""
+        manager = FastVLMModelManager.from_model_dir(
+            model_dir,
+            precision=settings.model.precision,
+            device=settings.backend.device,
+            providers=settings.backend.providers,
+            intra_op_threads=settings.backend.intra_op_threads,
+            image_limits=ImageLimits(
+                max_bytes=settings.limits.max_payload_bytes, max_pixels=settings.limits.max_image_pixels
+            ),
+        )
+        return cls(manager, settings, owns_manager=True)
+
+    @classmethod
+    def from_config(cls, service_config: Any, cache_dir: str | Path) -> FastVLMService:
+        """For the Lumen hub: validate the config, resolve (download) the model, load it.
+
+        Returns a servicer ready to serve; the hub never calls anything else first.
+        """
+        # Imported here: the resources layer (and its download dependencies) is only needed
+        # when the service builds its own model.
+        from ..resources.config import settings_from_service_config
+        from ..resources.loader import resolve_model
+
+        settings = settings_from_service_config(service_config, cache_dir)
+        model_dir = resolve_model(settings)
+        return cls.from_settings(settings, model_dir)
+
+    def _build_registry(self) -> TaskRegistry:
+        registry = TaskRegistry()
+        registry.register(
+            TaskSpec(
+                name=VLM_GENERATE,
+                handler=partial(self._generate, streaming=False),
+                description="describe or answer about an image (or text only); one final JSON result",
+                input_mimes=IMAGE_MIMES,
+                output_mimes=(JSON_MIME,),
+            )
+        )
+        registry.register(
+            TaskSpec(
+                name=VLM_GENERATE_STREAM,
+                handler=partial(self._generate, streaming=True),
+                description="as vlm_generate, streaming text deltas before the final JSON result",
+                input_mimes=IMAGE_MIMES,
+                output_mimes=(JSON_MIME, TEXT_MIME),
+            )
+        )
+        return registry
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def get_supported_tasks(self) -> list[str]:
+        return self._registry.names()
+
+    @property
+    def in_flight(self) -> int:
+        """Generations holding a slot right now."""
+        return self._admission.active
+
+    @property
+    def queued(self) -> int:
+        return self._admission.waiting
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down.is_set()
+
+    def thread_pool_size(self) -> int:
+        return server_thread_pool_size(self.settings)
+
+    def grpc_server_options(self) -> list[tuple[str, int]]:
+        return server_options(self.settings)
+
+    def begin_shutdown(self) -> None:
+        """New requests (and those waiting for a slot) get UNAVAILABLE; running ones go on."""
+        self._shutting_down.set()
+        self._admission.close()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no generation runs or waits; False if `timeout` passed first."""
+        return self._admission.wait_idle(timeout)
+
+    def cancel_all(self) -> None:
+        """Stop every running generation at its next step; each is answered UNAVAILABLE."""
+        with self._controls_lock:
+            controls = list(self._controls)
+        for control in controls:
+            control.server_cancelled.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Refuse new requests, stop running ones, and release the model if we loaded it.
+
+        The server should let in-flight generations finish first (`begin_shutdown`, then
+        `wait_idle` for the grace period); whatever still runs is cancelled here and gets
+        `timeout` seconds to reach its next step before the model is closed under it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.begin_shutdown()
+        self.cancel_all()
+        if not self.wait_idle(timeout):
+            log.warning("closing with %d generations still running", self.in_flight)
+        if self._owns_manager:
+            self.manager.close()
+
+    # ------------------------------------------------------------------ rpc: Infer
+
+    def Infer(self, request_iterator: Iterable[Any], context: Any) -> Iterator[ml_service_pb2.InferResponse]:
+        """Answer every request of the stream, in order; chunked payloads are reassembled."""
+        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes)
+        terminated = watch_termination(context)
+        for request in _requests_until_gone(request_iterator):
+            yield from self._on_request(request, assembler, CallControl(context, terminated))
+        for correlation_id, exc in assembler.abandon():
+            log.info("correlation_id=%s error=INVALID_ARGUMENT %s", correlation_id, exc)
+            yield error_response(correlation_id, exc)
+
+    def _on_request(
+        self, request: Any, assembler: ChunkAssembler, control: CallControl
+    ) -> Iterator[ml_service_pb2.InferResponse]:
+        correlation_id = request.correlation_id or uuid.uuid4().hex
+        try:
+            complete = assembler.feed(request, correlation_id)
+        except RequestError as exc:
+            log.info("correlation_id=%s task=%s error=INVALID_ARGUMENT %s", correlation_id, request.task, exc)
+            yield error_response(correlation_id, exc)
+            return
+        if complete is not None:
+            yield from self._answer(complete, control)
+
+    def _answer(self, request: CompleteRequest, control: CallControl) -> Iterator[ml_service_pb2.InferResponse]:
+        """Route one complete request to its task; every failure becomes one final error response."""
+        started = time.perf_counter()
+        failure: ml_service_pb2.InferResponse | None = None
+        with self._controls_lock:
+            self._controls.add(control)
+        try:
+            if self._shutting_down.is_set():
+                raise Unavailable("the server is shutting down")
+            task = self._registry.get(request.task)
+            yield from task.handler(request, control, started)
+        except ClientGone:
+            log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, request.task)
+        except Exception as exc:
+            # Yielded after the except block: the exception's traceback would otherwise keep
+            # the abandoned generation's frames (and KV cache) alive while the client reads.
+            failure = self._failure(request, exc, started)
+        finally:
+            with self._controls_lock:
+                self._controls.discard(control)
+        if failure is not None:
+            yield failure
+
+    def _failure(self, request: CompleteRequest, exc: Exception, started: float) -> ml_service_pb2.InferResponse:
+        lat_ms = (time.perf_counter() - started) * 1000.0
+        code = error_code_for(exc)
+        name = ErrorCode.Name(code).removeprefix("ERROR_CODE_")
+        if code == ErrorCode.ERROR_CODE_INTERNAL:
+            log.exception(
+                "correlation_id=%s task=%s failed with an internal error", request.correlation_id, request.task
+            )
+        else:
+            log.info("correlation_id=%s task=%s error=%s %s", request.correlation_id, request.task, name, exc)
+        return error_response(request.correlation_id, exc, lat_ms)
+
+    # ------------------------------------------------------------------ the generation tasks
+
+    def _generate(
+        self, request: CompleteRequest, control: CallControl, started: float, *, streaming: bool
+    ) -> Iterator[ml_service_pb2.InferResponse]:
+        generation = build_generation_request(request, self.settings.limits)  # before admission: cheap
+        log.debug("correlation_id=%s messages=%r", request.correlation_id, generation.messages)
+        control.check()
+        with self._admission.slot(self.settings.admission.queue_timeout_s, control):
+            control.check()
+            prepared = self.manager.prepare(generation)
+            chunks = 0
+            result: GenerationResult | None = None
+            # control.check runs before every decode step, so a cancelled call or a passed
+            # deadline stops the model within one step even while no text is emitted.
+            events = self.manager.generate_prepared(prepared, generation.params, control.check)
+            try:
+                for event in events:
+                    control.check()
+                    if isinstance(event, TextDelta):
+                        if streaming:
+                            yield partial_response(request.correlation_id, event, chunks)
+                            chunks += 1
+                    else:
+                        result = event
+            finally:
+                _close(events)  # stop the model now, not whenever the generator is collected
+        if result is None:  # pragma: no cover - the manager always ends with a result
+            raise RuntimeError("generation ended without a result")
+        yield self._final_response(request, generation, prepared, result, started, chunks if streaming else None)
+
+    def _final_response(
+        self,
+        request: CompleteRequest,
+        generation: GenerationRequest,
+        prepared: PreparedRequest,
+        result: GenerationResult,
+        started: float,
+        streaming_chunks: int | None,
+    ) -> ml_service_pb2.InferResponse:
+        lat_ms = (time.perf_counter() - started) * 1000.0
+        # The manager's ttft counts from prepare(); the client's also includes the queue wait.
+        ttft_ms = (prepared.started - started) * 1000.0 + result.ttft_ms
+        body = result_json(result, generation, prepared, self.manager.model_id, streaming_chunks)
+        log.info(
+            "correlation_id=%s task=%s input_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f lat_ms=%.1f",
+            request.correlation_id,
+            request.task,
+            result.input_tokens,
+            result.generated_tokens,
+            result.finish_reason.value,
+            ttft_ms,
+            lat_ms,
+        )
+        return ml_service_pb2.InferResponse(
+            correlation_id=request.correlation_id,
+            is_final=True,
+            result=body,
+            result_mime=JSON_MIME,
+            result_schema=RESULT_SCHEMA,
+            seq=streaming_chunks or 0,  # a stream's final continues its partials' count
+            meta={
+                "lat_ms": f"{lat_ms:.1f}",
+                "ttft_ms": f"{ttft_ms:.1f}",
+                "input_tokens": str(result.input_tokens),
+                "image_tokens": str(result.image_tokens),
+                "generated_tokens": str(result.generated_tokens),
+                "finish_reason": result.finish_reason.value,
+            },
+        )
+
+    # ------------------------------------------------------------------ rpc: capabilities, health
+
+    def GetCapabilities(self, request: Any, context: Any) -> ml_service_pb2.Capability:
+        return self.capability()
+
+    def StreamCapabilities(self, request: Any, context: Any) -> Iterator[ml_service_pb2.Capability]:
+        """The current capability, once: a loaded model's capability never changes."""
+        yield self.capability()
+
+    def Health(self, request: Any, context: Any) -> empty_pb2.Empty:
+        """Empty while serving; UNAVAILABLE once shutdown began."""
+        if self._shutting_down.is_set():
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return empty_pb2.Empty()
+
+    def capability(self) -> ml_service_pb2.Capability:
+        if self._capability is None:
+            self._capability = self._build_capability()
+        return self._capability
+
+    def enforced_limits(self) -> dict[str, int]:
+        """The limits this service enforces, as reported in every task's capability."""
+        limits = self.settings.limits
+        return {
+            "max_payload_bytes": limits.max_payload_bytes,
+            "max_image_pixels": self.manager.image_limits.max_pixels,  # the decoder enforces its own
+            "max_new_tokens": limits.max_new_tokens,
+            "default_max_new_tokens": min(limits.default_max_new_tokens, limits.max_new_tokens),
+            "context_length": self.manager.context_length,
+            "max_concurrency": self._admission.max_concurrency,
+            "max_queue": self._admission.max_queue,
+            "max_stop_sequences": limits.max_stop_sequences,
+            "max_messages_chars": limits.max_messages_chars,
+        }
+
+    def _build_capability(self) -> ml_service_pb2.Capability:
+        info = self.manager.backend.info
+        vision = self.manager.backend.vision_spec
+        return self._registry.capability(
+            service_name=self.settings.service_name or DEFAULT_SERVICE_NAME,
+            model_ids=[self.manager.model_id],
+            runtime=info.runtime,
+            max_concurrency=self._admission.max_concurrency,
+            precisions=[info.precision],
+            extra={
+                "version": __version__,
+                "model_name": self.settings.model.model,
+                "providers": ",".join(info.providers),
+                "image_size": self.manager.image_spec.size,
+                "image_tokens": vision.image_tokens if vision.image_tokens is not None else "",
+                "context_length": self.manager.context_length,
+                "load_time_ms": f"{info.load_time_ms:.1f}",
+                "resize_mode": self.manager.image_spec.mode.value,
+            },
+            limits=self.enforced_limits(),
+        )
+
+
+GeneralFastVLMService = FastVLMService
+
+
+def _requests_until_gone(request_iterator: Iterable[Any]) -> Iterator[Any]:
+    """The stream's requests; ends quietly when the client cancels or disconnects mid-read."""
+    try:
+        yield from request_iterator
+    except grpc.RpcError:
+        log.debug("request stream ended by the client", exc_info=True)
+
+
+def _close(iterator: Iterator[Any]) -> None:
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
+
+
+def _abort(context: Any, code: grpc.StatusCode, details: str) -> None:
+    """context.abort when the context has it (it raises), else set_code/set_details."""
+    abort: Callable[..., Any] | None = getattr(context, "abort", None)
+    if callable(abort):
+        abort(code, details)
+        return
+    for name, value in (("set_code", code), ("set_details", details)):
+        setter = getattr(context, name, None)
+        if callable(setter):
+            setter(value)

@@ -1,0 +1,498 @@
+"""From the wire to a `GenerationRequest`: chunk reassembly, payload checks, meta validation.
+
+Everything here is cheap and runs before a request is admitted, so a malformed request is
+refused at once, with a message naming the key and what is wrong with it, and never takes a
+generation slot. Every refusal is a `RequestError` (INVALID_ARGUMENT on the wire).
+
+Meta values are strings on the wire. Clients format them differently (the Go SDK sends
+``"%.1f"`` floats, other clients ``"256"``), so numbers are parsed leniently but bounded
+strictly; bools are true/false/1/0/yes/no in any case. Unknown keys are ignored (clients add
+their own), and logged at DEBUG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..generation import SamplingParams
+from ..resources.model_spec import ResizeMode
+from ..resources.settings import GenerationLimits
+from .fastvlm_model import GenerationParams, GenerationRequest
+from .image import sniff_image_mime
+
+log = logging.getLogger(__name__)
+
+IMAGE_MIMES = ("image/jpeg", "image/png", "image/webp")
+# Common spellings of the accepted types; "image/jpg" is not registered but widely sent.
+MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+
+# Bounds with no setting of their own. OpenAI-style APIs cap temperature at 2: above it the
+# distribution is close to uniform and the output is noise, so a larger value is a client bug.
+MAX_TEMPERATURE = 2.0
+# transformers suggests 1.0-1.5; 10 already makes every seen token practically impossible.
+MAX_REPETITION_PENALTY = 10.0
+MAX_SEED = 2**63 - 1
+
+KNOWN_META_KEYS = frozenset(
+    {
+        "messages",
+        "prompt",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "stop_sequences",
+        "stop",
+        "add_generation_prompt",
+        "do_sample",
+        "resize_mode",
+    }
+)
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+class RequestError(ValueError):
+    """The request is malformed: INVALID_ARGUMENT, the client can fix it."""
+
+
+def _shown(raw: str, limit: int = 40) -> str:
+    """A meta value for an error message, cut short: values can be megabytes long."""
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
+
+
+# --------------------------------------------------------------------------- scalar values
+
+
+def parse_int(key: str, raw: str, low: int, high: int) -> int:
+    """An integer in [low, high]; "256" and "256.0" both give 256."""
+    text = raw.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            raise RequestError(f"meta '{key}' must be an integer, got {_shown(raw)}") from None
+        if not number.is_integer():
+            raise RequestError(f"meta '{key}' must be an integer, got {_shown(raw)}") from None
+        value = int(number)
+    if not low <= value <= high:
+        raise RequestError(f"meta '{key}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def parse_float(key: str, raw: str, low: float, high: float, *, low_open: bool = False) -> float:
+    """A finite float in [low, high] (or (low, high] when low_open)."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise RequestError(f"meta '{key}' must be a number, got {_shown(raw)}") from None
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError(f"meta '{key}' must be a number in {interval}, got {_shown(raw)}")
+    return value
+
+
+def parse_bool(key: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise RequestError(f"meta '{key}' must be true/false (or 1/0, yes/no), got {_shown(raw)}")
+
+
+# --------------------------------------------------------------------------- meta keys
+
+
+def parse_messages(meta: Mapping[str, str], limits: GenerationLimits) -> list[Any]:
+    """`messages` (a JSON list of {role, content}) or, without it, `prompt` as one user turn.
+
+    Only the JSON shape is checked here; roles, content parts and the image placeholder are
+    validated by the model manager, which owns the chat template.
+    """
+    raw = meta.get("messages", "")
+    if not raw.strip():
+        return [{"role": "user", "content": _parse_prompt(meta, limits)}]
+    if len(raw) > limits.max_messages_chars:
+        raise RequestError(
+            f"meta 'messages' is {len(raw)} characters, more than the limit of {limits.max_messages_chars}"
+        )
+    try:
+        messages = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"meta 'messages' is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(messages, list) or not messages:
+        kind = "an empty list" if messages == [] else f"a JSON {type(messages).__name__}"
+        raise RequestError(f"meta 'messages' must be a non-empty JSON list of {{role, content}} objects, got {kind}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"meta 'messages'[{index}] must be an object with 'role' and 'content'")
+        if "content" not in message:
+            raise RequestError(f"meta 'messages'[{index}] has no 'content'")
+    return messages
+
+
+def _parse_prompt(meta: Mapping[str, str], limits: GenerationLimits) -> str:
+    prompt = meta.get("prompt")
+    if prompt is None:
+        raise RequestError("meta needs 'messages' (a JSON list of {role, content} objects) or 'prompt'")
+    if not prompt.strip():
+        raise RequestError("meta 'prompt' is empty")
+    if len(prompt) > limits.max_messages_chars:
+        raise RequestError(
+            f"meta 'prompt' is {len(prompt)} characters, more than the limit of {limits.max_messages_chars}"
+        )
+    return prompt
+
+
+def parse_stop_sequences(meta: Mapping[str, str], limits: GenerationLimits) -> tuple[str, ...]:
+    """`stop_sequences` (or its alias `stop`): a JSON list of non-empty strings, bounded."""
+    key, raw = _stop_key(meta)
+    if raw is None or not raw.strip():
+        return ()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RequestError(f"meta '{key}' must be a JSON list of strings, got {_shown(raw)}") from None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise RequestError(f"meta '{key}' must be a JSON list of strings, got {_shown(raw)}")
+    if len(value) > limits.max_stop_sequences:
+        raise RequestError(
+            f"meta '{key}' holds {len(value)} stop sequences, more than the limit of {limits.max_stop_sequences}"
+        )
+    for index, stop in enumerate(value):
+        if not stop:
+            raise RequestError(f"meta '{key}'[{index}] is an empty string")
+        if len(stop) > limits.max_stop_sequence_chars:
+            raise RequestError(
+                f"meta '{key}'[{index}] is {len(stop)} characters, "
+                f"more than the limit of {limits.max_stop_sequence_chars}"
+            )
+    return tuple(value)
+
+
+def _stop_key(meta: Mapping[str, str]) -> tuple[str, str | None]:
+    stop_sequences, stop = meta.get("stop_sequences"), meta.get("stop")
+    if stop_sequences is not None and stop is not None and stop_sequences != stop:
+        raise RequestError("meta 'stop_sequences' and its alias 'stop' are both set and differ; send one")
+    return ("stop_sequences", stop_sequences) if stop_sequences is not None else ("stop", stop)
+
+
+def parse_sampling(meta: Mapping[str, str]) -> SamplingParams:
+    """Sampling happens when temperature > 0.
+
+    `do_sample=true` without a temperature means temperature 1.0 (transformers' default).
+    `do_sample=false` does not override an explicit temperature: the Go SDK always sends
+    do_sample=false next to the temperature the app asked for.
+    """
+    temperature = _optional(meta, "temperature", lambda k, v: parse_float(k, v, 0.0, MAX_TEMPERATURE))
+    do_sample = _optional(meta, "do_sample", parse_bool)
+    if temperature is None:
+        temperature = 1.0 if do_sample else 0.0
+    top_p = _optional(meta, "top_p", lambda k, v: parse_float(k, v, 0.0, 1.0, low_open=True))
+    top_k = _optional(meta, "top_k", lambda k, v: parse_int(k, v, 0, 2**31 - 1))
+    penalty = _optional(
+        meta, "repetition_penalty", lambda k, v: parse_float(k, v, 0.0, MAX_REPETITION_PENALTY, low_open=True)
+    )
+    seed = _optional(meta, "seed", lambda k, v: parse_int(k, v, 0, MAX_SEED))
+    try:
+        return SamplingParams(
+            temperature=temperature,
+            top_k=0 if top_k is None else top_k,
+            top_p=1.0 if top_p is None else top_p,
+            repetition_penalty=1.0 if penalty is None else penalty,
+            seed=seed,
+        )
+    except ValueError as exc:  # the bounds above are stricter; kept as a second line of defence
+        raise RequestError(f"invalid sampling parameters: {exc}") from None
+
+
+def _optional(meta: Mapping[str, str], key: str, parse: Any) -> Any:
+    raw = meta.get(key)
+    return None if raw is None or not raw.strip() else parse(key, raw)
+
+
+def parse_generation_params(meta: Mapping[str, str], limits: GenerationLimits) -> GenerationParams:
+    default_max = min(limits.default_max_new_tokens, limits.max_new_tokens)
+    max_new = _optional(meta, "max_new_tokens", lambda k, v: parse_int(k, v, 1, limits.max_new_tokens))
+    add_prompt = _optional(meta, "add_generation_prompt", parse_bool)
+    return GenerationParams(
+        max_new_tokens=default_max if max_new is None else max_new,
+        sampling=parse_sampling(meta),
+        stop_sequences=parse_stop_sequences(meta, limits),
+        add_generation_prompt=True if add_prompt is None else add_prompt,
+    )
+
+
+def parse_resize_mode(meta: Mapping[str, str]) -> ResizeMode | None:
+    raw = meta.get("resize_mode")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return ResizeMode(raw.strip().lower())
+    except ValueError:
+        choices = ", ".join(mode.value for mode in ResizeMode)
+        raise RequestError(f"meta 'resize_mode' must be one of {choices}, got {_shown(raw)}") from None
+
+
+# --------------------------------------------------------------------------- payload
+
+
+def normalize_mime(mime: str) -> str:
+    """Lower-cased, parameters dropped, aliases resolved: " Image/JPG; q=1" -> "image/jpeg"."""
+    base = mime.split(";", 1)[0].strip().lower()
+    return MIME_ALIASES.get(base, base)
+
+
+def check_image_payload(payload: bytes, payload_mime: str, max_bytes: int) -> bytes | None:
+    """The image bytes to decode, or None for a text-only request.
+
+    The declared type must be accepted and must agree with the bytes' signature; with no
+    declared type the signature decides. Decoding (corrupt, truncated, too many pixels) is the
+    model manager's job.
+    """
+    declared = normalize_mime(payload_mime)
+    if not payload:
+        if declared:
+            raise RequestError(f"payload_mime is {payload_mime!r} but the payload is empty")
+        return None
+    if len(payload) > max_bytes:
+        raise RequestError(f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes")
+    if declared and declared not in IMAGE_MIMES:
+        raise RequestError(f"payload_mime {payload_mime!r} is not supported; accepted: {', '.join(IMAGE_MIMES)}")
+    sniffed = sniff_image_mime(payload)
+    if sniffed is None:
+        said = f" (payload_mime says {declared})" if declared else ""
+        raise RequestError(f"payload is not a JPEG, PNG or WebP image: its signature matches none of them{said}")
+    if declared and declared != sniffed:
+        raise RequestError(f"payload_mime is {declared} but the payload's bytes are {sniffed}")
+    return payload
+
+
+# --------------------------------------------------------------------------- the whole request
+
+
+@dataclass(frozen=True)
+class CompleteRequest:
+    """One request with its whole payload, after chunk reassembly."""
+
+    correlation_id: str
+    task: str
+    meta: Mapping[str, str]
+    payload: bytes = b""
+    payload_mime: str = ""
+    chunks: int = 1
+
+
+def build_generation_request(request: CompleteRequest, limits: GenerationLimits) -> GenerationRequest:
+    """Validate a request's payload and meta into the model manager's request. Raises RequestError."""
+    unknown = sorted(set(request.meta) - KNOWN_META_KEYS)
+    if unknown:
+        log.debug("correlation_id=%s ignores unknown meta keys: %s", request.correlation_id, ", ".join(unknown))
+    image = check_image_payload(request.payload, request.payload_mime, limits.max_payload_bytes)
+    return GenerationRequest(
+        messages=parse_messages(request.meta, limits),
+        image=image,
+        params=parse_generation_params(request.meta, limits),
+        resize_mode=parse_resize_mode(request.meta),
+    )
+
+
+# --------------------------------------------------------------------------- chunk reassembly
+
+
+class ChunkError(RequestError):
+    """A chunked upload is broken: out of order, duplicated, overlapping, incomplete, too large."""
+
+
+MAX_CHUNKS = 65_536  # 20 MiB in chunks of 320 bytes; the Go SDK needs 80 for 20 MiB
+
+
+@dataclass
+class _Upload:
+    task: str
+    payload_mime: str
+    meta: Mapping[str, str]
+    total: int
+    buffer: bytearray = field(default_factory=bytearray)
+    next_seq: int = 0
+
+
+class _FailedUpload:
+    """Which chunks of a failed upload have been seen, so the rest can be dropped quietly."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._seen = bytearray((total + 7) // 8)  # a bitmap: bounded by MAX_CHUNKS / 8 bytes
+        self._count = 0
+
+    def see(self, seq: int) -> bool:
+        """Mark `seq` seen; False if it is outside the upload or was seen before."""
+        if not 0 <= seq < self.total:
+            return False
+        byte, bit = divmod(seq, 8)
+        if self._seen[byte] & (1 << bit):
+            return False
+        self._seen[byte] |= 1 << bit
+        self._count += 1
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return self._count == self.total
+
+
+class ChunkAssembler:
+    """Reassembles chunked payloads on one stream.
+
+    The Go SDK splits a payload over 1 MiB into 256 KiB chunks sent as consecutive requests
+    sharing a correlation_id, each with the full meta, seq 0..total-1 and offset = the chunk's
+    byte offset. Chunks must arrive in order and exactly adjacent: anything else (out of order,
+    duplicate, gap, overlap, a changed total) fails the upload with one error. The failed
+    upload's other chunks are then dropped quietly, so the client gets exactly one answer for
+    it; a chunk seen twice after the failure starts over (a retry). A request is never answered
+    from a partial payload.
+
+    Memory is bounded: each upload by `max_payload_bytes`, at most `max_uploads` uploads open
+    on a stream at once, and at most `max_failed` failed uploads remembered.
+    """
+
+    def __init__(self, max_payload_bytes: int, max_uploads: int = 4, max_failed: int = 16) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_uploads = max_uploads
+        self._max_failed = max_failed
+        self._uploads: dict[str, _Upload] = {}
+        self._failed: OrderedDict[str, _FailedUpload] = OrderedDict()
+
+    def feed(self, request: Any, correlation_id: str) -> CompleteRequest | None:
+        """The complete request once its last chunk is in, None while an upload is incomplete."""
+        if request.total <= 1:
+            return self._single(request, correlation_id)
+        if not request.correlation_id:
+            raise ChunkError("a chunked payload (total > 1) needs a correlation_id to tie its chunks together")
+        if self._absorbed_by_failure(correlation_id, request):
+            return None
+        upload = self._uploads.get(correlation_id)
+        try:
+            if upload is None:
+                upload = self._start(request, correlation_id)
+            else:
+                self._check_next(upload, request)
+            self._append(upload, request)
+        except ChunkError:
+            self._fail(correlation_id, request, upload)
+            raise
+        return self._finish(correlation_id) if upload.next_seq == upload.total else None
+
+    def abandon(self) -> list[tuple[str, ChunkError]]:
+        """Errors for the uploads still open when the stream ends: they never completed."""
+        errors = [
+            (cid, ChunkError(f"the stream ended after {up.next_seq} of {up.total} chunks of the payload"))
+            for cid, up in self._uploads.items()
+        ]
+        self._uploads.clear()
+        return errors
+
+    @property
+    def open_uploads(self) -> int:
+        return len(self._uploads)
+
+    # ------------------------------------------------------------------ steps
+
+    def _single(self, request: Any, correlation_id: str) -> CompleteRequest:
+        upload = self._uploads.get(correlation_id)
+        if upload is not None:
+            self._fail(correlation_id, request, upload)
+            raise ChunkError(
+                f"a non-chunked request (total={request.total}) reused the correlation_id "
+                "of an unfinished chunked upload"
+            )
+        return CompleteRequest(correlation_id, request.task, dict(request.meta), request.payload, request.payload_mime)
+
+    def _absorbed_by_failure(self, correlation_id: str, request: Any) -> bool:
+        """True for a not yet seen chunk of a failed upload: dropped, it was already answered."""
+        failed = self._failed.get(correlation_id)
+        if failed is None:
+            return False
+        if request.total != failed.total or not failed.see(request.seq):
+            del self._failed[correlation_id]  # another upload with the same id, or a retry
+            return False
+        if failed.complete:
+            del self._failed[correlation_id]
+        return True
+
+    def _start(self, request: Any, correlation_id: str) -> _Upload:
+        if request.seq != 0:
+            raise ChunkError(f"chunk seq {request.seq} of {request.total} arrived before chunk 0 (out of order)")
+        if request.offset != 0:
+            raise ChunkError(f"chunk 0 must start at offset 0, got offset {request.offset}")
+        if request.total > min(MAX_CHUNKS, self.max_payload_bytes):
+            raise ChunkError(f"a payload in {request.total} chunks is more than this service accepts")
+        if len(self._uploads) >= self.max_uploads:
+            raise ChunkError(f"too many chunked uploads open on this stream (at most {self.max_uploads})")
+        upload = _Upload(request.task, request.payload_mime, dict(request.meta), int(request.total))
+        self._uploads[correlation_id] = upload
+        return upload
+
+    @staticmethod
+    def _check_next(upload: _Upload, request: Any) -> None:
+        if request.total != upload.total:
+            raise ChunkError(
+                f"chunk seq {request.seq} says total={request.total}, but the upload began with total={upload.total}"
+            )
+        if request.task != upload.task or request.payload_mime != upload.payload_mime:
+            raise ChunkError(f"chunk seq {request.seq} changes the task or payload_mime of the upload")
+        if request.seq < upload.next_seq:
+            raise ChunkError(f"duplicate chunk: seq {request.seq} was already received")
+        if request.seq > upload.next_seq:
+            raise ChunkError(
+                f"chunk seq {request.seq} arrived but seq {upload.next_seq} was expected (out of order or missing)"
+            )
+        received = len(upload.buffer)
+        if request.offset < received:
+            raise ChunkError(
+                f"chunk seq {request.seq} at offset {request.offset} overlaps the {received} bytes received"
+            )
+        if request.offset > received:
+            raise ChunkError(f"chunk seq {request.seq} at offset {request.offset} leaves a gap after {received} bytes")
+
+    def _append(self, upload: _Upload, request: Any) -> None:
+        size = len(upload.buffer) + len(request.payload)
+        if size > self.max_payload_bytes:
+            raise ChunkError(f"the chunked payload exceeds the limit of {self.max_payload_bytes} bytes")
+        upload.buffer += request.payload
+        upload.next_seq += 1
+
+    def _finish(self, correlation_id: str) -> CompleteRequest:
+        upload = self._uploads.pop(correlation_id)
+        return CompleteRequest(
+            correlation_id, upload.task, upload.meta, bytes(upload.buffer), upload.payload_mime, chunks=upload.total
+        )
+
+    def _fail(self, correlation_id: str, request: Any, upload: _Upload | None) -> None:
+        """Forget the upload's bytes; remember which of its chunks were seen, to drop the rest."""
+        self._uploads.pop(correlation_id, None)
+        total = upload.total if upload is not None else int(request.total)
+        if not 1 < total <= MAX_CHUNKS:
+            return
+        failed = _FailedUpload(total)
+        for seq in range(upload.next_seq if upload is not None else 0):
+            failed.see(seq)
+        if request.total == total:
+            failed.see(request.seq)
+        if failed.complete:
+            return
+        self._failed[correlation_id] = failed
+        while len(self._failed) > self._max_failed:
+            self._failed.popitem(last=False)

@@ -1,0 +1,430 @@
+"""Model resolution: local directories, Hugging Face repos, Lumen names, and never touching what isn't ours.
+
+No test reaches the network: `huggingface_hub.snapshot_download` and lumen-resources' platform are
+replaced by fakes that write files the way the real ones lay them out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import huggingface_hub
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+from lumen_resources import downloader as lumen_downloader
+
+from lumen_vlm.resources.exceptions import ModelFilesError, ModelNotFoundError
+from lumen_vlm.resources.loader import (
+    KNOWN_MODELS,
+    MARKER_NAME,
+    cache_target,
+    hf_allow_patterns,
+    resolve_model,
+)
+from lumen_vlm.resources.model_files import locate_model_files
+from lumen_vlm.resources.settings import ModelSettings, VLMSettings
+from tests.conftest import TINY_MODEL
+
+HF_REPO = "onnx-community/FastVLM-0.5B-ONNX"
+HF_DIRNAME = "onnx-community--FastVLM-0.5B-ONNX"
+_PRECISION_SUFFIXES = ("", "_bnb4", "_fp16", "_int8", "_q4", "_q4f16", "_quantized", "_uint8")
+# The file listing of onnx-community/FastVLM-0.5B-ONNX (a transformers.js export): the small files,
+# every graph in eight precisions, and external-data side files next to the largest graphs.
+ONNX_COMMUNITY_LISTING = [
+    ".gitattributes",
+    "README.md",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    *(
+        f"onnx/{graph}{suffix}.onnx"
+        for graph in ("decoder_model_merged", "embed_tokens", "vision_encoder")
+        for suffix in _PRECISION_SUFFIXES
+    ),
+    "onnx/decoder_model_merged.onnx_data",
+    "onnx/decoder_model_merged_fp16.onnx_data",
+    "onnx/embed_tokens.onnx_data",
+]
+SMALL_FILES = {
+    "added_tokens.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+}
+
+
+def make_settings(
+    model: str, cache_dir: Path, precision: str = "fp32", config_dir: Path | None = None, alias: str = "fastvlm"
+) -> VLMSettings:
+    return VLMSettings(
+        cache_dir=cache_dir,
+        model=ModelSettings(alias=alias, model=model, precision=precision),
+        config_dir=config_dir,
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and directory under root (hidden ones too), with file contents hashed."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        for path in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def tiny_copy(tmp_path: Path) -> Path:
+    """The tiny model copied out, so no test can modify the committed fixture."""
+    return Path(shutil.copytree(TINY_MODEL, tmp_path / "my-model"))
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache dir, with the working directory somewhere that holds no model-like paths."""
+    workdir = tmp_path / "work" / "cwd"
+    workdir.mkdir(parents=True)
+    monkeypatch.chdir(workdir)
+    return tmp_path / "cache"
+
+
+class FakeHub:
+    """snapshot_download over the real repo listing: writes the files allow_patterns select."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.fail = fail
+
+    def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **kwargs: Any) -> str:
+        self.calls.append(
+            {"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns, **kwargs}
+        )
+        if self.fail:
+            raise OSError("network is unreachable")
+        for name in filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=allow_patterns):
+            path = Path(local_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name, encoding="utf-8")
+        return str(local_dir)
+
+    def downloaded(self, local_dir: Path) -> set[str]:
+        return {str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file() and p.name != MARKER_NAME}
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    fake = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fake
+
+
+class FakePlatform:
+    """lumen-resources' Platform, writing a Lumen-layout model; cleanup deletes like the real one."""
+
+    instances: ClassVar[list[FakePlatform]] = []
+    broken_model_info: ClassVar[bool] = False
+
+    def __init__(self, platform_type: Any, owner: str) -> None:
+        self.downloads: list[dict[str, Any]] = []
+        self.cleanups: list[Path] = []
+        FakePlatform.instances.append(self)
+
+    def download_model(self, repo_name: str, cache_dir: Path, allow_patterns: list[str], force: bool = False) -> Path:
+        target = cache_dir / "models" / repo_name
+        self.downloads.append({"repo_name": repo_name, "target": target, "allow_patterns": allow_patterns})
+        files = ["onnx/vision.fp32.onnx", "onnx/embed.fp32.onnx", "onnx/decoder.fp32.onnx", "tokenizer.json"]
+        for name in [*files, "config.json"]:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text(name, encoding="utf-8")
+        # A broken model_info.json offers no onnx runtime, which fails the Downloader's own check.
+        runtime = "rknn" if self.broken_model_info else "onnx"
+        runtimes = {runtime: {"available": True, "files": files}}
+        info = {
+            "name": repo_name,
+            "version": "1.0.0",
+            "description": "FastVLM for Lumen",
+            "model_type": "vlm",
+            "source": {"format": "huggingface", "repo_id": "apple/FastVLM-0.5B"},
+            "runtimes": runtimes,
+        }
+        (target / "model_info.json").write_text(json.dumps(info), encoding="utf-8")
+        return target
+
+    def cleanup_model(self, repo_name: str, cache_dir: Path) -> None:
+        target = cache_dir / "models" / repo_name
+        self.cleanups.append(target)
+        shutil.rmtree(target)
+
+
+@pytest.fixture
+def lumen_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePlatform]]:
+    """The real lumen-resources Downloader, over a fake platform."""
+    FakePlatform.instances = []
+    FakePlatform.broken_model_info = False
+    monkeypatch.setattr(lumen_downloader, "Platform", FakePlatform)
+    yield FakePlatform
+
+
+@pytest.fixture
+def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("no download expected")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(lumen_downloader, "Downloader", refuse)
+
+
+# --------------------------------------------------------------------------- local directories
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_local_dir_is_used_as_is(tiny_copy: Path, cache: Path) -> None:
+    before = tree_digest(tiny_copy)
+    assert resolve_model(make_settings(str(tiny_copy), cache)) == tiny_copy
+    assert tree_digest(tiny_copy) == before  # nothing written, not even a marker
+    assert not cache.exists()
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_local_dir_relative_to_config_dir_then_cwd(tiny_copy: Path, cache: Path, tmp_path: Path) -> None:
+    assert resolve_model(make_settings("my-model", cache, config_dir=tmp_path)) == tiny_copy
+    assert resolve_model(make_settings("../../my-model", cache)) == Path.cwd() / "../../my-model"
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_local_dir_with_tilde(tiny_copy: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_model(make_settings("~/my-model", cache)) == tiny_copy
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_allow_patterns_select_exactly_one_precision() -> None:
+    int8 = set(filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=hf_allow_patterns("int8")))
+    graphs = {"onnx/vision_encoder_int8.onnx", "onnx/embed_tokens_int8.onnx", "onnx/decoder_model_merged_int8.onnx"}
+    assert int8 == SMALL_FILES | graphs
+    assert "onnx/decoder_model_merged_q4.onnx" not in int8
+    fp32 = set(filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=hf_allow_patterns("fp32")))
+    assert fp32 - SMALL_FILES == {
+        "onnx/vision_encoder.onnx",
+        "onnx/embed_tokens.onnx",
+        "onnx/embed_tokens.onnx_data",
+        "onnx/decoder_model_merged.onnx",
+        "onnx/decoder_model_merged.onnx_data",
+    }
+    fp16 = set(filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=hf_allow_patterns("fp16")))
+    assert "onnx/decoder_model_merged_fp16.onnx_data" in fp16
+    assert "onnx/decoder_model_merged.onnx_data" not in fp16
+
+
+def test_hf_repo_downloads_one_precision_once(hub: FakeHub, cache: Path) -> None:
+    settings = make_settings(HF_REPO, cache, precision="int8")
+    target = resolve_model(settings, progress=False)
+    assert target == cache.resolve() / "models" / HF_DIRNAME
+    (call,) = hub.calls
+    assert call["repo_id"] == HF_REPO
+    assert call["local_dir"] == target
+    assert call["local_dir"].is_relative_to(cache.resolve() / "models")
+    assert call["tqdm_class"] is not None  # progress=False: silent bars
+    assert hub.downloaded(target) == SMALL_FILES | {
+        "onnx/vision_encoder_int8.onnx",
+        "onnx/embed_tokens_int8.onnx",
+        "onnx/decoder_model_merged_int8.onnx",
+    }
+    assert locate_model_files(target, "int8").precision == "int8"
+    marker = json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))
+    assert marker["complete_precisions"] == ["int8"]
+
+    assert resolve_model(settings) == target  # complete: no second download
+    assert len(hub.calls) == 1
+
+    fp16 = resolve_model(make_settings(HF_REPO, cache, precision="fp16"))  # our dir: another precision joins
+    assert fp16 == target and len(hub.calls) == 2
+    assert hub.calls[1]["tqdm_class"] is None  # progress=True: huggingface_hub's own bars
+    assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["fp16", "int8"]
+
+
+def test_known_name_maps_to_hf_repo(hub: FakeHub, cache: Path) -> None:
+    assert KNOWN_MODELS["fastvlm-0.5b"].repo == HF_REPO
+    target = resolve_model(make_settings("fastvlm-0.5b", cache, precision="q4"))
+    assert target.name == HF_DIRNAME  # the alias and the repo id share one download
+    assert hub.calls[0]["repo_id"] == HF_REPO
+    assert "onnx/decoder_model_merged_q4.onnx" in hub.downloaded(target)
+
+
+def test_failed_hf_download_is_resumed_next_time(hub: FakeHub, cache: Path) -> None:
+    settings = make_settings(HF_REPO, cache, precision="int8")
+    hub.fail = True
+    with pytest.raises(ModelNotFoundError, match=re.escape("could not download onnx-community/FastVLM-0.5B-ONNX")):
+        resolve_model(settings)
+    target = cache.resolve() / "models" / HF_DIRNAME
+    assert (target / MARKER_NAME).is_file()  # claimed before downloading: the leftovers stay ours
+    hub.fail = False
+    assert resolve_model(settings) == target
+    assert len(hub.calls) == 2
+
+
+# --------------------------------------------------------------------------- Lumen names
+
+
+def test_lumen_name_downloads_through_lumen_resources(lumen_platform: type[FakePlatform], cache: Path) -> None:
+    settings = make_settings("FastVLM-0.5B", cache)
+    target = resolve_model(settings, progress=False)
+    assert target == cache.resolve() / "models" / "FastVLM-0.5B"
+    (platform,) = lumen_platform.instances
+    (download,) = platform.downloads
+    assert download["repo_name"] == "FastVLM-0.5B"
+    assert "*.fp32.onnx" in download["allow_patterns"]
+    assert locate_model_files(target, "fp32").layout == "lumen"
+    assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["fp32"]
+    assert resolve_model(settings) == target  # complete: the Downloader is not run again
+    assert len(lumen_platform.instances) == 1
+
+
+def test_lumen_rollback_only_removes_our_own_new_directory(lumen_platform: type[FakePlatform], cache: Path) -> None:
+    lumen_platform.broken_model_info = True  # the Downloader's check fails and it deletes the directory
+    with pytest.raises(ModelNotFoundError, match=re.escape("lumen-resources could not download FastVLM-0.5B")):
+        resolve_model(make_settings("FastVLM-0.5B", cache))
+    (platform,) = lumen_platform.instances
+    assert platform.cleanups == [cache.resolve() / "models" / "FastVLM-0.5B"]
+    assert not platform.cleanups[0].exists()
+
+
+# --------------------------------------------------------------------------- directories that are not ours
+
+
+@pytest.mark.parametrize("name", [HF_REPO, "FastVLM-0.5B", "my-own-model"])
+@pytest.mark.usefixtures("no_downloads")
+def test_user_made_incomplete_dir_is_never_touched(name: str, cache: Path) -> None:
+    dirname = HF_DIRNAME if name == HF_REPO else name
+    user_dir = cache / "models" / dirname
+    (user_dir / "onnx").mkdir(parents=True)
+    (user_dir / "config.json").write_text("{}", encoding="utf-8")
+    (user_dir / "notes.txt").write_text("mine", encoding="utf-8")
+    before = tree_digest(user_dir)
+    with pytest.raises(ModelFilesError) as caught:
+        resolve_model(make_settings(name, cache, precision="int8"))
+    message = str(caught.value)
+    assert "not downloaded by lumen-vlm" in message and MARKER_NAME in message
+    assert "no int8 vision graph (expected onnx/vision_encoder_int8.onnx)" in message  # what is missing
+    assert "services.vlm.models.fastvlm.model" in message
+    assert tree_digest(user_dir) == before
+
+
+@pytest.mark.parametrize("name", [HF_REPO, "FastVLM-0.5B", "my-own-model"])
+@pytest.mark.usefixtures("no_downloads")
+def test_user_made_complete_dir_is_used_read_only(name: str, cache: Path) -> None:
+    dirname = HF_DIRNAME if name == HF_REPO else name
+    user_dir = Path(shutil.copytree(TINY_MODEL, cache / "models" / dirname))
+    before = tree_digest(user_dir)
+    assert resolve_model(make_settings(name, cache)) == cache.resolve() / "models" / dirname
+    assert tree_digest(user_dir) == before
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_symlinked_cache_entry_is_never_ours(tiny_copy: Path, cache: Path) -> None:
+    (cache / "models").mkdir(parents=True)
+    link = cache / "models" / HF_DIRNAME
+    link.symlink_to(tiny_copy, target_is_directory=True)
+    (tiny_copy / MARKER_NAME).write_text("{}", encoding="utf-8")  # even a marker behind a link does not count
+    before = tree_digest(tiny_copy)
+    with pytest.raises(ModelFilesError, match="not downloaded by lumen-vlm"):
+        resolve_model(make_settings(HF_REPO, cache, precision="int8"))
+    assert resolve_model(make_settings(HF_REPO, cache)) == link  # complete in fp32: used as is
+    assert tree_digest(tiny_copy) == before
+
+
+# --------------------------------------------------------------------------- names that resolve to nothing
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_unknown_name_lists_known_names(cache: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(make_settings("fastvlm-2b", cache))
+    message = str(caught.value)
+    assert "services.vlm.models.fastvlm.model: unknown model 'fastvlm-2b'" in message
+    for known in KNOWN_MODELS:
+        assert known in message
+    assert "local model directory" in message and "Hugging Face repo id" in message
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../etc",
+        "../../etc/passwd",
+        "/nonexistent/lumen-model",
+        "~/no-such-model",
+        "owner/../escape",
+        "owner//name",
+        "./name",
+        "name/",
+        "a/b/c",
+        "owner\\name",
+        "..\\etc",
+        "owner--x/name",
+        "na me",
+        "",
+    ],
+)
+@pytest.mark.usefixtures("no_downloads")
+def test_names_that_could_escape_are_refused(
+    name: str, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names that are not existing directories never map outside <cache>/models (an existing
+    directory, even '..', is the user's own path and is used read-only)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config_dir = tmp_path / "work" / "cwd" / "conf"
+    with pytest.raises(ModelNotFoundError, match=re.escape("services.vlm.models.fastvlm.model")):
+        resolve_model(make_settings(name, cache, config_dir=config_dir))
+    assert not cache.exists()
+
+
+def test_cache_target_stays_inside(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    assert cache_target(root, "FastVLM-0.5B", "k") == root.resolve() / "FastVLM-0.5B"
+    for dirname in ("..", ".", "a/b", "../x", "", "/etc"):
+        with pytest.raises(ModelNotFoundError, match="would leave the model cache"):
+            cache_target(root, dirname, "k")
+
+
+# --------------------------------------------------------------------------- download=False
+
+
+@pytest.mark.usefixtures("no_downloads")
+def test_download_false_never_downloads(cache: Path) -> None:
+    for name in (HF_REPO, "fastvlm-0.5b", "FastVLM-0.5B"):
+        with pytest.raises(ModelNotFoundError, match=r"not downloaded yet .* downloading is turned off"):
+            resolve_model(make_settings(name, cache), download=False)
+    assert not cache.exists()
+
+
+def test_download_false_uses_what_is_there(hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = resolve_model(make_settings(HF_REPO, cache, precision="int8"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", None)  # any call would fail
+    assert resolve_model(make_settings(HF_REPO, cache, precision="int8"), download=False) == target
+    with pytest.raises(ModelNotFoundError, match="downloading is turned off"):
+        resolve_model(make_settings(HF_REPO, cache, precision="fp16"), download=False)
+    user_dir = Path(shutil.copytree(TINY_MODEL, cache / "models" / "FastVLM-0.5B"))
+    assert resolve_model(make_settings("FastVLM-0.5B", cache), download=False) == user_dir.resolve()

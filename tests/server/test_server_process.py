@@ -1,0 +1,236 @@
+"""The server as a person runs it: a real process, real signals, real ports on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
+
+from ..conftest import GOLDEN, TINY_MODEL
+
+START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(path: Path, port: int, **vlm_settings: object) -> Path:
+    config = {
+        "cache_dir": str(path.parent / "cache"),
+        "server": {"host": "127.0.0.1", "port": port},
+        "services": {
+            "vlm": {
+                "models": {"fastvlm": {"model": str(TINY_MODEL), "runtime": "onnx"}},
+                "backend_settings": {"device": "cpu", "max_new_tokens": 64},
+                "vlm_settings": vlm_settings,
+            }
+        },
+    }
+    if not vlm_settings:
+        del config["services"]["vlm"]["vlm_settings"]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class ServerProcess:
+    """A server subprocess whose log lines are collected as they come."""
+
+    def __init__(self, command: list[str]) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.lines)}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        finally:
+            self._reader.join(timeout=5)
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, int]]:
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port)
+    proc = ServerProcess([sys.executable, "-m", "lumen_vlm.server", str(config), str(port)])
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{port}")
+        yield proc, port
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait(timeout=30)
+
+
+def stream_request(max_new_tokens: int) -> ml_service_pb2.InferRequest:
+    return ml_service_pb2.InferRequest(
+        correlation_id="long",
+        task="vlm_generate_stream",
+        payload=(GOLDEN / "landscape.png").read_bytes(),
+        payload_mime="image/png",
+        meta={
+            "messages": json.dumps([{"role": "user", "content": "Tell me a long story."}]),
+            "max_new_tokens": str(max_new_tokens),
+        },
+    )
+
+
+def test_the_seed_command_serves_health_reflection_and_capabilities(server: tuple[ServerProcess, int]) -> None:
+    _, port = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        inference = "home_native.v1.Inference"
+        assert health.Check(health_pb2.HealthCheckRequest(service=inference), timeout=10).status == status
+        stub = ml_service_pb2_grpc.InferenceStub(channel)
+        stub.Health(empty_pb2.Empty(), timeout=10)
+        capability = stub.GetCapabilities(empty_pb2.Empty(), timeout=10)
+        assert capability.model_ids == ["tiny-fastvlm"]
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for answer in answers for s in answer.list_services_response.service}
+        assert {inference, "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server: tuple[ServerProcess, int]) -> None:
+    proc, port = server
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ml_service_pb2_grpc.InferenceStub(channel)
+        responses = stub.Infer(iter([stream_request(max_new_tokens=300)]), timeout=120)
+        first = next(responses)
+        assert not first.is_final
+        proc.process.send_signal(signal.SIGTERM)
+        rest = list(responses)
+    final = rest[-1]
+    assert final.is_final and not final.HasField("error"), final
+    result = json.loads(final.result)
+    assert result["generated_tokens"] > 1
+    assert proc.process.wait(timeout=60) == 0
+    assert any("shutting down" in line for line in proc.lines)
+
+
+def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port, shutdown_grace_s=30.0)
+    proc = ServerProcess([sys.executable, "-m", "lumen_vlm", "--config", str(config)])
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ml_service_pb2_grpc.InferenceStub(channel)
+            responses = stub.Infer(iter([stream_request(max_new_tokens=600)]), timeout=120)
+            next(responses)
+            proc.process.send_signal(signal.SIGTERM)
+            proc.wait_for("shutting down", timeout=30)
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            list(responses)
+        assert proc.process.wait(timeout=60) == 0
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lumen_vlm", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("services:\n  vlm:\n    models:\n      fastvlm:\n        model: x\n        runtime: torch\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert "services.vlm.models.fastvlm.runtime" in result.stderr
+
+
+def test_the_seed_configs_unknown_model_exits_2_listing_known_names(tmp_path: Path) -> None:
+    config = tmp_path / "seed.yaml"
+    config.write_text(
+        f'cache_dir: "{tmp_path / "cache"}"\n'
+        'services:\n  vlm:\n    models:\n      fastvlm:\n        model: "fastvlm-2b"\n        runtime: "onnx"\n'
+        '    backend_settings:\n      device: "cpu"\n      max_new_tokens: 512\n'
+    )
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert "fastvlm-2b" in result.stderr and "fastvlm-0.5b" in result.stderr
+
+
+def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
+    result = run_cli("--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("lumen-vlm ")
+
+
+def test_describe_prints_the_answer() -> None:
+    golden = json.loads((GOLDEN / "golden.json").read_text())["cases"][0]
+    result = run_cli(
+        "describe",
+        str(GOLDEN / golden["image"]),
+        "--prompt",
+        golden["messages"][0]["content"],
+        "--model",
+        str(TINY_MODEL),
+        "--max-new-tokens",
+        str(golden["max_new_tokens"]),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == golden["text"] + "\n"
+
+
+def test_describe_refuses_a_bad_image(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    result = run_cli("describe", str(bad), "--model", str(TINY_MODEL))
+    assert result.returncode == 1
+    assert "unsupported image format" in result.stderr

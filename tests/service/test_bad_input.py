@@ -1,0 +1,119 @@
+"""Every kind of bad request gets one final error response, and the stream carries on."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from lumen_vlm.proto import ml_service_pb2
+
+from .conftest import MIB, Served, finals, good_request, image_bytes, infer, make_request, png_with_size, result_of
+
+INVALID = ml_service_pb2.ERROR_CODE_INVALID_ARGUMENT
+TEXT = [{"role": "user", "content": "Describe it."}]
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+def bad(image: bytes | None = None, mime: str | None = None, task: str = "vlm_generate", **meta: Any) -> dict:
+    return {"task": task, "image": image, "mime": mime, **meta}
+
+
+PNG = image_bytes()
+JPEG = image_bytes("portrait.jpg")
+
+# name -> (request fields, words the error message must contain)
+CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "corrupt_image": (bad(PNG[:16] + b"\x00garbage" * 64), ("png",)),
+    "empty_image": (bad(b"", "image/png"), ("empty",)),
+    "truncated_image": (bad(JPEG[: len(JPEG) // 2], "image/jpeg"), ("jpeg",)),
+    "oversized_payload": (bad(PNG[:8] + b"\x00" * (3 * MIB), "image/png"), ("bytes", "limit")),
+    "decompression_bomb": (bad(png_with_size(100_000, 100_000), "image/png"), ("pixels",)),
+    "too_many_pixels": (bad(png_with_size(9_000, 9_000), "image/png"), ("pixels", "limit")),
+    "lying_mime": (bad(PNG, "image/jpeg"), ("image/jpeg", "image/png")),
+    "unsupported_mime_gif": (bad(gif_bytes(), "image/gif"), ("image/gif", "accepted")),
+    "gif_bytes_without_mime": (bad(gif_bytes(), ""), ("jpeg", "png", "webp")),
+    "text_mime": (bad(PNG, "text/plain"), ("text/plain",)),
+    "messages_not_json": (bad(PNG, messages="[{role: user"), ("messages", "json")),
+    "messages_not_a_list": (bad(PNG, messages=json.dumps({"role": "user", "content": "hi"})), ("messages", "list")),
+    "messages_empty": (bad(PNG, messages="[]"), ("messages", "empty")),
+    "messages_bad_role": (bad(PNG, messages=json.dumps([{"role": "robot", "content": "hi"}])), ("role", "robot")),
+    "messages_missing_content": (bad(PNG, messages=json.dumps([{"role": "user"}])), ("content",)),
+    "messages_content_not_text": (bad(PNG, messages=json.dumps([{"role": "user", "content": 5}])), ("content",)),
+    "two_image_placeholders": (
+        bad(PNG, messages=json.dumps([{"role": "user", "content": "<image> and <image>"}])),
+        ("<image>",),
+    ),
+    "image_placeholder_without_image": (
+        bad(None, messages=json.dumps([{"role": "user", "content": "<image> what?"}])),
+        ("<image>", "no image"),
+    ),
+    "no_messages_no_prompt": (bad(PNG, messages=""), ("messages", "prompt")),
+    "max_new_tokens_not_a_number": (bad(PNG, max_new_tokens="abc"), ("max_new_tokens", "abc")),
+    "max_new_tokens_zero": (bad(PNG, max_new_tokens="0"), ("max_new_tokens",)),
+    "max_new_tokens_huge": (bad(PNG, max_new_tokens=str(10**9)), ("max_new_tokens", "1000000000")),
+    "max_new_tokens_fraction": (bad(PNG, max_new_tokens="2.5"), ("max_new_tokens",)),
+    "temperature_negative": (bad(PNG, temperature="-1"), ("temperature",)),
+    "temperature_word": (bad(PNG, temperature="hot"), ("temperature", "hot")),
+    "temperature_nan": (bad(PNG, temperature="nan"), ("temperature",)),
+    "temperature_too_high": (bad(PNG, temperature="50"), ("temperature",)),
+    "top_p_zero": (bad(PNG, top_p="0"), ("top_p",)),
+    "top_p_above_one": (bad(PNG, top_p="1.5"), ("top_p",)),
+    "top_k_negative": (bad(PNG, top_k="-1"), ("top_k",)),
+    "repetition_penalty_zero": (bad(PNG, repetition_penalty="0"), ("repetition_penalty",)),
+    "seed_word": (bad(PNG, seed="x"), ("seed",)),
+    "seed_negative": (bad(PNG, seed="-5"), ("seed",)),
+    "do_sample_word": (bad(PNG, do_sample="maybe"), ("do_sample",)),
+    "add_generation_prompt_word": (bad(PNG, add_generation_prompt="perhaps"), ("add_generation_prompt",)),
+    "stop_sequences_not_json_list": (bad(PNG, stop_sequences="###"), ("stop_sequences", "list")),
+    "stop_sequences_json_string": (bad(PNG, stop_sequences='"###"'), ("stop_sequences", "list")),
+    "stop_sequences_too_many": (bad(PNG, stop_sequences=json.dumps([f"s{i}" for i in range(20)])), ("stop_sequences",)),
+    "stop_alias_with_empty_string": (bad(PNG, stop=json.dumps([""])), ("stop",)),
+    "resize_mode_unknown": (bad(PNG, resize_mode="stretch"), ("resize_mode",)),
+    "unknown_task": (bad(PNG, task="vlm_translate"), ("vlm_translate", "vlm_generate", "vlm_generate_stream")),
+    "empty_task": (bad(PNG, task=""), ("vlm_generate",)),
+}
+
+
+def build(fields: dict[str, Any]) -> ml_service_pb2.InferRequest:
+    fields = dict(fields)
+    meta = {key: value for key, value in fields.items() if key not in {"task", "image", "mime", "messages"}}
+    messages = fields.get("messages", json.dumps(TEXT))  # "" is sent as is: an empty 'messages'
+    return make_request(
+        fields["task"], image=fields["image"], mime=fields["mime"], correlation_id="bad", messages=messages, **meta
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_request_is_refused_and_the_stream_goes_on(served: Served, name: str) -> None:
+    fields, words = CASES[name]
+    responses = infer(served, [build(fields), good_request("after")])
+    by_id = finals(responses)
+    assert set(by_id) == {"bad", "after"}
+    assert [r.correlation_id for r in responses if r.correlation_id == "bad"] == ["bad"]  # exactly one answer
+    error = by_id["bad"].error
+    assert error.code == INVALID, (name, error)
+    message = error.message.lower()
+    for word in words:
+        assert word.lower() in message, (name, error.message)
+    assert not by_id["bad"].result
+    assert result_of(by_id["after"])["generated_tokens"] == 4
+
+
+def test_the_table_is_wide(served: Served) -> None:
+    assert len(CASES) >= 20
+
+
+def test_error_response_on_a_stream_request(served: Served) -> None:
+    """The streaming task answers a bad request with one final error and no partials."""
+    request = make_request("vlm_generate_stream", image=PNG, correlation_id="bad", temperature="hot")
+    (response,) = infer(served, [request])
+    assert response.is_final and response.error.code == INVALID

@@ -1,0 +1,177 @@
+"""vlm_generate and vlm_generate_stream end to end: results, streaming, several requests per stream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
+
+from lumen_vlm.proto import ml_service_pb2
+
+from .conftest import (
+    CALL_TIMEOUT,
+    Served,
+    ThrottledManager,
+    finals,
+    image_bytes,
+    infer,
+    make_request,
+    result_of,
+)
+
+JSON_MIME = "application/json;schema=text_generation_v1"
+TEXT_MIME = "text/plain;charset=utf-8"
+
+
+def golden_case(golden: dict[str, Any], name: str = "describe") -> dict[str, Any]:
+    return next(c for c in golden["cases"] if c["name"] == name)
+
+
+def golden_request(golden: dict[str, Any], task: str = "vlm_generate", **meta: Any) -> ml_service_pb2.InferRequest:
+    case = golden_case(golden)
+    return make_request(
+        task,
+        image=image_bytes(case["image"]),
+        messages=case["messages"],
+        max_new_tokens=str(case["max_new_tokens"]),
+        correlation_id="golden",
+        **meta,
+    )
+
+
+def test_vlm_generate_response_shape(served: Served, golden: dict[str, Any]) -> None:
+    (response,) = infer(served, [golden_request(golden, temperature="0.0", seed="7")])
+    assert response.correlation_id == "golden"
+    assert response.is_final
+    assert response.result_mime == JSON_MIME
+    assert response.result_schema == "text_generation_v1"
+    result = TextGenerationV1.model_validate_json(response.result)
+    case = golden_case(golden)
+    assert result.text == case["text"]
+    assert result.finish_reason.value == "length"
+    assert result.generated_tokens == 24
+    assert result.input_tokens == len(case["input_ids"])
+    assert result.model_id == "tiny-fastvlm"
+    assert result.metadata is not None
+    assert result.metadata.temperature == 0.0
+    assert result.metadata.top_p == 1.0
+    assert result.metadata.max_tokens == 24
+    assert result.metadata.seed == 7
+    assert result.metadata.generation_time_ms is not None and result.metadata.generation_time_ms > 0
+    assert result.metadata.streaming_chunks is None
+    meta = response.meta
+    assert {"lat_ms", "ttft_ms", "input_tokens", "generated_tokens", "finish_reason"} <= set(meta)
+    assert meta["input_tokens"] == str(result.input_tokens)
+    assert meta["generated_tokens"] == "24"
+    assert meta["finish_reason"] == "length"
+    assert float(meta["lat_ms"]) >= float(meta["ttft_ms"]) > 0
+
+
+def test_stream_deltas_join_to_the_final_text(served: Served, golden: dict[str, Any]) -> None:
+    responses = infer(served, [golden_request(golden, "vlm_generate_stream")])
+    *partials, final = responses
+    assert partials, "a streamed generation sends partial responses"
+    assert all(not r.is_final for r in partials)
+    assert [r.seq for r in partials] == list(range(len(partials)))
+    assert all(r.result_mime == TEXT_MIME and r.correlation_id == "golden" for r in partials)
+    counts = [int(r.meta["generated_tokens"]) for r in partials]
+    assert counts == sorted(counts) and counts[-1] <= 24
+    result = result_of(final)
+    assert final.result_mime == JSON_MIME and final.result_schema == "text_generation_v1"
+    assert "".join(r.result.decode("utf-8") for r in partials) == result["text"] == golden_case(golden)["text"]
+    assert result["metadata"]["streaming_chunks"] == len(partials)
+    assert final.meta["generated_tokens"] == "24"
+
+
+def test_partials_arrive_while_the_model_is_still_generating(
+    start_server: Any, manager: Any, golden: dict[str, Any]
+) -> None:
+    """Real streaming: the first delta reaches the client while the generation is held mid-way."""
+    held = ThrottledManager(manager, step_s=CALL_TIMEOUT)  # holds after every event until released
+    server = start_server(held)
+    call = server.stub.Infer(iter([golden_request(golden, "vlm_generate_stream")]), timeout=CALL_TIMEOUT)
+    try:
+        first = next(call)
+        assert not first.is_final and first.seq == 0
+        assert held.running == 1 and held.events == 1  # the model has not run past the first delta
+    finally:
+        held.release()
+    rest = list(call)
+    assert rest[-1].is_final and all(not r.is_final for r in rest[:-1])
+    text = first.result.decode() + "".join(r.result.decode() for r in rest[:-1])
+    assert text == result_of(rest[-1])["text"]
+
+
+def test_several_requests_on_one_stream_are_all_answered(served: Served) -> None:
+    requests = [
+        make_request(image=image_bytes(), correlation_id="a", max_new_tokens="3"),
+        make_request("vlm_generate_stream", image=image_bytes("portrait.jpg"), mime="image/jpeg", correlation_id="b"),
+        make_request(prompt="Say something.", max_new_tokens="2"),  # text only, no correlation id
+        make_request(image=image_bytes(), correlation_id="d", max_new_tokens="5", temperature="0.7", seed="1"),
+    ]
+    responses = infer(served, requests)
+    by_id = finals(responses)
+    assert len(by_id) == 4
+    assert {"a", "b", "d"} <= set(by_id)
+    (generated,) = set(by_id) - {"a", "b", "d"}
+    assert len(generated) >= 16  # a fresh id for the request that had none
+    assert result_of(by_id["a"])["generated_tokens"] == 3
+    assert result_of(by_id[generated])["generated_tokens"] == 2
+    assert result_of(by_id["d"])["generated_tokens"] == 5
+    # In order: everything for "a" comes before anything for "b", and so on.
+    order = [r.correlation_id for r in responses]
+    assert order.index("b") > order.index("a") and order.index(generated) > len(order) - 3
+
+
+def test_sampling_is_reproducible_with_a_seed(served: Served) -> None:
+    def sampled(correlation_id: str) -> str:
+        request = make_request(
+            image=image_bytes(),
+            correlation_id=correlation_id,
+            max_new_tokens="16",
+            temperature=f"{0.9:.1f}",  # the Go SDK formats floats with %.1f
+            top_p="0.95",
+            top_k="50",
+            seed="1234",
+            do_sample="false",  # the Go SDK always sends it; it does not cancel the temperature
+        )
+        (response,) = infer(served, [request])
+        return result_of(response)["text"]
+
+    assert sampled("s1") == sampled("s2")
+
+
+def test_stop_sequence_ends_generation(served: Served, golden: dict[str, Any]) -> None:
+    text = golden_case(golden)["text"]
+    stop = text[10:14]
+    (response,) = infer(served, [golden_request(golden, stop_sequences=json.dumps([stop]))])
+    result = result_of(response)
+    assert result["finish_reason"] == "stop_sequence"
+    assert result["text"] == text[: text.index(stop)]
+
+
+def test_text_only_prompt(served: Served) -> None:
+    (response,) = infer(served, [make_request(prompt="Hello there", max_new_tokens="3", correlation_id="t")])
+    result = result_of(response)
+    assert result["generated_tokens"] <= 3
+    assert result["input_tokens"] > 0
+
+
+def test_unknown_meta_keys_are_ignored(served: Served) -> None:
+    request = make_request(image=image_bytes(), max_new_tokens="2", client_version="go-sdk/1.2", extra="x")
+    (response,) = infer(served, [request])
+    assert result_of(response)["generated_tokens"] == 2
+
+
+@pytest.mark.parametrize("mime", ["image/png", "IMAGE/PNG", "image/png; charset=binary", ""])
+def test_accepted_spellings_of_the_mime(served: Served, mime: str) -> None:
+    (response,) = infer(served, [make_request(image=image_bytes(), mime=mime, max_new_tokens="1")])
+    assert result_of(response)["generated_tokens"] == 1
+
+
+def test_image_jpg_is_accepted_as_jpeg(served: Served) -> None:
+    request = make_request(image=image_bytes("portrait.jpg"), mime="image/jpg", max_new_tokens="1")
+    (response,) = infer(served, [request])
+    assert result_of(response)["generated_tokens"] == 1
