@@ -234,3 +234,38 @@ def test_describe_refuses_a_bad_image(tmp_path: Path) -> None:
     result = run_cli("describe", str(bad), "--model", str(TINY_MODEL))
     assert result.returncode == 1
     assert "unsupported image format" in result.stderr
+
+
+def test_mdns_announces_while_serving_and_withdraws_on_shutdown(tmp_path: Path) -> None:
+    from zeroconf import Zeroconf
+
+    from lumen_vlm import __version__
+
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port)
+    data = yaml.safe_load(config.read_text())
+    data["server"]["mdns"] = {"enabled": True, "service_name": "lumen-vlm-test"}
+    config.write_text(yaml.safe_dump(data))
+    name = "lumen-vlm-test._lumen._tcp.local."
+    proc = ServerProcess([sys.executable, "-m", "lumen_vlm", "--config", str(config)])
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{port}")
+        browser = Zeroconf(interfaces=["127.0.0.1"])
+        try:
+            info = browser.get_service_info("_lumen._tcp.local.", name, timeout=10_000)
+        finally:
+            browser.close()
+        assert info is not None, "".join(proc.lines)
+        assert info.port == port
+        assert info.properties[b"status"] == b"ready"
+        assert info.properties[b"version"] == __version__.encode()
+        assert len(info.properties[b"uuid"]) >= 8
+        assert proc.stop() == 0
+        browser = Zeroconf(interfaces=["127.0.0.1"])
+        try:
+            assert browser.get_service_info("_lumen._tcp.local.", name, timeout=2_000) is None
+        finally:
+            browser.close()
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
