@@ -130,6 +130,11 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). ru_maxrss is no good here: on Linux it survives
+    fork+exec, so a worker would report its parent's peak (which quantized the models)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

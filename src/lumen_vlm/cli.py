@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .resources.config import DEFAULT_CACHE_DIR
+from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm")
 CONFIG_ERROR_EXIT = 2
-DEFAULT_CACHE_DIR = "~/.cache/lumen"
 DEFAULT_PROMPT = "Describe this photo."
 
 
@@ -61,12 +62,12 @@ def _describe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default=None, help="fp32, fp16, int8, q4, ... (default: the config's or fp32)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"model cache (default {DEFAULT_CACHE_DIR})")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def _settings_for_describe(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _settings_for_describe(args: argparse.Namespace) -> VLMSettings:
     from .resources.config import load_settings, settings_from_mapping
 
     if args.config is not None:
@@ -84,20 +85,30 @@ def _settings_for_describe(args: argparse.Namespace):  # type: ignore[no-untyped
     return settings
 
 
+def _resolve(settings: VLMSettings) -> Path:
+    """The model directory, checked loadable: every config problem surfaces before loading."""
+    from .fastvlm.fastvlm_model import FastVLMModelManager
+    from .resources.loader import resolve_model
+
+    model_dir = resolve_model(settings)
+    FastVLMModelManager.check_loadable(settings, model_dir)
+    return model_dir
+
+
 def serve_main(argv: list[str]) -> int:
     from .resources.config import load_settings
     from .resources.exceptions import ResourceError
-    from .resources.loader import resolve_model
     from .server import run, settings_with_overrides
 
     args = _serve_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
-        model_dir = resolve_model(settings)
+        model_dir = _resolve(settings)
     except ResourceError as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
+    log.debug("settings: %s", settings)
     return run(settings, model_dir)
 
 
@@ -106,20 +117,13 @@ def describe_main(argv: list[str]) -> int:
     from .fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest, TextDelta
     from .generation import SamplingParams
     from .resources.exceptions import ResourceError
-    from .resources.loader import resolve_model
 
     args = _describe_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         settings = _settings_for_describe(args)
-        model_dir = resolve_model(settings)
-        manager = FastVLMModelManager.from_model_dir(
-            model_dir,
-            precision=settings.model.precision,
-            device=settings.backend.device,
-            providers=settings.backend.providers,
-        )
         image = args.image.read_bytes()
+        manager = FastVLMModelManager.from_settings(settings, _resolve(settings))
     except (ResourceError, OSError) as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT

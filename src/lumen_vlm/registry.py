@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .proto import ml_service_pb2
+from .text import shown
 
 PROTOCOL_VERSION = "1.0.0"
 
@@ -29,8 +30,8 @@ class UnknownTaskError(LookupError):
     def __init__(self, task: str, available: Iterable[str]) -> None:
         self.task = task
         self.available = tuple(available)
-        shown = repr(task) if task else "(empty)"
-        super().__init__(f"unknown task {shown}; available tasks: {', '.join(self.available)}")
+        named = shown(task) if task else "(empty)"
+        super().__init__(f"unknown task {named}; available tasks: {', '.join(self.available)}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class TaskSpec:
 
     name: str
     handler: TaskHandler
-    description: str
     input_mimes: tuple[str, ...]
     output_mimes: tuple[str, ...]
 

@@ -10,10 +10,13 @@ in-flight generations finish within the grace period, cancels the rest and exits
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import replace
@@ -25,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
+from .fastvlm.fastvlm_service import Unavailable, error_response
 from .proto import ml_service_pb2, ml_service_pb2_grpc
 from .resources.settings import VLMSettings
 
@@ -46,22 +50,17 @@ class SwitchableInference(ml_service_pb2_grpc.InferenceServicer):
         context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
 
     def Infer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        if self._service is None:
-            yield from self._loading_answers(request_iterator)
-            return
-        yield from self._service.Infer(request_iterator, context)
-
-    @staticmethod
-    def _loading_answers(request_iterator: Iterator[Any]) -> Iterator[Any]:
-        for request in request_iterator:
+        # Readiness is checked per request: a stream opened while the model loads is handed to
+        # the service as soon as it is ready.
+        requests = iter(request_iterator)
+        for request in requests:
+            if self._service is not None:
+                yield from self._service.Infer(itertools.chain([request], requests), context)
+                return
             if request.total > 1 and request.seq + 1 < request.total:
                 continue  # one answer per request, after its last chunk
-            yield ml_service_pb2.InferResponse(
-                correlation_id=request.correlation_id,
-                is_final=True,
-                error=ml_service_pb2.Error(
-                    code=ml_service_pb2.ERROR_CODE_UNAVAILABLE, message="the model is still loading"
-                ),
+            yield error_response(
+                request.correlation_id or uuid.uuid4().hex, Unavailable("the model is still loading"), 0.0
             )
 
     def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -85,12 +84,15 @@ class VLMServer:
 
     def __init__(self, settings: VLMSettings) -> None:
         self.settings = settings
-        from .fastvlm.fastvlm_service import server_options, server_thread_pool_size
+        from .fastvlm.fastvlm_service import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 
         # Queued requests wait inside a worker thread: the pool leaves room for health checks.
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=server_thread_pool_size(settings), thread_name_prefix="grpc"),
             options=server_options(settings),
+            # Past this, grpc refuses new calls at once (RESOURCE_EXHAUSTED) instead of queueing
+            # them silently behind busy workers.
+            maximum_concurrent_rpcs=server_max_concurrent_rpcs(settings),
         )
         self.inference = SwitchableInference()
         self.health = health.HealthServicer()
@@ -101,9 +103,10 @@ class VLMServer:
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.server.host}:{settings.server.port}"
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's only word for "address in use" or "cannot bind"
+            raise OSError(f"cannot listen on {address}: is the port in use, or the address not local?") from exc
         self.service: Any = None
         self._mdns: Any = None
 
@@ -127,16 +130,18 @@ class VLMServer:
             self._mdns = advertise_mdns(self.settings, self.port)
         log.info("listening on %s", self.address)
 
-    def shutdown(self) -> None:
-        """Stop admitting, let in-flight work finish within the grace period, cancel the rest."""
+    def shutdown(self, force: threading.Event | None = None) -> None:
+        """Stop admitting, let in-flight work finish within the grace period, cancel the rest.
+
+        `force` (a second SIGINT/SIGTERM) cuts the grace period short.
+        """
         grace = self.settings.admission.shutdown_grace_s
         log.info("shutting down: in-flight generations have %.0f s to finish", grace)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._mdns is not None:
-            self._mdns.close()
+        self._withdraw_mdns()
         if self.service is not None:
             self.service.begin_shutdown()
-            if not self.service.wait_idle(grace):
+            if not self._drain(grace, force):
                 log.warning("grace period over: cancelling the generations still running")
                 self.service.cancel_all()
                 self.service.wait_idle(5.0)
@@ -144,6 +149,30 @@ class VLMServer:
         if self.service is not None:
             self.service.close()
         log.info("stopped")
+
+    def _drain(self, grace: float, force: threading.Event | None) -> bool:
+        """Wait for in-flight generations; False when the grace period ran out or was cut short."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if self.service.wait_idle(min(0.2, max(0.0, deadline - time.monotonic()))):
+                return True
+            if force is not None and force.is_set():
+                return False
+        return self.service.wait_idle(0)
+
+    def _withdraw_mdns(self) -> None:
+        if self._mdns is None:
+            return
+        try:
+            self._mdns.close()
+        except Exception as exc:  # withdrawing is best effort: shutting down matters more
+            log.warning("mDNS withdrawal failed: %s", exc)
+        self._mdns = None
+
+    def close(self) -> None:
+        """Release everything without draining (start-up failed)."""
+        self._withdraw_mdns()
+        self.server.stop(grace=0).wait(10.0)
 
 
 class MdnsAdvertisement:
@@ -174,18 +203,36 @@ def _advertised_addresses(host: str) -> list[str]:
     return addresses or ["127.0.0.1"]
 
 
+def node_uuid(settings: VLMSettings) -> str:
+    """This installation's id for mDNS: configured, or made once and kept in the cache dir, so
+    that the hub sees the same node after a restart."""
+    if settings.server.mdns.uuid:
+        return settings.server.mdns.uuid
+    path = settings.cache_dir / "lumen-vlm.uuid"
+    try:
+        return str(uuid.UUID(path.read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    value = str(uuid.uuid4())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value + "\n")
+    except OSError as exc:
+        log.warning("cannot keep the mDNS uuid in %s (%s); it will change on restart", path, exc)
+    return value
+
+
 def advertise_mdns(settings: VLMSettings, port: int) -> MdnsAdvertisement | None:
     """Announce the service on the local network; failure to announce is logged, not fatal."""
     import socket
-    import uuid
 
     from zeroconf import ServiceInfo, Zeroconf
 
     mdns = settings.server.mdns
     service_type = "_lumen._tcp.local."
-    properties = {"uuid": mdns.uuid or str(uuid.uuid4()), "status": "ready", "version": __version__}
-    addresses = _advertised_addresses(settings.server.host)
+    properties = {"uuid": node_uuid(settings), "status": "ready", "version": __version__}
     try:
+        addresses = _advertised_addresses(settings.server.host)
         # Announce only on the interfaces the server listens on.
         wildcard = settings.server.host in ("0.0.0.0", "::", "[::]", "")
         zeroconf = Zeroconf() if wildcard else Zeroconf(interfaces=addresses)
@@ -206,18 +253,33 @@ def advertise_mdns(settings: VLMSettings, port: int) -> MdnsAdvertisement | None
 
 
 def run(settings: VLMSettings, model_dir: Path) -> int:
-    """Serve `model_dir` until SIGINT/SIGTERM; returns the process exit code."""
+    """Serve `model_dir` until SIGINT/SIGTERM; returns the process exit code.
+
+    A second signal during the drain cancels the generations still running at once.
+    """
     from .fastvlm.fastvlm_service import FastVLMService
 
-    server = VLMServer(settings)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        (force if stop.is_set() else stop).set()
+
+    try:
+        server = VLMServer(settings)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         log.info("port %d open; loading %s (health NOT_SERVING until ready)", server.port, model_dir)
-        server.install(FastVLMService.from_settings(settings, model_dir))
+        try:
+            server.install(FastVLMService.from_settings(settings, model_dir))
+        except Exception:
+            server.close()
+            raise
         stop.wait()
-        server.shutdown()
+        server.shutdown(force)
         return 0
     finally:
         for sig, handler in previous.items():

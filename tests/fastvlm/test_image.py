@@ -14,6 +14,7 @@ from PIL import Image
 from lumen_vlm.fastvlm.exceptions import ImageError, InputError
 from lumen_vlm.fastvlm.image import (
     ImageLimits,
+    check_image_bytes,
     image_to_pixels,
     load_image,
     preprocess,
@@ -383,3 +384,15 @@ def test_same_size_square_is_only_rescaled_and_normalized() -> None:
     raw = np.asarray(image).astype(np.float64) * (1 / 255)
     expected = (raw.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
     assert np.array_equal(pixels, expected.transpose(2, 0, 1))
+
+
+def test_check_image_bytes_is_the_one_pre_decode_check() -> None:
+    png = encode(noise(8, 8), "PNG")
+    assert check_image_bytes(png) == "image/png"
+    assert check_image_bytes(png, declared_mime="image/png") == "image/png"
+    with pytest.raises(ImageError, match="declared as 'image/jpeg' but its bytes are image/png"):
+        check_image_bytes(png, declared_mime="image/jpeg")
+    with pytest.raises(ImageError, match="limit of 10 bytes"):
+        check_image_bytes(png, ImageLimits(max_bytes=10))
+    with pytest.raises(ImageError, match="empty"):
+        check_image_bytes(b"")

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from lumen_vlm.fastvlm.exceptions import PromptError
-from lumen_vlm.fastvlm.prompt import ChatTemplate, encode_prompt, place_image, render_messages
+from lumen_vlm.fastvlm.prompt import ChatTemplate, encode_prompt, normalize_messages, place_image, render_messages
 from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
 from tools.make_test_model import import_reference_stack
 
@@ -85,3 +85,19 @@ def test_the_image_token_expands_in_place(tiny_model_dir: Path) -> None:
     assert expanded.tolist() == plain[:at].tolist() + [image_id] * 5 + plain[at + 1 :].tolist()
     with pytest.raises(PromptError, match="no image"):
         encode_prompt(tokenizer, "a <image> b", image_id, 0)
+
+
+def test_normalize_messages_refuses_text_that_is_not_unicode() -> None:
+    with pytest.raises(PromptError, match=r"messages\[1\]\.content is not valid text.*lone surrogate"):
+        normalize_messages([{"role": "system", "content": "ok"}, {"role": "user", "content": "x\ud800"}])
+    with pytest.raises(PromptError, match=r"messages\[0\]\.content\[1\]\.text is not valid text"):
+        normalize_messages([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\udfff"}]}])
+
+
+def test_normalize_messages_does_not_echo_long_values() -> None:
+    for message in ({"role": "r" * 10_000, "content": "hi"}, {"role": "user", "content": [{"type": "t" * 10_000}]}):
+        with pytest.raises(PromptError) as caught:
+            normalize_messages([message])
+        assert len(str(caught.value)) < 200
+    with pytest.raises(PromptError, match=r"role is a JSON list; expected one of"):
+        normalize_messages([{"role": ["user"] * 10_000, "content": "hi"}])

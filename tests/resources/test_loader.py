@@ -26,6 +26,7 @@ from lumen_vlm.resources.loader import (
     cache_target,
     hf_allow_patterns,
     resolve_model,
+    served_model_id,
 )
 from lumen_vlm.resources.model_files import locate_model_files
 from lumen_vlm.resources.settings import ModelSettings, VLMSettings
@@ -428,3 +429,35 @@ def test_download_false_uses_what_is_there(hub: FakeHub, cache: Path, monkeypatc
         resolve_model(make_settings(HF_REPO, cache, precision="fp16"), download=False)
     user_dir = Path(shutil.copytree(TINY_MODEL, cache / "models" / "FastVLM-0.5B"))
     assert resolve_model(make_settings("FastVLM-0.5B", cache), download=False) == user_dir.resolve()
+
+
+# --------------------------------------------------------------------------- the served model id
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("fastvlm-0.5b", "fastvlm-0.5b"),  # a known name, not its cache directory's name
+        (HF_REPO, HF_REPO),  # a repo id, as configured
+        ("my-model", "my-model"),  # a plain name of a model placed in the cache
+    ],
+)
+def test_the_served_model_id_is_the_configured_name(cache: Path, model: str, expected: str) -> None:
+    model_dir = cache / "models" / HF_DIRNAME
+    model_dir.mkdir(parents=True)
+    assert served_model_id(make_settings(model, cache), model_dir) == expected
+
+
+def test_a_local_path_is_served_under_its_directory_name(tiny_copy: Path, cache: Path) -> None:
+    assert served_model_id(make_settings(str(tiny_copy), cache), tiny_copy) == "my-model"
+    relative = make_settings("my-model", cache, config_dir=tiny_copy.parent)  # a path relative to the config
+    assert served_model_id(relative, tiny_copy) == "my-model"
+
+
+def test_model_info_names_the_served_model(lumen_platform: type[FakePlatform], cache: Path) -> None:
+    settings = make_settings("FastVLM-0.5B", cache)
+    target = resolve_model(settings, progress=False)
+    info = json.loads((target / "model_info.json").read_text(encoding="utf-8"))
+    (target / "model_info.json").write_text(json.dumps({**info, "name": "FastVLM 0.5B (Lumen)"}), encoding="utf-8")
+    assert served_model_id(settings, target) == "FastVLM 0.5B (Lumen)"
+    assert served_model_id(make_settings(str(target), cache), target) == "FastVLM 0.5B (Lumen)"  # even for a path

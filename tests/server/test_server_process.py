@@ -269,3 +269,76 @@ def test_mdns_announces_while_serving_and_withdraws_on_shutdown(tmp_path: Path) 
     finally:
         if proc.process.poll() is None:
             proc.process.kill()
+
+
+def test_cli_port_and_host_override_the_config_and_sigint_stops_with_0(tmp_path: Path) -> None:
+    config_port, cli_port = free_port(), free_port()
+    config = write_config(tmp_path / "config.yaml", config_port)
+    data = yaml.safe_load(config.read_text())
+    data["server"]["host"] = "0.0.0.0"
+    config.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "lumen_vlm", "--config", str(config), "--port", str(cli_port)]
+    proc = ServerProcess([*command, "--host", "127.0.0.1", "--log-level", "DEBUG"])
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{cli_port}")
+        assert any("DEBUG" in line for line in proc.lines)
+        with grpc.insecure_channel(f"127.0.0.1:{cli_port}") as channel:
+            ml_service_pb2_grpc.InferenceStub(channel).Health(empty_pb2.Empty(), timeout=10)
+        proc.process.send_signal(signal.SIGINT)
+        assert proc.process.wait(timeout=60) == 0
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("--config", str(write_config(tmp_path / "config.yaml", port)))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, key, message",
+    [
+        ({"precision": "int8"}, "services.vlm.models.fastvlm", "no int8 decoder graph"),
+        ({"device": "cuda"}, "services.vlm.backend_settings.device", "CUDAExecutionProvider"),
+        ({"model": "."}, "services.vlm.models.fastvlm", "not a FastVLM model directory"),
+    ],
+)
+def test_unloadable_settings_exit_2_before_loading(tmp_path: Path, change: dict, key: str, message: str) -> None:
+    config = write_config(tmp_path / "config.yaml", free_port())
+    data = yaml.safe_load(config.read_text())
+    vlm = data["services"]["vlm"]
+    if "device" in change:
+        vlm["backend_settings"]["device"] = change["device"]
+    else:
+        model = vlm["models"]["fastvlm"]
+        model.update({k: (str(tmp_path) if v == "." else v) for k, v in change.items()})
+    config.write_text(yaml.safe_dump(data))
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert key in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "port" not in result.stderr.split(key)[0], "nothing was started before the error"
+
+
+def test_describe_with_a_config(tmp_path: Path) -> None:
+    golden = json.loads((GOLDEN / "golden.json").read_text())["cases"][0]
+    config = write_config(tmp_path / "config.yaml", free_port())
+    result = run_cli(
+        "describe",
+        str(GOLDEN / golden["image"]),
+        "--prompt",
+        golden["messages"][0]["content"],
+        "--config",
+        str(config),
+        "--max-new-tokens",
+        str(golden["max_new_tokens"]),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == golden["text"] + "\n"

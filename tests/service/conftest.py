@@ -22,7 +22,12 @@ from typing import Any
 import grpc
 import pytest
 
-from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
+from lumen_vlm.fastvlm.fastvlm_service import (
+    FastVLMService,
+    server_max_concurrent_rpcs,
+    server_options,
+    server_thread_pool_size,
+)
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from lumen_vlm.resources.settings import AdmissionSettings, GenerationLimits, ModelSettings, VLMSettings
 
@@ -74,8 +79,12 @@ class Served:
 
 
 def serve(service: FastVLMService) -> Served:
-    options = service.grpc_server_options()
-    server = grpc.server(ThreadPoolExecutor(max_workers=service.thread_pool_size()), options=options)
+    settings = service.settings
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=server_thread_pool_size(settings)),
+        options=server_options(settings),
+        maximum_concurrent_rpcs=server_max_concurrent_rpcs(settings),
+    )
     ml_service_pb2_grpc.add_InferenceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -78,6 +78,17 @@ CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "stop_sequences_too_many": (bad(PNG, stop_sequences=json.dumps([f"s{i}" for i in range(20)])), ("stop_sequences",)),
     "stop_alias_with_empty_string": (bad(PNG, stop=json.dumps([""])), ("stop",)),
     "resize_mode_unknown": (bad(PNG, resize_mode="stretch"), ("resize_mode",)),
+    "messages_nested_too_deeply": (bad(PNG, messages="[" * 100_000), ("messages", "nested")),
+    "stop_sequences_nested_too_deeply": (bad(PNG, stop_sequences="[" * 100_000), ("stop_sequences", "nested")),
+    "messages_lone_surrogate": (
+        bad(PNG, messages='[{"role": "user", "content": "hi \\ud800"}]'),
+        ("messages[0].content", "surrogate"),
+    ),
+    "text_part_lone_surrogate": (
+        bad(PNG, messages='[{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]'),
+        ("messages[0].content[0].text", "surrogate"),
+    ),
+    "stop_sequences_lone_surrogate": (bad(PNG, stop_sequences='["\\ud800"]'), ("stop_sequences", "surrogate")),
     "unknown_task": (bad(PNG, task="vlm_translate"), ("vlm_translate", "vlm_generate", "vlm_generate_stream")),
     "empty_task": (bad(PNG, task=""), ("vlm_generate",)),
 }
@@ -117,3 +128,28 @@ def test_error_response_on_a_stream_request(served: Served) -> None:
     request = make_request("vlm_generate_stream", image=PNG, correlation_id="bad", temperature="hot")
     (response,) = infer(served, [request])
     assert response.is_final and response.error.code == INVALID
+
+
+HUGE = "x" * 150_000  # under max_messages_chars, so the messages reach their validation
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        bad(PNG, messages=json.dumps([{"role": HUGE, "content": "hi"}])),
+        bad(PNG, messages=json.dumps([{"role": "user", "content": [{"type": HUGE}]}])),
+        bad(PNG, "image/" + HUGE),
+        bad(PNG, task=HUGE),
+        bad(PNG, temperature=HUGE),
+        bad(PNG, resize_mode=HUGE),
+    ],
+    ids=["role", "part_type", "payload_mime", "task", "meta_value", "resize_mode"],
+)
+def test_error_messages_do_not_echo_unbounded_client_text(
+    served: Served, fields: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="lumen_vlm")
+    (response,) = infer(served, [build(fields)])
+    assert response.error.code == INVALID
+    assert "xxxx" in response.error.message and len(response.error.message) < 300, response.error.message[:400]
+    assert all(len(record.getMessage()) < 500 for record in caplog.records)

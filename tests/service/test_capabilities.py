@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from google.protobuf import empty_pb2
 
 import lumen_vlm
+from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
+from lumen_vlm.fastvlm.image import image_limits
 
-from .conftest import CALL_TIMEOUT, Served
+from .conftest import CALL_TIMEOUT, Served, make_settings
 
 JSON_MIME = "application/json;schema=text_generation_v1"
 TEXT_MIME = "text/plain;charset=utf-8"
@@ -41,8 +46,11 @@ def test_get_capabilities(served: Served) -> None:
         assert list(task.input_mimes) == IMAGE_MIMES
         limits = task.limits
         assert limits["max_payload_bytes"] == str(settings.limits.max_payload_bytes)
-        assert limits["max_image_pixels"] == str(served.service.manager.image_limits.max_pixels)
+        assert limits["max_image_pixels"] == str(settings.limits.max_image_pixels)
         assert limits["max_new_tokens"] == str(settings.limits.max_new_tokens)
+        assert limits["max_stop_sequences"] == str(settings.limits.max_stop_sequences)
+        assert limits["max_stop_sequence_chars"] == str(settings.limits.max_stop_sequence_chars)
+        assert limits["max_messages_chars"] == str(settings.limits.max_messages_chars)
         assert limits["context_length"] == "1024"
         assert limits["max_concurrency"] == "2"
 
@@ -54,3 +62,59 @@ def test_stream_capabilities_yields_the_capability_once(served: Served) -> None:
 
 def test_health(served: Served) -> None:
     assert served.stub.Health(empty_pb2.Empty(), timeout=CALL_TIMEOUT) == empty_pb2.Empty()
+
+
+class DynamicImageTokens:
+    """The real manager, with a vision graph that leaves the image token count dynamic."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._manager.describe(), "image_tokens": None}
+
+
+def test_unknown_image_tokens_are_left_out(manager: Any, tiny_model_dir: Path) -> None:
+    capability = FastVLMService(DynamicImageTokens(manager), make_settings(tiny_model_dir)).capability()
+    assert "image_tokens" not in capability.extra
+    assert all(value != "" for value in capability.extra.values())
+
+
+class NoBackend:
+    """The real manager, minus the backend and image spec: the service must not reach into them."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Any:
+        if name in {"backend", "image_spec", "image_limits"}:
+            raise AssertionError(f"the service reached into manager.{name}")
+        return getattr(self._manager, name)
+
+
+def test_capabilities_come_from_the_managers_description(manager: Any, tiny_model_dir: Path) -> None:
+    capability = FastVLMService(NoBackend(manager), make_settings(tiny_model_dir)).capability()
+    assert capability.runtime == "onnxrt-cpu" and capability.extra["image_tokens"] == "16"
+
+
+def test_advertised_limits_come_from_the_settings(manager: Any, tiny_model_dir: Path) -> None:
+    """The request checks read the settings, so the capability does too (never the manager's own)."""
+    settings = make_settings(tiny_model_dir, max_image_pixels=1_234_567, max_payload_bytes=7_654_321)
+    limits = FastVLMService(manager, settings).capability().tasks[0].limits
+    assert (limits["max_image_pixels"], limits["max_payload_bytes"]) == ("1234567", "7654321")
+
+
+def test_advertised_image_limits_are_the_enforced_ones(tiny_model_dir: Path) -> None:
+    """from_settings builds the decoder's limits from the settings the capability reports."""
+    settings = make_settings(tiny_model_dir, max_image_pixels=1_234_567)
+    service = FastVLMService.from_settings(settings, tiny_model_dir)
+    try:
+        assert service.manager.image_limits == image_limits(settings.limits)
+        limits = service.capability().tasks[0].limits
+        assert limits["max_image_pixels"] == "1234567"
+        assert limits["max_payload_bytes"] == str(service.manager.image_limits.max_bytes)
+    finally:
+        service.close()

@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
 from lumen_vlm.proto import ml_service_pb2
 
-from .conftest import MIB, QUESTION, Served, finals, good_request, infer, result_of
+from .conftest import MIB, QUESTION, Served, finals, good_request, infer, make_settings, result_of, serve
 
 CHUNK = 256 * 1024  # the Go SDK's chunk size for payloads over 1 MiB
 INVALID = ml_service_pb2.ERROR_CODE_INVALID_ARGUMENT
+UNAVAILABLE = ml_service_pb2.ERROR_CODE_UNAVAILABLE
 Chunks = list[ml_service_pb2.InferRequest]
 
 
@@ -151,14 +155,21 @@ BROKEN: dict[str, Callable[[Chunks], Chunks]] = {
     "first_chunk_late": _first_chunk_late,
     "task_changes": _task_changes,
     "single_request_reuses_the_id": _single_reuses_the_id,
+    "no_correlation_id": _no_correlation_id,
 }
+
+
+def broken_answers(responses: list[ml_service_pb2.InferResponse]) -> list[ml_service_pb2.InferResponse]:
+    """The answers to the broken upload: everything but "after" (an id-less upload's error
+    carries an id the server made up)."""
+    return [r for r in responses if r.correlation_id != "after"]
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_chunk_sequence_is_refused(served: Served, big_png: bytes, name: str) -> None:
     requests = [*BROKEN[name](chunked(big_png, "broken")), good_request("after")]
     responses = infer(served, requests)
-    broken = [r for r in responses if r.correlation_id == "broken"]
+    broken = broken_answers(responses)
     assert broken, "the broken upload is answered"
     assert all(r.is_final and r.error.code == INVALID and not r.result for r in broken), broken
     assert "chunk" in broken[0].error.message
@@ -168,7 +179,10 @@ def test_broken_chunk_sequence_is_refused(served: Served, big_png: bytes, name: 
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_a_broken_upload_is_answered_once(served: Served, big_png: bytes, name: str) -> None:
     responses = infer(served, BROKEN[name](chunked(big_png, "broken")))
-    assert [r.correlation_id for r in responses] == ["broken"]
+    (response,) = responses
+    assert response.is_final and response.correlation_id
+    if name != "no_correlation_id":  # an id-less upload's answer carries an id of the server's
+        assert response.correlation_id == "broken"
 
 
 def test_chunked_without_correlation_id_is_refused(served: Served, big_png: bytes) -> None:
@@ -200,3 +214,29 @@ def test_retry_after_a_broken_upload(served: Served, big_png: bytes) -> None:
     responses = infer(served, [*_swap(chunked(big_png, "retry")), *chunked(big_png, "retry")])
     assert [r.error.code for r in responses] == [INVALID, 0]
     assert result_of(responses[1])["generated_tokens"] == 6
+
+
+def test_uploads_in_progress_are_bounded_across_the_service(manager: Any, tiny_model_dir: Path, big_png: bytes) -> None:
+    """Two interleaved uploads need more than the service's upload budget: the one whose chunk
+    goes over it is answered UNAVAILABLE once, the other completes, and a retry then fits."""
+    service = FastVLMService(manager, make_settings(tiny_model_dir), upload_budget=2 * MIB)
+    server = serve(service)
+    try:
+        one, two = chunked(big_png, "one"), chunked(big_png, "two")
+        interleaved = [chunk for pair in zip(one, two, strict=True) for chunk in pair]
+        responses = infer(server, interleaved)
+        assert [r.correlation_id for r in responses] == ["one", "two"]
+        refused, done = responses
+        assert refused.error.code == UNAVAILABLE and "too many uploads in progress" in refused.error.message
+        assert result_of(done)["generated_tokens"] == 6
+        assert service.uploads.used == 0  # every byte was given back
+        (retried,) = infer(server, chunked(big_png, "one"))
+        assert result_of(retried)["text"] == result_of(done)["text"]
+        infer(server, chunked(big_png, "cut")[:3])  # a stream ending mid-upload frees its bytes too
+        assert service.uploads.used == 0
+    finally:
+        server.stop()
+
+
+def test_the_default_upload_budget_is_four_payloads(served: Served) -> None:
+    assert served.service.uploads.max_bytes == 4 * served.service.settings.limits.max_payload_bytes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -141,6 +143,64 @@ def test_sampling_is_reproducible_with_a_seed(served: Served) -> None:
         return result_of(response)["text"]
 
     assert sampled("s1") == sampled("s2")
+
+
+def test_an_unseeded_sample_reports_the_seed_that_reproduces_it(served: Served) -> None:
+    def sampled(**seed: str) -> dict[str, Any]:
+        request = make_request(image=image_bytes(), max_new_tokens="16", temperature="1.0", top_k="50", **seed)
+        (response,) = infer(served, [request])
+        return result_of(response)
+
+    first = sampled()
+    seed = first["metadata"]["seed"]
+    assert isinstance(seed, int)
+    assert sampled(seed=str(seed))["text"] == first["text"]
+    assert sampled()["metadata"]["seed"] != seed  # each unseeded request draws its own
+
+
+def test_a_greedy_request_reports_no_seed_unless_given(served: Served) -> None:
+    (response,) = infer(served, [make_request(prompt="hi", max_new_tokens="2", temperature="0")])
+    assert "seed" not in result_of(response)["metadata"]
+
+
+def test_concurrent_generations_give_the_sequential_results(start_server: Any) -> None:
+    """4 threads x 3 greedy requests on 4 slots: every text is what the same request gives alone."""
+    server = start_server(max_concurrency=4, max_queue=8)
+    prompts = ["Describe the image.", "What colours are there?", "Is it day or night?"]
+
+    def request(index: int, correlation_id: str) -> ml_service_pb2.InferRequest:
+        task = "vlm_generate_stream" if index % 2 else "vlm_generate"
+        return make_request(
+            task,
+            image=image_bytes("portrait.jpg" if index % 2 else "landscape.png"),
+            mime="image/jpeg" if index % 2 else "image/png",
+            messages=[{"role": "user", "content": prompts[index]}],
+            max_new_tokens="24",
+            temperature="0",
+            correlation_id=correlation_id,
+        )
+
+    expected = [result_of(infer(server, [request(i, "alone")])[-1])["text"] for i in range(len(prompts))]
+    assert len(set(expected)) == len(prompts)  # different requests, so a mix-up would show
+    start = threading.Barrier(4)
+
+    def worker(thread: int) -> list[tuple[int, str]]:
+        start.wait(CALL_TIMEOUT)
+        texts = []
+        for i in range(len(prompts)):
+            index = (i + thread) % len(prompts)  # each thread its own order, so different requests overlap
+            (final,) = finals(infer(server, [request(index, f"t{thread}-{index}")])).values()
+            texts.append((index, result_of(final)["text"]))
+        return texts
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(worker, range(4)))
+    assert len(results) == 4
+    for texts in results:
+        assert len(texts) == 3
+        for index, text in texts:
+            assert text == expected[index], (index, text)
+    assert server.service.in_flight == 0
 
 
 def test_stop_sequence_ends_generation(served: Served, golden: dict[str, Any]) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
+from lumen_vlm.fastvlm.exceptions import ImageError, PromptError
+from lumen_vlm.fastvlm.image import ImageLimits
 from lumen_vlm.fastvlm.request_parsing import (
+    DRAWN_SEED_BITS,
     ChunkAssembler,
     ChunkError,
     CompleteRequest,
     RequestError,
+    UploadBudget,
+    UploadsBusy,
     build_generation_request,
     check_image_payload,
     normalize_mime,
@@ -20,6 +26,7 @@ from lumen_vlm.fastvlm.request_parsing import (
     parse_int,
     parse_messages,
     parse_sampling,
+    parse_stop_sequences,
 )
 from lumen_vlm.proto import ml_service_pb2
 from lumen_vlm.resources.settings import GenerationLimits
@@ -83,6 +90,20 @@ def test_sampling_fields() -> None:
     assert (sampling.top_p, sampling.top_k, sampling.repetition_penalty, sampling.seed) == (0.9, 40, 1.1, 9)
 
 
+def test_an_unseeded_sampled_request_gets_a_seed_of_its_own() -> None:
+    seeds = {parse_sampling({"temperature": "0.7"}).seed for _ in range(8)}
+    assert None not in seeds and len(seeds) > 1
+    assert all(0 <= seed < 2**DRAWN_SEED_BITS for seed in seeds)  # type: ignore[operator]
+    assert parse_sampling({"do_sample": "true"}).seed is not None
+    assert parse_sampling({"temperature": "0.7", "seed": "5"}).seed == 5
+
+
+def test_a_greedy_request_reports_only_the_seed_it_was_given() -> None:
+    assert parse_sampling({}).seed is None
+    assert parse_sampling({"temperature": "0"}).seed is None
+    assert parse_sampling({"temperature": "0", "seed": "5"}).seed == 5
+
+
 def test_generation_defaults_come_from_the_settings() -> None:
     params = parse_generation_params({}, LIMITS)
     assert params.max_new_tokens == 100
@@ -102,8 +123,53 @@ def test_stop_alias() -> None:
 
 def test_prompt_becomes_one_user_message() -> None:
     assert parse_messages({"prompt": "Describe."}, LIMITS) == [{"role": "user", "content": "Describe."}]
+
+
+def test_messages_are_normalized_by_the_prompt_module() -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-    assert parse_messages({"messages": json.dumps(messages), "prompt": "ignored"}, LIMITS) == messages
+    parsed = parse_messages({"messages": json.dumps(messages), "prompt": "ignored"}, LIMITS)
+    assert parsed == [{"role": "user", "content": "<image>hi"}]
+    with pytest.raises(PromptError, match=r"messages\[0\]\.role"):
+        parse_messages({"messages": json.dumps([{"role": "robot", "content": "hi"}])}, LIMITS)
+
+
+@pytest.mark.parametrize("key", ["messages", "stop_sequences", "stop"])
+@pytest.mark.parametrize("nesting", ["[" * 100_000, '{"a":' * 30_000])
+def test_deeply_nested_json_is_a_request_error(key: str, nesting: str) -> None:
+    with pytest.raises(RequestError, match=f"meta '{key}' is nested too deeply"):
+        parse_generation_params({key: nesting}, LIMITS) if key != "messages" else parse_messages({key: nesting}, LIMITS)
+
+
+def test_lone_surrogates_in_messages_are_refused() -> None:
+    content = '[{"role": "user", "content": "a\\ud800b"}]'
+    assert json.loads(content)[0]["content"] == "a\ud800b"
+    with pytest.raises(PromptError, match=r"messages\[0\]\.content is not valid text.*surrogate '\\ud800'"):
+        parse_messages({"messages": content}, LIMITS)
+    parts = '[{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]'
+    with pytest.raises(PromptError, match=r"messages\[0\]\.content\[0\]\.text is not valid text"):
+        parse_messages({"messages": parts}, LIMITS)
+    pair = '[{"role": "user", "content": "\\ud83d\\udc31"}]'  # a complete pair is a real character
+    assert parse_messages({"messages": pair}, LIMITS)[0]["content"] == "🐱"
+
+
+def test_lone_surrogates_in_stop_sequences_are_refused() -> None:
+    with pytest.raises(RequestError, match=r"meta 'stop_sequences'\[1\] is not valid text"):
+        parse_stop_sequences({"stop_sequences": '["ok", "\\ud800"]'}, LIMITS)
+
+
+def test_echoed_client_values_are_cut_short() -> None:
+    huge = "x" * 100_000
+    cases = [
+        lambda: parse_messages({"messages": json.dumps([{"role": huge, "content": "hi"}])}, LIMITS),
+        lambda: parse_messages({"messages": json.dumps([{"role": "user", "content": [{"type": huge}]}])}, LIMITS),
+        lambda: check_image_payload(image_bytes(), "image/" + huge, ImageLimits()),
+        lambda: check_image_payload(b"", huge, ImageLimits()),
+        lambda: parse_int("n", huge, 0, 1),
+    ]
+    for case in cases:
+        with pytest.raises(ValueError) as caught:
+            case()
+        assert len(str(caught.value)) < 200, str(caught.value)[:300]
 
 
 def test_messages_length_is_bounded() -> None:
@@ -122,10 +188,28 @@ def test_mime_normalization(mime: str, normal: str) -> None:
 
 def test_payload_checks() -> None:
     png = image_bytes()
-    assert check_image_payload(png, "", 10**7) is png  # no mime: the signature decides
-    assert check_image_payload(b"", "", 10**7) is None  # text only
-    with pytest.raises(RequestError, match=r"image/webp.*image/png"):
-        check_image_payload(png, "image/webp", 10**7)
+    limits = ImageLimits(max_bytes=10**7)
+    assert check_image_payload(png, "", limits) is png  # no mime: the signature decides
+    assert check_image_payload(b"", "", limits) is None  # text only
+    with pytest.raises(ImageError, match=r"image/webp.*image/png"):
+        check_image_payload(png, "image/webp", limits)
+
+
+def test_the_payload_size_and_signature_are_checked_by_the_image_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One owner: the pre-admission check calls image.check_image_bytes, with the settings' limits."""
+    from lumen_vlm.fastvlm import request_parsing
+
+    calls = []
+
+    def check(data: bytes, limits: ImageLimits, declared: str = "") -> str:
+        calls.append((len(data), limits, declared))
+        return "image/png"
+
+    monkeypatch.setattr(request_parsing, "check_image_bytes", check)
+    png = image_bytes()
+    request = CompleteRequest("c", "vlm_generate", {"prompt": "hi"}, png, "IMAGE/PNG")
+    build_generation_request(request, GenerationLimits(max_payload_bytes=123, max_image_pixels=456))
+    assert calls == [(len(png), ImageLimits(max_bytes=123, max_pixels=456), "image/png")]
 
 
 def test_unknown_keys_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
@@ -149,7 +233,7 @@ def test_assembly_in_order() -> None:
     assert assembler.feed(chunk(0, 3, b"ab", 0), "c") is None
     assert assembler.feed(chunk(1, 3, b"cd", 2), "c") is None
     complete = assembler.feed(chunk(2, 3, b"e", 4), "c")
-    assert complete is not None and complete.payload == b"abcde" and complete.chunks == 3
+    assert complete is not None and complete.payload == b"abcde"
     assert complete.meta == {"k": "v"} and assembler.open_uploads == 0
 
 
@@ -175,3 +259,51 @@ def test_abandon_reports_open_uploads() -> None:
     assembler.feed(chunk(0, 4, b"a", 0), "c")
     ((cid, error),) = assembler.abandon()
     assert cid == "c" and "1 of 4" in str(error)
+
+
+def test_chunks_without_a_correlation_id_are_answered_once_per_upload() -> None:
+    assembler = ChunkAssembler(100)
+    with pytest.raises(ChunkError, match="correlation_id"):
+        assembler.feed(chunk(0, 3, b"a", 0, cid=""), "generated-1")
+    assert assembler.feed(chunk(1, 3, b"b", 1, cid=""), "generated-2") is None  # the same upload: dropped
+    assert assembler.feed(chunk(2, 3, b"c", 2, cid=""), "generated-3") is None
+    with pytest.raises(ChunkError, match="correlation_id"):  # its last chunk passed: a new upload
+        assembler.feed(chunk(1, 3, b"b", 1, cid=""), "generated-4")
+    with pytest.raises(ChunkError, match="correlation_id"):  # seq 0: a new upload
+        assembler.feed(chunk(0, 3, b"a", 0, cid=""), "generated-5")
+    with pytest.raises(ChunkError, match="correlation_id"):  # another total: another upload
+        assembler.feed(chunk(1, 5, b"b", 1, cid=""), "generated-6")
+    assert assembler.open_uploads == 0
+
+
+def test_the_upload_budget_is_shared_by_every_stream() -> None:
+    budget = UploadBudget(5)
+    first, second = ChunkAssembler(100, budget=budget), ChunkAssembler(100, budget=budget)
+    first.feed(chunk(0, 3, b"aaa", 0, "x"), "x")
+    assert budget.used == 3
+    with pytest.raises(UploadsBusy, match="too many uploads in progress"):
+        second.feed(chunk(0, 2, b"bbb", 0, "y"), "y")
+    assert budget.used == 3 and second.open_uploads == 0
+    assert second.feed(chunk(1, 2, b"b", 3, "y"), "y") is None  # the refused upload's rest is dropped
+    first.feed(chunk(1, 3, b"a", 3, "x"), "x")
+    assert first.feed(chunk(2, 3, b"a", 4, "x"), "x") is not None  # completed: its bytes are freed
+    assert budget.used == 0
+    second.feed(chunk(0, 2, b"bbb", 0, "y"), "y")  # the retry now fits
+    assert budget.used == 3
+    second.abandon()  # the stream ended
+    assert budget.used == 0
+
+
+def test_a_failed_upload_frees_its_budget() -> None:
+    budget = UploadBudget(100)
+    assembler = ChunkAssembler(100, budget=budget)
+    assembler.feed(chunk(0, 3, b"aaaa", 0), "c")
+    with pytest.raises(ChunkError):
+        assembler.feed(chunk(2, 3, b"a", 4), "c")  # out of order
+    assert budget.used == 0
+
+
+def test_build_generation_request_is_quiet_about_known_keys(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="lumen_vlm.fastvlm.request_parsing")
+    build_generation_request(CompleteRequest("c", "vlm_generate", {"prompt": "hi", "seed": "1"}), LIMITS)
+    assert not caplog.records

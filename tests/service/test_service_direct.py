@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.protobuf import empty_pb2
+from lumen_resources.lumen_config import Services
 
 from lumen_vlm.fastvlm import FastVLMService, GeneralFastVLMService
+from lumen_vlm.fastvlm.fastvlm_service import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import image_bytes, make_request, make_settings, result_of
@@ -107,33 +109,60 @@ def test_from_settings_loads_and_closes(tiny_model_dir: Path) -> None:
         service.close()
 
 
-def test_from_config_resolves_then_loads(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """from_config wires the resources layer's two calls together; they are stubbed here."""
-    import sys
-    import types
+def lumen_services(model: str) -> Services:
+    """The hub's `services.vlm` entry, as lumen-resources validated it."""
+    return Services.model_validate(
+        {
+            "enabled": True,
+            "package": "lumen_vlm",
+            "import_info": {
+                "registry_class": "lumen_vlm.fastvlm.GeneralFastVLMService",
+                "add_to_server": "lumen_vlm.proto.ml_service_pb2_grpc.add_InferenceServicer_to_server",
+            },
+            "backend_settings": {"device": "cpu"},
+            "models": {"fastvlm": {"model": model, "runtime": "onnx", "precision": "fp32"}},
+        }
+    )
 
-    calls: list[Any] = []
-    settings = make_settings(tiny_model_dir)
 
-    def settings_from_service_config(service_config: Any, cache_dir: Any) -> Any:
-        calls.append(("settings", service_config, cache_dir))
-        return settings
-
-    def resolve_model(resolved: Any, download: bool = True, progress: bool = True) -> Path:
-        calls.append(("resolve", resolved))
-        return tiny_model_dir
-
-    config_module = types.ModuleType("lumen_vlm.resources.config")
-    config_module.settings_from_service_config = settings_from_service_config  # type: ignore[attr-defined]
-    loader_module = types.ModuleType("lumen_vlm.resources.loader")
-    loader_module.resolve_model = resolve_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lumen_vlm.resources.config", config_module)
-    monkeypatch.setitem(sys.modules, "lumen_vlm.resources.loader", loader_module)
-
-    service = FastVLMService.from_config({"models": {}}, "/tmp/cache")
+def test_from_config_with_a_lumen_services_entry(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The hub's call, end to end: a real `Services` model, the real resolver, the real model."""
+    local = shutil.copytree(tiny_model_dir, tmp_path / "my-model")
+    service = GeneralFastVLMService.from_config(service_config=lumen_services(str(local)), cache_dir=tmp_path / "cache")
     try:
-        assert calls == [("settings", {"models": {}}, "/tmp/cache"), ("resolve", settings)]
-        (response,) = list(service.Infer(iter([make_request(prompt="hi", max_new_tokens="1")]), None))
-        assert json.loads(response.result)["generated_tokens"] == 1
+        request = make_request(image=image_bytes(), correlation_id="hub", max_new_tokens="3")
+        (response,) = list(service.Infer(iter([request]), None))
+        result = result_of(response)
+        assert result["generated_tokens"] == 3 and result["model_id"] == "my-model"
+        assert service.capability().model_ids == ["my-model"]
+        assert service.settings.model.model == str(local)
     finally:
         service.close()
+
+
+def test_the_model_id_is_the_configured_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A known name is served under that name, not under the cache directory it resolved to."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / "models" / "onnx-community--FastVLM-0.5B-ONNX")  # never downloaded
+    service = GeneralFastVLMService.from_config(lumen_services("fastvlm-0.5b"), cache)
+    try:
+        (response,) = list(service.Infer(iter([make_request(prompt="hi", max_new_tokens="1")]), None))
+        assert result_of(response)["model_id"] == "fastvlm-0.5b"
+        assert service.capability().model_ids == ["fastvlm-0.5b"]
+    finally:
+        service.close()
+
+
+def test_the_model_id_defaults_to_the_managers(manager: Any, tiny_model_dir: Path) -> None:
+    assert FastVLMService(manager, make_settings(tiny_model_dir)).model_id == manager.model_id == "tiny-fastvlm"
+    named = FastVLMService(manager, make_settings(tiny_model_dir), model_id="my-name")
+    (response,) = list(named.Infer(iter([make_request(prompt="hi", max_new_tokens="1")]), None))
+    assert result_of(response)["model_id"] == "my-name"
+
+
+def test_server_sizing(tiny_model_dir: Path) -> None:
+    settings = make_settings(tiny_model_dir, max_concurrency=3, max_queue=5)
+    assert server_thread_pool_size(settings) == 3 + 5 + 32
+    assert server_max_concurrent_rpcs(settings) == server_thread_pool_size(settings)
+    limit = dict(server_options(settings))["grpc.max_receive_message_length"]
+    assert limit > settings.limits.max_payload_bytes

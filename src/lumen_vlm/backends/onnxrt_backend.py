@@ -303,7 +303,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         return OrtDecoderState(past=list(outputs[1:]), length=total, last_logits=logits)
 
     def close(self) -> None:
-        self._vision = self._embed = self._decoder = None  # type: ignore[assignment]
+        # The sessions stay: a generation still finishing may use them; they go with the backend.
+        self.prefix_cache.clear()
 
 
 def _state_bytes(state: OrtDecoderState) -> int:

@@ -33,10 +33,12 @@ from ..generation import (
     TokenSampler,
     clamp_max_new_tokens,
 )
+from ..resources.exceptions import ConfigError, ModelFilesError
 from ..resources.model_files import ModelFacts, locate_model_files, read_model_facts
 from ..resources.model_spec import ImageSpec, ResizeMode
+from ..resources.settings import VLMSettings, threads_per_generation
 from .exceptions import InputError, PromptError
-from .image import ImageLimits, image_to_pixels
+from .image import ImageLimits, image_limits, image_to_pixels
 from .prompt import ChatTemplate, encode_prompt, render_messages
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,53 @@ class FastVLMModelManager:
             prefix_cache_bytes=prefix_cache_bytes,
         )
         return cls(backend, tokenizer, facts, **manager_options)
+
+    @classmethod
+    def from_settings(cls, settings: VLMSettings, model_dir: Path | str) -> FastVLMModelManager:
+        """Load the configured model with the configured device, threads and image limits."""
+        return cls.from_model_dir(
+            model_dir,
+            precision=settings.model.precision,
+            device=settings.backend.device,
+            providers=settings.backend.providers,
+            intra_op_threads=threads_per_generation(settings),
+            image_limits=image_limits(settings.limits),
+        )
+
+    @staticmethod
+    def check_loadable(settings: VLMSettings, model_dir: Path | str) -> None:
+        """Fail fast, before any loading, on settings the model directory or machine can't honour.
+
+        Raises ConfigError naming the key: a missing precision variant, an unavailable device.
+        """
+        from ..backends.backend_exceptions import BackendLoadError
+        from ..backends.onnxrt_backend import select_providers
+
+        where = f"services.{settings.service_name}"
+        try:
+            locate_model_files(Path(model_dir), settings.model.precision)
+        except ModelFilesError as exc:
+            raise ConfigError(f"{where}.models.{settings.model.alias}: {exc}") from exc
+        try:
+            select_providers(settings.backend.device, settings.backend.providers)
+        except BackendLoadError as exc:
+            key = "onnx_providers" if settings.backend.providers else "device"
+            raise ConfigError(f"{where}.backend_settings.{key}: {exc}") from exc
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for capabilities and logs, so callers need not reach into the backend."""
+        info = self.backend.info
+        return {
+            "model_id": self.model_id,
+            "runtime": info.runtime,
+            "providers": list(info.providers),
+            "precision": info.precision,
+            "load_time_ms": info.load_time_ms,
+            "image_size": self.image_spec.size,
+            "image_tokens": self.backend.vision_spec.image_tokens,
+            "resize_mode": self.image_spec.mode.value,
+            "context_length": self.context_length,
+        }
 
     @property
     def context_length(self) -> int:
@@ -272,4 +321,5 @@ class FastVLMModelManager:
                 logits = self.backend.decode_step(state, token)
 
     def close(self) -> None:
+        self.feature_cache.clear()
         self.backend.close()

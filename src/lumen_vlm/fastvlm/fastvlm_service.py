@@ -11,8 +11,12 @@ iterator, and every response is yielded the moment its event arrives. At most
 `admission.max_concurrency` generations run at once and at most `admission.max_queue` wait
 for a slot; the rest are answered UNAVAILABLE at once. A waiting request, and an idle open
 stream, each hold a worker thread, so the server's thread pool must be larger than
-``max_concurrency + max_queue`` (see `thread_pool_size`) or waiting requests starve health
-checks and capability calls.
+``max_concurrency + max_queue`` (see `server_thread_pool_size`) or waiting requests starve
+health checks and capability calls; `server_max_concurrent_rpcs` refuses RPCs beyond the pool
+with RESOURCE_EXHAUSTED instead of letting them queue unseen.
+
+Memory. A stream buffers at most a few unfinished chunked uploads, and all streams together
+at most `upload_budget_bytes` (a chunk beyond it fails its upload with UNAVAILABLE).
 
 Cancellation. Between two events the handler checks the call: a client that cancelled or
 disconnected stops its generation there and frees its slot (grpc also stops pulling from the
@@ -42,16 +46,11 @@ from .. import __version__
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
+from ..text import shown
 from .exceptions import InputError
 from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
-from .image import ImageLimits
-from .request_parsing import (
-    IMAGE_MIMES,
-    ChunkAssembler,
-    CompleteRequest,
-    RequestError,
-    build_generation_request,
-)
+from .image import IMAGE_MIMES
+from .request_parsing import ChunkAssembler, CompleteRequest, UploadBudget, UploadsBusy, build_generation_request
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ VLM_GENERATE_STREAM = "vlm_generate_stream"
 RESULT_SCHEMA = "text_generation_v1"
 JSON_MIME = f"application/json;schema={RESULT_SCHEMA}"
 TEXT_MIME = "text/plain;charset=utf-8"
-DEFAULT_SERVICE_NAME = "lumen-vlm"
 
 ErrorCode = ml_service_pb2.ErrorCode
 
@@ -69,6 +67,8 @@ ErrorCode = ml_service_pb2.ErrorCode
 _WAIT_SLICE_S = 0.05
 # Room for a request's meta (messages can be up to max_messages_chars) beside its payload.
 _MESSAGE_OVERHEAD_BYTES = 1024 * 1024
+# Unfinished chunked uploads, all streams together, may hold this many whole payloads.
+_UPLOAD_BUDGET_PAYLOADS = 4
 
 
 # --------------------------------------------------------------------------- errors
@@ -96,8 +96,10 @@ class ClientGone(Exception):
 
 def error_code_for(exc: BaseException) -> int:
     """The one place where exceptions become error codes."""
-    if isinstance(exc, RequestError | InputError | UnknownTaskError):
+    if isinstance(exc, InputError | UnknownTaskError):  # RequestError is an InputError
         return ErrorCode.ERROR_CODE_INVALID_ARGUMENT
+    if isinstance(exc, UploadsBusy):
+        return ErrorCode.ERROR_CODE_UNAVAILABLE
     if isinstance(exc, ServiceError):
         return exc.code
     return ErrorCode.ERROR_CODE_INTERNAL
@@ -324,10 +326,21 @@ def result_json(
 # --------------------------------------------------------------------------- the service
 
 
-def server_thread_pool_size(settings: VLMSettings, headroom: int = 8) -> int:
+def server_thread_pool_size(settings: VLMSettings, headroom: int = 32) -> int:
     """Workers a grpc server needs: every running and waiting request, plus headroom for idle
     streams, health checks and capability calls."""
     return settings.admission.max_concurrency + settings.admission.max_queue + headroom
+
+
+def server_max_concurrent_rpcs(settings: VLMSettings) -> int:
+    """grpc.server's maximum_concurrent_rpcs: one RPC per worker. grpc refuses the RPCs beyond
+    it with RESOURCE_EXHAUSTED rather than queueing them where no deadline or log sees them."""
+    return server_thread_pool_size(settings)
+
+
+def upload_budget_bytes(settings: VLMSettings) -> int:
+    """The bytes all streams' unfinished chunked uploads may hold together."""
+    return _UPLOAD_BUDGET_PAYLOADS * settings.limits.max_payload_bytes
 
 
 def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
@@ -341,13 +354,25 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     """Lumen `Inference` servicer over a ready `FastVLMModelManager`.
 
     Construct it with a loaded manager and the settings (tests do), or with `from_settings` /
-    `from_config`, which load the model and return a servicer ready to serve.
+    `from_config`, which load the model and return a servicer ready to serve. `model_id` is
+    the id results and capabilities report (the manager's by default); `upload_budget` bounds
+    the bytes of unfinished chunked uploads across all streams (`upload_budget_bytes` by default).
     """
 
-    def __init__(self, manager: FastVLMModelManager, settings: VLMSettings, *, owns_manager: bool = False) -> None:
+    def __init__(
+        self,
+        manager: FastVLMModelManager,
+        settings: VLMSettings,
+        *,
+        owns_manager: bool = False,
+        model_id: str | None = None,
+        upload_budget: int | None = None,
+    ) -> None:
         self.manager = manager
         self.settings = settings
+        self.model_id = model_id or manager.model_id
         self._owns_manager = owns_manager  # close() closes only a manager we built
+        self.uploads = UploadBudget(upload_budget_bytes(settings) if upload_budget is None else upload_budget)
         self._admission = Admission(settings.admission.max_concurrency, settings.admission.max_queue)
         self._registry = self._build_registry()
         self._controls: set[CallControl] = set()
@@ -360,18 +385,15 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     @classmethod
     def from_settings(cls, settings: VLMSettings, model_dir: Path | str) -> FastVLMService:
-        """Load the model in `model_dir` as the settings say, and serve it."""
-        manager = FastVLMModelManager.from_model_dir(
-            model_dir,
-            precision=settings.model.precision,
-            device=settings.backend.device,
-            providers=settings.backend.providers,
-            intra_op_threads=settings.backend.intra_op_threads,
-            image_limits=ImageLimits(
-                max_bytes=settings.limits.max_payload_bytes, max_pixels=settings.limits.max_image_pixels
-            ),
-        )
-        return cls(manager, settings, owns_manager=True)
+        """Load the model in `model_dir` as the settings say, and serve it.
+
+        The manager decodes images under the settings' limits, the ones the service checks and
+        advertises; the model id is the one the configuration names (`served_model_id`).
+        """
+        from ..resources.loader import served_model_id
+
+        manager = FastVLMModelManager.from_settings(settings, model_dir)
+        return cls(manager, settings, owns_manager=True, model_id=served_model_id(settings, model_dir))
 
     @classmethod
     def from_config(cls, service_config: Any, cache_dir: str | Path) -> FastVLMService:
@@ -390,20 +412,20 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     def _build_registry(self) -> TaskRegistry:
         registry = TaskRegistry()
+        # Describe or answer about an image (or text only); one final JSON result.
         registry.register(
             TaskSpec(
                 name=VLM_GENERATE,
                 handler=partial(self._generate, streaming=False),
-                description="describe or answer about an image (or text only); one final JSON result",
                 input_mimes=IMAGE_MIMES,
                 output_mimes=(JSON_MIME,),
             )
         )
+        # As vlm_generate, streaming text deltas before the final JSON result.
         registry.register(
             TaskSpec(
                 name=VLM_GENERATE_STREAM,
                 handler=partial(self._generate, streaming=True),
-                description="as vlm_generate, streaming text deltas before the final JSON result",
                 input_mimes=IMAGE_MIMES,
                 output_mimes=(JSON_MIME, TEXT_MIME),
             )
@@ -427,12 +449,6 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down.is_set()
-
-    def thread_pool_size(self) -> int:
-        return server_thread_pool_size(self.settings)
-
-    def grpc_server_options(self) -> list[tuple[str, int]]:
-        return server_options(self.settings)
 
     def begin_shutdown(self) -> None:
         """New requests (and those waiting for a slot) get UNAVAILABLE; running ones go on."""
@@ -471,11 +487,15 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     def Infer(self, request_iterator: Iterable[Any], context: Any) -> Iterator[ml_service_pb2.InferResponse]:
         """Answer every request of the stream, in order; chunked payloads are reassembled."""
-        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes)
+        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes, budget=self.uploads)
         terminated = watch_termination(context)
-        for request in _requests_until_gone(request_iterator):
-            yield from self._on_request(request, assembler, CallControl(context, terminated))
-        for correlation_id, exc in assembler.abandon():
+        try:
+            for request in _requests_until_gone(request_iterator):
+                yield from self._on_request(request, assembler, CallControl(context, terminated))
+            abandoned = assembler.abandon()
+        finally:
+            assembler.abandon()  # a stream cut short (client gone, server stopping) frees its uploads too
+        for correlation_id, exc in abandoned:
             log.info("correlation_id=%s error=INVALID_ARGUMENT %s", correlation_id, exc)
             yield error_response(correlation_id, exc)
 
@@ -485,8 +505,9 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         correlation_id = request.correlation_id or uuid.uuid4().hex
         try:
             complete = assembler.feed(request, correlation_id)
-        except RequestError as exc:
-            log.info("correlation_id=%s task=%s error=INVALID_ARGUMENT %s", correlation_id, request.task, exc)
+        except (InputError, UploadsBusy) as exc:
+            name = ErrorCode.Name(error_code_for(exc)).removeprefix("ERROR_CODE_")
+            log.info("correlation_id=%s task=%s error=%s %s", correlation_id, shown(request.task), name, exc)
             yield error_response(correlation_id, exc)
             return
         if complete is not None:
@@ -504,7 +525,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             task = self._registry.get(request.task)
             yield from task.handler(request, control, started)
         except ClientGone:
-            log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, request.task)
+            log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, shown(request.task))
         except Exception as exc:
             # Yielded after the except block: the exception's traceback would otherwise keep
             # the abandoned generation's frames (and KV cache) alive while the client reads.
@@ -521,10 +542,10 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         name = ErrorCode.Name(code).removeprefix("ERROR_CODE_")
         if code == ErrorCode.ERROR_CODE_INTERNAL:
             log.exception(
-                "correlation_id=%s task=%s failed with an internal error", request.correlation_id, request.task
+                "correlation_id=%s task=%s failed with an internal error", request.correlation_id, shown(request.task)
             )
         else:
-            log.info("correlation_id=%s task=%s error=%s %s", request.correlation_id, request.task, name, exc)
+            log.info("correlation_id=%s task=%s error=%s %s", request.correlation_id, shown(request.task), name, exc)
         return error_response(request.correlation_id, exc, lat_ms)
 
     # ------------------------------------------------------------------ the generation tasks
@@ -570,7 +591,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         lat_ms = (time.perf_counter() - started) * 1000.0
         # The manager's ttft counts from prepare(); the client's also includes the queue wait.
         ttft_ms = (prepared.started - started) * 1000.0 + result.ttft_ms
-        body = result_json(result, generation, prepared, self.manager.model_id, streaming_chunks)
+        body = result_json(result, generation, prepared, self.model_id, streaming_chunks)
         log.info(
             "correlation_id=%s task=%s input_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f lat_ms=%.1f",
             request.correlation_id,
@@ -619,39 +640,44 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         return self._capability
 
     def enforced_limits(self) -> dict[str, int]:
-        """The limits this service enforces, as reported in every task's capability."""
+        """The limits this service enforces, as reported in every task's capability.
+
+        All but the context length come from the settings, as the request checks' do;
+        `from_settings` builds the manager's decoder limits from the same settings.
+        """
         limits = self.settings.limits
         return {
             "max_payload_bytes": limits.max_payload_bytes,
-            "max_image_pixels": self.manager.image_limits.max_pixels,  # the decoder enforces its own
+            "max_image_pixels": limits.max_image_pixels,
             "max_new_tokens": limits.max_new_tokens,
             "default_max_new_tokens": min(limits.default_max_new_tokens, limits.max_new_tokens),
-            "context_length": self.manager.context_length,
+            "context_length": self.manager.describe()["context_length"],
             "max_concurrency": self._admission.max_concurrency,
             "max_queue": self._admission.max_queue,
             "max_stop_sequences": limits.max_stop_sequences,
+            "max_stop_sequence_chars": limits.max_stop_sequence_chars,
             "max_messages_chars": limits.max_messages_chars,
         }
 
     def _build_capability(self) -> ml_service_pb2.Capability:
-        info = self.manager.backend.info
-        vision = self.manager.backend.vision_spec
+        facts = self.manager.describe()  # the model's own facts; nothing reached through it
+        extra = {
+            "version": __version__,
+            "model_name": self.settings.model.model,
+            "providers": ",".join(facts["providers"]),
+            "image_size": facts["image_size"],
+            "image_tokens": facts["image_tokens"],
+            "context_length": facts["context_length"],
+            "load_time_ms": f"{facts['load_time_ms']:.1f}",
+            "resize_mode": facts["resize_mode"],
+        }
         return self._registry.capability(
-            service_name=self.settings.service_name or DEFAULT_SERVICE_NAME,
-            model_ids=[self.manager.model_id],
-            runtime=info.runtime,
+            service_name=self.settings.service_name,
+            model_ids=[self.model_id],
+            runtime=facts["runtime"],
             max_concurrency=self._admission.max_concurrency,
-            precisions=[info.precision],
-            extra={
-                "version": __version__,
-                "model_name": self.settings.model.model,
-                "providers": ",".join(info.providers),
-                "image_size": self.manager.image_spec.size,
-                "image_tokens": vision.image_tokens if vision.image_tokens is not None else "",
-                "context_length": self.manager.context_length,
-                "load_time_ms": f"{info.load_time_ms:.1f}",
-                "resize_mode": self.manager.image_spec.mode.value,
-            },
+            precisions=[facts["precision"]],
+            extra={key: value for key, value in extra.items() if value is not None},  # unknown: left out
             limits=self.enforced_limits(),
         )
 

@@ -2,6 +2,8 @@
 
 Three steps, each usable on its own:
 
+* `check_image_bytes` makes the checks that need no decoding (size, signature, declared type);
+  the request parser runs it before admission, `load_image` runs it first.
 * `load_image` turns untrusted bytes into an RGB `PIL.Image.Image`, refusing anything that is
   not a JPEG, PNG or WebP, anything absurdly large (checked from the header, before decoding)
   and anything PIL cannot fully decode. Every refusal is an `ImageError`.
@@ -21,10 +23,15 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..resources.model_spec import ImageSpec, ResizeMode
+from ..resources.settings import GenerationLimits
+from ..text import shown
 from .exceptions import ImageError
 
 __all__ = [
+    "IMAGE_MIMES",
     "ImageLimits",
+    "check_image_bytes",
+    "image_limits",
     "image_to_pixels",
     "load_image",
     "preprocess",
@@ -48,6 +55,15 @@ class ImageLimits:
 
 
 _DEFAULT_LIMITS = ImageLimits()
+
+
+def image_limits(limits: GenerationLimits) -> ImageLimits:
+    """The image limits the settings set: what the model manager decodes under, and what the
+    service checks before admission and advertises."""
+    return ImageLimits(max_bytes=limits.max_payload_bytes, max_pixels=limits.max_image_pixels)
+
+
+IMAGE_MIMES = ("image/jpeg", "image/png", "image/webp")
 
 # MIME type -> the formats PIL may report for it. Pillow opens a JPEG that carries a
 # multi-picture index (common from phone cameras) as "MPO"; its first frame is the JPEG.
@@ -86,12 +102,12 @@ def sniff_image_mime(data: bytes) -> str | None:
     return None
 
 
-def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Image:
-    """Decode untrusted image bytes into an upright RGB image.
+def check_image_bytes(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, declared_mime: str = "") -> str:
+    """The image's MIME type by its signature, after the checks that need no decoding.
 
-    Raises `ImageError` for empty or oversized data, formats other than JPEG/PNG/WebP,
-    images with more than `limits.max_pixels` pixels (checked from the header alone),
-    and files that are corrupt or truncated. Animated images give their first frame.
+    Raises `ImageError` for empty data, more than `limits.max_bytes` bytes, a signature that is
+    not JPEG, PNG or WebP, and a signature that disagrees with `declared_mime` (one of
+    `IMAGE_MIMES`, or "" when the sender declared none).
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
@@ -99,7 +115,21 @@ def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Imag
         raise ImageError(f"image is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes")
     mime = sniff_image_mime(data)
     if mime is None:
-        raise ImageError("unsupported image format: only JPEG, PNG and WebP are accepted")
+        said = f" (it is declared as {shown(declared_mime)})" if declared_mime else ""
+        raise ImageError(f"unsupported image format: only JPEG, PNG and WebP are accepted{said}")
+    if declared_mime and declared_mime != mime:
+        raise ImageError(f"the image is declared as {shown(declared_mime)} but its bytes are {mime}")
+    return mime
+
+
+def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Image:
+    """Decode untrusted image bytes into an upright RGB image.
+
+    Raises `ImageError` for what `check_image_bytes` refuses, images with more than
+    `limits.max_pixels` pixels (checked from the header alone), and files that are corrupt or
+    truncated. Animated images give their first frame.
+    """
+    mime = check_image_bytes(data, limits)
 
     try:
         # PIL itself raises DecompressionBombError past 2x its MAX_IMAGE_PIXELS (and only warns

@@ -17,6 +17,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from ..text import invalid_text, shown
 from .exceptions import PromptError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -28,38 +29,62 @@ Message = dict[str, str]
 # --------------------------------------------------------------------------- messages
 
 
+def _text(value: str, where: str) -> str:
+    """`value`, refused when it is not valid text (the tokenizer cannot encode a lone surrogate)."""
+    problem = invalid_text(value)
+    if problem is not None:
+        raise PromptError(f"{where} is not valid text: {problem}")
+    return value
+
+
 def _part_text(part: Any, where: str) -> str:
     """One content part of the OpenAI-like list form: text, or the image's placeholder."""
     if not isinstance(part, Mapping):
-        raise PromptError(f"{where} must be an object with a 'type', got {type(part).__name__}")
+        raise PromptError(f"{where} must be an object with a 'type', got {_kind(part)}")
     kind = part.get("type")
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise PromptError(f"{where} of type 'text' needs a string 'text'")
-        return text
+        return _text(text, f"{where}.text")
     if kind == "image":
         return IMAGE_PLACEHOLDER
-    raise PromptError(f"{where} has type {kind!r}; expected 'text' or 'image'")
+    got = shown(kind) if isinstance(kind, str) else _kind(kind)
+    raise PromptError(f"{where} has type {got}; expected 'text' or 'image'")
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for a message that must not echo the value itself."""
+    return "nothing" if value is None else f"a JSON {type(value).__name__}"
 
 
 def normalize_messages(messages: Any) -> list[Message]:
-    """Validate messages and flatten list-form content into strings."""
+    """Validate messages and flatten list-form content into strings; raises PromptError.
+
+    The one place messages are validated: the request parser calls it before admission, the
+    manager again when it renders the prompt (already normalized messages pass unchanged).
+    """
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
-        raise PromptError("messages must be a non-empty list of {role, content} objects")
+        got = "an empty list" if isinstance(messages, list | tuple) and not messages else _kind(messages)
+        raise PromptError(f"messages must be a non-empty list of {{role, content}} objects, got {got}")
     normalized = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
-            raise PromptError(f"{where} must be an object with 'role' and 'content'")
+            raise PromptError(f"{where} must be an object with 'role' and 'content', got {_kind(message)}")
         role = message.get("role")
         if role not in ROLES:
-            raise PromptError(f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
-        content = message.get("content")
+            got = shown(role) if isinstance(role, str) else _kind(role)
+            raise PromptError(f"{where}.role is {got}; expected one of {', '.join(ROLES)}")
+        if "content" not in message:
+            raise PromptError(f"{where}.content is missing")
+        content = message["content"]
         if isinstance(content, list):
             content = "".join(_part_text(part, f"{where}.content[{i}]") for i, part in enumerate(content))
-        elif not isinstance(content, str):
-            raise PromptError(f"{where}.content must be a string or a list of text/image parts")
+        elif isinstance(content, str):
+            content = _text(content, f"{where}.content")
+        else:
+            raise PromptError(f"{where}.content must be a string or a list of text/image parts, got {_kind(content)}")
         normalized.append({"role": role, "content": content})
     if not any(m["role"] == "user" for m in normalized):
         raise PromptError("messages need at least one message with role 'user'")

@@ -2,7 +2,10 @@
 
 Everything here is cheap and runs before a request is admitted, so a malformed request is
 refused at once, with a message naming the key and what is wrong with it, and never takes a
-generation slot. Every refusal is a `RequestError` (INVALID_ARGUMENT on the wire).
+generation slot. Every refusal is an `InputError` (INVALID_ARGUMENT on the wire): a
+`RequestError` for the wire format and meta values, and the owners' own errors for the checks
+they own and this module only calls: `image.check_image_bytes` (size, signature) and
+`prompt.normalize_messages` (roles, content). Echoed client values go through `text.shown`.
 
 Meta values are strings on the wire. Clients format them differently (the Go SDK sends
 ``"%.1f"`` floats, other clients ``"256"``), so numbers are parsed leniently but bounded
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,12 +28,14 @@ from typing import Any
 from ..generation import SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
+from ..text import invalid_text, shown
+from .exceptions import InputError
 from .fastvlm_model import GenerationParams, GenerationRequest
-from .image import sniff_image_mime
+from .image import IMAGE_MIMES, ImageLimits, check_image_bytes, image_limits
+from .prompt import Message, normalize_messages
 
 log = logging.getLogger(__name__)
 
-IMAGE_MIMES = ("image/jpeg", "image/png", "image/webp")
 # Common spellings of the accepted types; "image/jpg" is not registered but widely sent.
 MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
 
@@ -38,6 +45,9 @@ MAX_TEMPERATURE = 2.0
 # transformers suggests 1.0-1.5; 10 already makes every seen token practically impossible.
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
+# Bits of a seed drawn for an unseeded sampled request: 53 keep it exact in any JSON reader
+# (JavaScript numbers are doubles), so the reported seed can always be sent back.
+DRAWN_SEED_BITS = 53
 
 KNOWN_META_KEYS = frozenset(
     {
@@ -60,13 +70,12 @@ _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """The request is malformed: INVALID_ARGUMENT, the client can fix it."""
 
 
-def _shown(raw: str, limit: int = 40) -> str:
-    """A meta value for an error message, cut short: values can be megabytes long."""
-    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
+class UploadsBusy(Exception):
+    """The service holds as many unfinished chunked upload bytes as it may: UNAVAILABLE, retry later."""
 
 
 # --------------------------------------------------------------------------- scalar values
@@ -81,9 +90,9 @@ def parse_int(key: str, raw: str, low: int, high: int) -> int:
         try:
             number = float(text)
         except ValueError:
-            raise RequestError(f"meta '{key}' must be an integer, got {_shown(raw)}") from None
+            raise RequestError(f"meta '{key}' must be an integer, got {shown(raw)}") from None
         if not number.is_integer():
-            raise RequestError(f"meta '{key}' must be an integer, got {_shown(raw)}") from None
+            raise RequestError(f"meta '{key}' must be an integer, got {shown(raw)}") from None
         value = int(number)
     if not low <= value <= high:
         raise RequestError(f"meta '{key}' must be between {low} and {high}, got {value}")
@@ -95,11 +104,11 @@ def parse_float(key: str, raw: str, low: float, high: float, *, low_open: bool =
     try:
         value = float(raw.strip())
     except ValueError:
-        raise RequestError(f"meta '{key}' must be a number, got {_shown(raw)}") from None
+        raise RequestError(f"meta '{key}' must be a number, got {shown(raw)}") from None
     below = value <= low if low_open else value < low
     if not math.isfinite(value) or below or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(f"meta '{key}' must be a number in {interval}, got {_shown(raw)}")
+        raise RequestError(f"meta '{key}' must be a number in {interval}, got {shown(raw)}")
     return value
 
 
@@ -109,38 +118,37 @@ def parse_bool(key: str, raw: str) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise RequestError(f"meta '{key}' must be true/false (or 1/0, yes/no), got {_shown(raw)}")
+    raise RequestError(f"meta '{key}' must be true/false (or 1/0, yes/no), got {shown(raw)}")
 
 
 # --------------------------------------------------------------------------- meta keys
 
 
-def parse_messages(meta: Mapping[str, str], limits: GenerationLimits) -> list[Any]:
+def parse_messages(meta: Mapping[str, str], limits: GenerationLimits) -> list[Message]:
     """`messages` (a JSON list of {role, content}) or, without it, `prompt` as one user turn.
 
-    Only the JSON shape is checked here; roles, content parts and the image placeholder are
-    validated by the model manager, which owns the chat template.
+    The JSON is decoded here; the messages are validated and normalized by
+    `prompt.normalize_messages`, which owns them (its PromptError names the message at fault).
     """
     raw = meta.get("messages", "")
     if not raw.strip():
-        return [{"role": "user", "content": _parse_prompt(meta, limits)}]
+        return normalize_messages([{"role": "user", "content": _parse_prompt(meta, limits)}])
     if len(raw) > limits.max_messages_chars:
         raise RequestError(
             f"meta 'messages' is {len(raw)} characters, more than the limit of {limits.max_messages_chars}"
         )
+    return normalize_messages(_decode_json("messages", raw, "a JSON list of {role, content} objects"))
+
+
+def _decode_json(key: str, raw: str, expected: str) -> Any:
     try:
-        messages = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise RequestError(f"meta 'messages' is not valid JSON: {exc.msg} at position {exc.pos}") from None
-    if not isinstance(messages, list) or not messages:
-        kind = "an empty list" if messages == [] else f"a JSON {type(messages).__name__}"
-        raise RequestError(f"meta 'messages' must be a non-empty JSON list of {{role, content}} objects, got {kind}")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"meta 'messages'[{index}] must be an object with 'role' and 'content'")
-        if "content" not in message:
-            raise RequestError(f"meta 'messages'[{index}] has no 'content'")
-    return messages
+        raise RequestError(
+            f"meta '{key}' is not valid JSON ({exc.msg} at position {exc.pos}); expected {expected}"
+        ) from None
+    except RecursionError:  # e.g. "[[[[...": the decoder recurses once per level
+        raise RequestError(f"meta '{key}' is nested too deeply to be {expected}") from None
 
 
 def _parse_prompt(meta: Mapping[str, str], limits: GenerationLimits) -> str:
@@ -161,12 +169,9 @@ def parse_stop_sequences(meta: Mapping[str, str], limits: GenerationLimits) -> t
     key, raw = _stop_key(meta)
     if raw is None or not raw.strip():
         return ()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise RequestError(f"meta '{key}' must be a JSON list of strings, got {_shown(raw)}") from None
+    value = _decode_json(key, raw, "a JSON list of strings")
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise RequestError(f"meta '{key}' must be a JSON list of strings, got {_shown(raw)}")
+        raise RequestError(f"meta '{key}' must be a JSON list of strings, got {shown(raw)}")
     if len(value) > limits.max_stop_sequences:
         raise RequestError(
             f"meta '{key}' holds {len(value)} stop sequences, more than the limit of {limits.max_stop_sequences}"
@@ -174,6 +179,9 @@ def parse_stop_sequences(meta: Mapping[str, str], limits: GenerationLimits) -> t
     for index, stop in enumerate(value):
         if not stop:
             raise RequestError(f"meta '{key}'[{index}] is an empty string")
+        problem = invalid_text(stop)
+        if problem is not None:
+            raise RequestError(f"meta '{key}'[{index}] is not valid text: {problem}")
         if len(stop) > limits.max_stop_sequence_chars:
             raise RequestError(
                 f"meta '{key}'[{index}] is {len(stop)} characters, "
@@ -195,6 +203,10 @@ def parse_sampling(meta: Mapping[str, str]) -> SamplingParams:
     `do_sample=true` without a temperature means temperature 1.0 (transformers' default).
     `do_sample=false` does not override an explicit temperature: the Go SDK always sends
     do_sample=false next to the temperature the app asked for.
+
+    A sampled request without a seed gets a fresh random one, which the result reports, so any
+    sampled answer can be reproduced by sending its seed back. A greedy request keeps the seed
+    it was given, if any (greedy decoding does not use it).
     """
     temperature = _optional(meta, "temperature", lambda k, v: parse_float(k, v, 0.0, MAX_TEMPERATURE))
     do_sample = _optional(meta, "do_sample", parse_bool)
@@ -206,6 +218,8 @@ def parse_sampling(meta: Mapping[str, str]) -> SamplingParams:
         meta, "repetition_penalty", lambda k, v: parse_float(k, v, 0.0, MAX_REPETITION_PENALTY, low_open=True)
     )
     seed = _optional(meta, "seed", lambda k, v: parse_int(k, v, 0, MAX_SEED))
+    if seed is None and temperature > 0:
+        seed = secrets.randbits(DRAWN_SEED_BITS)
     try:
         return SamplingParams(
             temperature=temperature,
@@ -243,7 +257,7 @@ def parse_resize_mode(meta: Mapping[str, str]) -> ResizeMode | None:
         return ResizeMode(raw.strip().lower())
     except ValueError:
         choices = ", ".join(mode.value for mode in ResizeMode)
-        raise RequestError(f"meta 'resize_mode' must be one of {choices}, got {_shown(raw)}") from None
+        raise RequestError(f"meta 'resize_mode' must be one of {choices}, got {shown(raw)}") from None
 
 
 # --------------------------------------------------------------------------- payload
@@ -255,28 +269,21 @@ def normalize_mime(mime: str) -> str:
     return MIME_ALIASES.get(base, base)
 
 
-def check_image_payload(payload: bytes, payload_mime: str, max_bytes: int) -> bytes | None:
+def check_image_payload(payload: bytes, payload_mime: str, limits: ImageLimits) -> bytes | None:
     """The image bytes to decode, or None for a text-only request.
 
-    The declared type must be accepted and must agree with the bytes' signature; with no
-    declared type the signature decides. Decoding (corrupt, truncated, too many pixels) is the
-    model manager's job.
+    The declared type must be an accepted one; size and signature (which must agree with the
+    declared type) are checked by `image.check_image_bytes`. Decoding (corrupt, truncated, too
+    many pixels) is the model manager's job.
     """
     declared = normalize_mime(payload_mime)
     if not payload:
         if declared:
-            raise RequestError(f"payload_mime is {payload_mime!r} but the payload is empty")
+            raise RequestError(f"payload_mime is {shown(payload_mime)} but the payload is empty")
         return None
-    if len(payload) > max_bytes:
-        raise RequestError(f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes")
     if declared and declared not in IMAGE_MIMES:
-        raise RequestError(f"payload_mime {payload_mime!r} is not supported; accepted: {', '.join(IMAGE_MIMES)}")
-    sniffed = sniff_image_mime(payload)
-    if sniffed is None:
-        said = f" (payload_mime says {declared})" if declared else ""
-        raise RequestError(f"payload is not a JPEG, PNG or WebP image: its signature matches none of them{said}")
-    if declared and declared != sniffed:
-        raise RequestError(f"payload_mime is {declared} but the payload's bytes are {sniffed}")
+        raise RequestError(f"payload_mime {shown(payload_mime)} is not supported; accepted: {', '.join(IMAGE_MIMES)}")
+    check_image_bytes(payload, limits, declared)
     return payload
 
 
@@ -292,15 +299,14 @@ class CompleteRequest:
     meta: Mapping[str, str]
     payload: bytes = b""
     payload_mime: str = ""
-    chunks: int = 1
 
 
 def build_generation_request(request: CompleteRequest, limits: GenerationLimits) -> GenerationRequest:
-    """Validate a request's payload and meta into the model manager's request. Raises RequestError."""
+    """Validate a request's payload and meta into the model manager's request. Raises InputError."""
     unknown = sorted(set(request.meta) - KNOWN_META_KEYS)
     if unknown:
         log.debug("correlation_id=%s ignores unknown meta keys: %s", request.correlation_id, ", ".join(unknown))
-    image = check_image_payload(request.payload, request.payload_mime, limits.max_payload_bytes)
+    image = check_image_payload(request.payload, request.payload_mime, image_limits(limits))
     return GenerationRequest(
         messages=parse_messages(request.meta, limits),
         image=image,
@@ -317,6 +323,38 @@ class ChunkError(RequestError):
 
 
 MAX_CHUNKS = 65_536  # 20 MiB in chunks of 320 bytes; the Go SDK needs 80 for 20 MiB
+
+
+class UploadBudget:
+    """The bytes of unfinished chunked uploads held across the whole service, bounded.
+
+    Every stream's `ChunkAssembler` reserves each chunk's bytes here before buffering them and
+    releases them when the upload completes, fails or its stream ends. A chunk that would go
+    over `max_bytes` fails its upload with `UploadsBusy` (UNAVAILABLE): the client retries later.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self._used + size > self.max_bytes:
+                raise UploadsBusy(
+                    f"too many uploads in progress: the server holds {self._used} bytes of unfinished "
+                    f"chunked uploads and accepts at most {self.max_bytes}; retry later"
+                )
+            self._used += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._used -= size
 
 
 @dataclass
@@ -364,23 +402,34 @@ class ChunkAssembler:
     it; a chunk seen twice after the failure starts over (a retry). A request is never answered
     from a partial payload.
 
+    A chunk without a correlation_id cannot be tied to its upload. The first one is answered
+    with an error; the id-less chunks with seq > 0 and the same total that follow it are taken
+    for the rest of that upload and dropped quietly, up to its last chunk or until an id-less
+    chunk with seq 0 (a new upload, answered again) or another total arrives.
+
     Memory is bounded: each upload by `max_payload_bytes`, at most `max_uploads` uploads open
-    on a stream at once, and at most `max_failed` failed uploads remembered.
+    on a stream at once, at most `max_failed` failed uploads remembered, and, with a `budget`
+    shared by every stream, the bytes of all unfinished uploads together. The owner calls
+    `abandon` when the stream ends, however it ends, to give the budget back.
     """
 
-    def __init__(self, max_payload_bytes: int, max_uploads: int = 4, max_failed: int = 16) -> None:
+    def __init__(
+        self, max_payload_bytes: int, max_uploads: int = 4, max_failed: int = 16, budget: UploadBudget | None = None
+    ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_uploads = max_uploads
         self._max_failed = max_failed
+        self._budget = budget
         self._uploads: dict[str, _Upload] = {}
         self._failed: OrderedDict[str, _FailedUpload] = OrderedDict()
+        self._idless_total: int | None = None  # the id-less upload whose chunks are being dropped
 
     def feed(self, request: Any, correlation_id: str) -> CompleteRequest | None:
         """The complete request once its last chunk is in, None while an upload is incomplete."""
         if request.total <= 1:
             return self._single(request, correlation_id)
         if not request.correlation_id:
-            raise ChunkError("a chunked payload (total > 1) needs a correlation_id to tie its chunks together")
+            return self._without_id(request)
         if self._absorbed_by_failure(correlation_id, request):
             return None
         upload = self._uploads.get(correlation_id)
@@ -390,17 +439,22 @@ class ChunkAssembler:
             else:
                 self._check_next(upload, request)
             self._append(upload, request)
-        except ChunkError:
+        except (ChunkError, UploadsBusy):
             self._fail(correlation_id, request, upload)
             raise
         return self._finish(correlation_id) if upload.next_seq == upload.total else None
 
     def abandon(self) -> list[tuple[str, ChunkError]]:
-        """Errors for the uploads still open when the stream ends: they never completed."""
+        """Errors for the uploads still open when the stream ends: they never completed.
+
+        Their bytes go back to the budget; a second call finds nothing left.
+        """
         errors = [
             (cid, ChunkError(f"the stream ended after {up.next_seq} of {up.total} chunks of the payload"))
             for cid, up in self._uploads.items()
         ]
+        for upload in self._uploads.values():
+            self._release(upload)
         self._uploads.clear()
         return errors
 
@@ -419,6 +473,20 @@ class ChunkAssembler:
                 "of an unfinished chunked upload"
             )
         return CompleteRequest(correlation_id, request.task, dict(request.meta), request.payload, request.payload_mime)
+
+    def _without_id(self, request: Any) -> None:
+        """Refuse an id-less upload once; drop what looks like the rest of it (returns None)."""
+        total, seq = int(request.total), int(request.seq)
+        last = seq >= total - 1
+        if self._idless_total == total and seq > 0:
+            if last:
+                self._idless_total = None
+            return None
+        self._idless_total = None if last else total
+        raise ChunkError(
+            "a chunked payload (total > 1) needs a correlation_id to tie its chunks together; "
+            "the rest of this upload is ignored"
+        )
 
     def _absorbed_by_failure(self, correlation_id: str, request: Any) -> bool:
         """True for a not yet seen chunk of a failed upload: dropped, it was already answered."""
@@ -471,18 +539,27 @@ class ChunkAssembler:
         size = len(upload.buffer) + len(request.payload)
         if size > self.max_payload_bytes:
             raise ChunkError(f"the chunked payload exceeds the limit of {self.max_payload_bytes} bytes")
+        if self._budget is not None:
+            self._budget.reserve(len(request.payload))
         upload.buffer += request.payload
         upload.next_seq += 1
 
+    def _release(self, upload: _Upload) -> None:
+        if self._budget is not None:
+            self._budget.release(len(upload.buffer))
+        upload.buffer = bytearray()
+
     def _finish(self, correlation_id: str) -> CompleteRequest:
         upload = self._uploads.pop(correlation_id)
-        return CompleteRequest(
-            correlation_id, upload.task, upload.meta, bytes(upload.buffer), upload.payload_mime, chunks=upload.total
-        )
+        payload = bytes(upload.buffer)
+        self._release(upload)
+        return CompleteRequest(correlation_id, upload.task, upload.meta, payload, upload.payload_mime)
 
     def _fail(self, correlation_id: str, request: Any, upload: _Upload | None) -> None:
         """Forget the upload's bytes; remember which of its chunks were seen, to drop the rest."""
         self._uploads.pop(correlation_id, None)
+        if upload is not None:
+            self._release(upload)
         total = upload.total if upload is not None else int(request.total)
         if not 1 < total <= MAX_CHUNKS:
             return

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from .config import LUMEN_IMPORT_INFO, LUMEN_PACKAGE
 from .exceptions import ModelFilesError, ModelNotFoundError
-from .model_files import GRAPHS, graph_file, locate_model_files
+from .model_files import GRAPHS, declared_model_name, graph_file, locate_model_files
 from .settings import VLMSettings
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,23 @@ def resolve_model(settings: VLMSettings, download: bool = True, progress: bool =
         return _unknown_name(name, cache_target(models_root, name, key), settings.model.precision, key)
     target = cache_target(models_root, source.dirname, key)
     return _resolve_cached(source, target, settings, download, progress)
+
+
+def served_model_id(settings: VLMSettings, model_dir: Path | str) -> str:
+    """The model id a service reports: what a person configured, not where it landed on disk.
+
+    The name in the directory's ``model_info.json`` (a Lumen model) if it has one, else the
+    configured `model` when it is a name or a Hugging Face repo id (``fastvlm-0.5b`` rather than
+    its cache directory ``onnx-community--FastVLM-0.5B-ONNX``), else, for a local path, the
+    directory's name.
+    """
+    declared = declared_model_name(Path(model_dir))
+    if declared:
+        return declared
+    name = settings.model.model
+    if name.strip() and existing_local_dir(name, settings.config_dir) is None:
+        return name
+    return Path(model_dir).name
 
 
 def existing_local_dir(name: str, config_dir: Path | None) -> Path | None:

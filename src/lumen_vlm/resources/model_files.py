@@ -151,6 +151,16 @@ def _model_jsons(files: ModelFiles) -> dict[str, dict[str, Any]]:
     return docs
 
 
+def _declared_name(model_info: dict[str, Any]) -> str | None:
+    name = model_info.get("name")
+    return str(name) if name else None
+
+
+def declared_model_name(root: Path) -> str | None:
+    """The name a Lumen ``model_info.json`` in `root` gives the model, None without one."""
+    return _declared_name(_read_json(root / "model_info.json"))
+
+
 def _token_text(value: Any) -> str | None:
     """tokenizer_config's special tokens are plain strings or AddedToken dicts."""
     if isinstance(value, dict):
@@ -227,9 +237,8 @@ def read_model_facts(files: ModelFiles, token_to_id: Any) -> ModelFacts:
     context = text_config.get("max_position_embeddings") or tok_config.get("model_max_length")
     if not isinstance(context, int) or context <= 0 or context > 10_000_000:
         context = DEFAULT_CONTEXT_LENGTH
-    model_info = docs["model_info"]
     return ModelFacts(
-        model_id=str(model_info.get("name") or files.root.name),
+        model_id=_declared_name(docs["model_info"]) or files.root.name,
         image_token_id=int(image_token_id),
         eos_token_ids=eos_ids,
         chat_template=_chat_template(files.root, tok_config),
