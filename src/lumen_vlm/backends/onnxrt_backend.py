@@ -101,6 +101,23 @@ def default_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
+def _without_arena(options: ort.SessionOptions) -> ort.SessionOptions:
+    """The same options without the CPU memory arena.
+
+    For the vision encoder: its activations at 1024 px are hundreds of MB, needed for one run
+    per new photo; an arena would keep them for the life of the process (measured: ~290 MB of
+    resident memory for fp32), while freeing them costs nothing next to a 1.3 s encode.
+    """
+    copy = ort.SessionOptions()
+    copy.graph_optimization_level = options.graph_optimization_level
+    copy.intra_op_num_threads = options.intra_op_num_threads
+    copy.inter_op_num_threads = options.inter_op_num_threads
+    copy.execution_mode = options.execution_mode
+    copy.log_severity_level = options.log_severity_level
+    copy.enable_cpu_mem_arena = False
+    return copy
+
+
 @dataclass
 class OrtDecoderState(DecoderState):
     """A request's KV cache, held as ORT values between steps (never copied to numpy)."""
@@ -132,7 +149,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._files = files
         self._providers = list(providers or select_providers("auto"))
         options = session_options or default_session_options()
-        self._vision = self._open(files.graphs["vision"], options)
+        self._vision = self._open(files.graphs["vision"], _without_arena(options))
         self._embed = self._open(files.graphs["embed"], options)
         self._decoder = self._open(files.graphs["decoder"], options)
         active = tuple(self._decoder.get_providers())
@@ -141,6 +158,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
         self._kv_dtype = self._input_dtype(self._decoder, self._past_names[0])
         self._embeds_dtype = self._input_dtype(self._decoder, "inputs_embeds")
+        logits_type = next(v.type for v in self._decoder.get_outputs() if v.name == "logits")
+        self._logits_dtype = _ORT_TO_NUMPY.get(logits_type, np.float32)
         self._context_length = context_length
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
@@ -199,13 +218,15 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             raise BackendLoadError(f"decoder graph lacks expected inputs/outputs: {', '.join(missing)}")
         kv_shape = inputs[past_names[0]].shape
         vocab = outputs["logits"].shape[-1]
+        if not isinstance(vocab, int):
+            raise BackendLoadError("the decoder's logits have no fixed vocabulary size")
         hidden = self._embed.get_outputs()[0].shape[-1]
         spec = DecoderSpec(
             num_layers=len(layers),
             num_kv_heads=int(kv_shape[1]),
             head_dim=int(kv_shape[3]),
             hidden_size=int(hidden),
-            vocab_size=int(vocab) if isinstance(vocab, int) else 0,
+            vocab_size=vocab,
         )
         return spec, past_names, present_names
 
@@ -294,13 +315,15 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         binding.bind_cpu_input("position_ids", np.arange(past_length, total, dtype=np.int64).reshape(1, -1))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        # The graph computes logits for every new position; ORT writes them straight into this
+        # buffer (no second copy of the [seq, vocab] block), and only the last row is kept.
+        logits = np.empty((1, new_tokens, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         for name in self._present_names:
             binding.bind_output(name, self._device)
         self._decoder.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0, -1].astype(np.float32)
-        return OrtDecoderState(past=list(outputs[1:]), length=total, last_logits=logits)
+        presents = binding.get_outputs()[1:]
+        return OrtDecoderState(past=list(presents), length=total, last_logits=logits[0, -1].astype(np.float32))
 
     def close(self) -> None:
         # The sessions stay: a generation still finishing may use them; they go with the backend.

@@ -1,0 +1,84 @@
+"""Which ONNX Runtime session options serve the decoder best, measured side by side in one run.
+
+    python benchmarks/session_options.py [--model-dir DIR] [--precisions fp32 q4] [--steps 32]
+
+Each variant loads the decoder afresh, prefills the same ~300-token prompt and decodes the same
+tokens; the table gives medians of --repeats and each variant's speed relative to ORT's defaults.
+Uses the model run_benchmark.py builds (run it once first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend
+from lumen_vlm.resources.model_files import locate_model_files
+
+DEFAULT_MODEL = Path("~/.cache/lumen-vlm/bench/fastvlm-0.5b-random").expanduser()
+
+
+def variants() -> dict[str, dict[str, object]]:
+    cores = os.cpu_count() or 1
+    return {
+        "ORT defaults": {},
+        "1 thread": {"threads": 1},
+        f"{cores} threads, no spinning": {"threads": cores, "spinning": False},
+        "no memory arena": {"arena": False},
+        "basic graph optimizations": {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
+    }
+
+
+def session_options(threads: int = 0, spinning: bool = True, arena: bool = True, level: object = None) -> object:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+def measure(model_dir: Path, precision: str, options: object, steps: int, repeats: int) -> tuple[float, float]:
+    backend = FastVLMONNXBackend(
+        locate_model_files(model_dir, precision), providers=["CPUExecutionProvider"], session_options=options
+    )
+    prompt = np.arange(1000, 1300, dtype=np.int64)
+    prefill, decode = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        state = backend.prefill(prompt, None, -1)
+        prefill.append((time.perf_counter() - start) * 1000.0)
+        start = time.perf_counter()
+        for step in range(steps):
+            backend.decode_step(state, 2000 + step)
+        decode.append(steps / (time.perf_counter() - start))
+    return statistics.median(prefill[1:]), statistics.median(decode[1:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "q4"])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print("| precision | variant | prefill ms | decode tok/s | decode vs defaults |")
+    print("|---|---|---|---|---|")
+    for precision in args.precisions:
+        baseline = None
+        for name, knobs in variants().items():
+            prefill_ms, tok_s = measure(args.model_dir, precision, session_options(**knobs), args.steps, args.repeats)
+            baseline = baseline or tok_s
+            print(f"| {precision} | {name} | {prefill_ms:.0f} | {tok_s:.1f} | {tok_s / baseline:.2f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
