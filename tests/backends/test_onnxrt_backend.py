@@ -192,3 +192,27 @@ def test_max_new_tokens_is_clamped_to_the_context(manager: FastVLMModelManager, 
         GenerationRequest(request.messages, request.image, GenerationParams(max_new_tokens=10**6))
     )
     assert prepared.max_new_tokens == manager.context_length - prepared.input_ids.size
+
+
+def test_saved_optimized_graphs_give_the_same_tokens(
+    tmp_path: Path, tiny_model_dir: Path, golden: dict[str, Any]
+) -> None:
+    cache = tmp_path / "ort-optimized"
+    first = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
+    saved = sorted(p.name for p in cache.glob("*/*"))
+    assert saved.count("model.onnx") == 2 and saved.count("model.onnx.data") >= 1, saved  # vision, embed
+    stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*")}
+    again = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*")} == stamps, "the second load reuses the saved graphs"
+    for manager in (first, again):
+        for case in golden["cases"]:
+            assert_case_matches(manager, case)
+
+
+def test_a_damaged_saved_graph_is_discarded(tmp_path: Path, tiny_model_dir: Path, golden: dict[str, Any]) -> None:
+    cache = tmp_path / "ort-optimized"
+    FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
+    for graph in cache.glob("*/model.onnx"):
+        graph.write_bytes(b"garbage")
+    manager = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
+    assert_case_matches(manager, golden["cases"][0])

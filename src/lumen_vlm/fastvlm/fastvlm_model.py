@@ -134,6 +134,7 @@ class FastVLMModelManager:
         providers: Sequence[Any] | None = None,
         intra_op_threads: int = 0,
         prefix_cache_bytes: int = 256 << 20,
+        optimized_graph_dir: Path | None = None,
         **manager_options: Any,
     ) -> FastVLMModelManager:
         """Load a model directory with the ONNX Runtime backend."""
@@ -148,6 +149,7 @@ class FastVLMModelManager:
             session_options=default_session_options(intra_op_threads),
             context_length=facts.context_length,
             prefix_cache_bytes=prefix_cache_bytes,
+            optimized_graph_dir=optimized_graph_dir,
         )
         return cls(backend, tokenizer, facts, **manager_options)
 
@@ -161,6 +163,7 @@ class FastVLMModelManager:
             providers=settings.backend.providers,
             intra_op_threads=threads_per_generation(settings),
             image_limits=image_limits(settings.limits),
+            optimized_graph_dir=settings.cache_dir / "ort-optimized",
         )
 
     @staticmethod
