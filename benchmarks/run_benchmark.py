@@ -326,6 +326,56 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def target_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The performance targets as table rows: what each asks, this run's value, met or not."""
+    engines = {r["engine"]: r for r in results}
+    fp32, q4, ref = engines.get("lumen-fp32"), engines.get("lumen-q4"), engines.get("transformers")
+    if not (fp32 and q4 and ref):
+        return []
+    fp32_speedup = fp32["decode_tok_s"] / ref["decode_tok_s"]
+    q4_speedup = q4["decode_tok_s"] / ref["decode_tok_s"]
+    ttft_ratio = fp32["ttft_ms"] / ref["ttft_ms"]
+    repeat_ratio = fp32["same_photo_ttft_ms"] / fp32["ttft_ms"]
+    checks = [
+        (
+            "fp32 decode >= 90% of the bandwidth ceiling",
+            f"{fp32['bandwidth_fraction']:.0%}",
+            fp32["bandwidth_fraction"] >= 0.9,
+        ),
+        ("fp32 decode >= 2x transformers", f"{fp32_speedup:.2f}x", fp32_speedup >= 2.0),
+        ("q4 decode >= 8x transformers", f"{q4_speedup:.2f}x", q4_speedup >= 8.0),
+        ("TTFT, new photo (fp32) <= 0.6x transformers", f"{ttft_ratio:.2f}x", ttft_ratio <= 0.6),
+        ("same photo, new question: TTFT <= 25% of the first", f"{repeat_ratio:.0%}", repeat_ratio <= 0.25),
+    ]
+    for r in (fp32, engines.get("lumen-int8"), q4):
+        if r:
+            ratio = r["peak_rss_mb"] * 1e6 / r["model_bytes"]
+            checks.append((f"{r['engine']} peak RSS <= model files + 25%", f"{ratio:.2f}x the files", ratio <= 1.25))
+    return [f"| {name} | {value} | {'met' if met else 'not met'} |" for name, value, met in checks]
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cores']} cores, {machine['memory_gib']} GiB; "
+        f"Python {machine['python']}, onnxruntime {machine['onnxruntime']}. "
+        f"Memory read bandwidth measured in the same run: {report['memory_read_gb_s']:.1f} GB/s.",
+        "",
+        f"Model: random-weight FastVLM-0.5B ({report['size']}), one 1024x1024 photo, a ~20-token question, "
+        f"{report['new_tokens']} new tokens (greedy, EOS ignored); medians of {report['runs']} runs after a "
+        "warm-up; every engine in its own process, one after another, same threads.",
+        "",
+        markdown_table(report["results"]),
+        "",
+    ]
+    targets = target_lines(report["results"])
+    if targets:
+        lines += ["| target | this run | |", "|---|---|---|", *targets, ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 run: a smoke test, not a measurement")
@@ -334,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="use (and cache) the model here")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--markdown", type=Path, help="write the report here (e.g. benchmarks/RESULTS.md)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -372,12 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"machine: {report['machine']}")
-    print(
-        f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s; {size} model, "
-        f"median of {runs} runs, {new_tokens} new tokens"
-    )
-    print(markdown_table(results))
+    text = report_markdown(report)
+    if args.markdown:
+        args.markdown.write_text(text)
+    print(text)
     return 0
 
 
