@@ -212,15 +212,17 @@ def test_version() -> None:
     assert result.stdout.startswith("lumen-vlm ")
 
 
-def test_describe_prints_the_answer() -> None:
+@pytest.mark.parametrize("source", ["--model", "--config"])
+def test_describe_prints_the_answer(tmp_path: Path, source: str) -> None:
     golden = json.loads((GOLDEN / "golden.json").read_text())["cases"][0]
+    model = str(TINY_MODEL) if source == "--model" else str(write_config(tmp_path / "config.yaml", free_port()))
     result = run_cli(
         "describe",
         str(GOLDEN / golden["image"]),
         "--prompt",
         golden["messages"][0]["content"],
-        "--model",
-        str(TINY_MODEL),
+        source,
+        model,
         "--max-new-tokens",
         str(golden["max_new_tokens"]),
     )
@@ -325,20 +327,3 @@ def test_unloadable_settings_exit_2_before_loading(tmp_path: Path, change: dict,
     assert key in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert "port" not in result.stderr.split(key)[0], "nothing was started before the error"
-
-
-def test_describe_with_a_config(tmp_path: Path) -> None:
-    golden = json.loads((GOLDEN / "golden.json").read_text())["cases"][0]
-    config = write_config(tmp_path / "config.yaml", free_port())
-    result = run_cli(
-        "describe",
-        str(GOLDEN / golden["image"]),
-        "--prompt",
-        golden["messages"][0]["content"],
-        "--config",
-        str(config),
-        "--max-new-tokens",
-        str(golden["max_new_tokens"]),
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == golden["text"] + "\n"
