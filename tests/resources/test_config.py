@@ -337,3 +337,10 @@ def test_onnx_providers_must_be_names_or_pairs(tmp_path: Path) -> None:
     assert ok.backend.providers == ["CUDAExecutionProvider", ["CPUExecutionProvider", {"a": 1}]]
     with pytest.raises(ConfigError, match=r"onnx_providers\[0\]"):
         settings_from_mapping(with_providers([5]))
+
+
+def test_the_example_config_loads() -> None:
+    settings = load_settings(Path(__file__).resolve().parents[2] / "config.example.yaml")
+    assert settings.model.model == "fastvlm-0.5b"
+    assert settings.model.precision == "q4"
+    assert settings.server.port == 50051
