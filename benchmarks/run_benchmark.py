@@ -150,7 +150,7 @@ def lumen_worker(model_dir: Path, precision: str, runs: int, new_tokens: int) ->
     from lumen_vlm.fastvlm.image import image_to_pixels
 
     # As the server loads it: with ORT's optimized graphs saved in the cache (made on first use).
-    optimized = CACHE / "ort-optimized"
+    optimized = model_dir.parent / "ort-optimized"  # beside the model: --quick's goes with its temp dir
     FastVLMModelManager.from_model_dir(model_dir, precision=precision, optimized_graph_dir=optimized).close()
     reset_peak_rss()
     load_ms, manager = timed(

@@ -10,7 +10,6 @@ Uses the model run_benchmark.py builds (run it once first).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ DEFAULT_MODEL = Path("~/.cache/lumen-vlm/bench/fastvlm-0.5b-random").expanduser(
 
 
 def variants() -> dict[str, dict[str, object]]:
-    cores = os.cpu_count() or 1
     return {
         "ORT defaults": {},
         "1 thread": {"threads": 1},
-        f"{cores} threads, no spinning": {"threads": cores, "spinning": False},
+        "no spinning": {"spinning": False},
         "no memory arena": {"arena": False},
         "basic graph optimizations": {"level": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC},
     }

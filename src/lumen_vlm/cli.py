@@ -122,11 +122,16 @@ def describe_main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     try:
         settings = _settings_for_describe(args)
-        image = args.image.read_bytes()
-        manager = FastVLMModelManager.from_settings(settings, _resolve(settings))
-    except (ResourceError, OSError) as exc:
+        model_dir = _resolve(settings)
+    except ResourceError as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
+    try:
+        image = args.image.read_bytes()
+    except OSError as exc:
+        log.error("cannot read %s: %s", args.image, exc)
+        return 1
+    manager = FastVLMModelManager.from_settings(settings, model_dir)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=args.temperature))
     request = GenerationRequest([{"role": "user", "content": args.prompt}], image, params)
     try:

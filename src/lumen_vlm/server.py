@@ -54,7 +54,8 @@ class SwitchableInference(ml_service_pb2_grpc.InferenceServicer):
         # the service as soon as it is ready.
         requests = iter(request_iterator)
         for request in requests:
-            if self._service is not None:
+            # Hand over only where a request starts: a chunked upload stays on one side.
+            if self._service is not None and request.seq == 0:
                 yield from self._service.Infer(itertools.chain([request], requests), context)
                 return
             if request.total > 1 and request.seq + 1 < request.total:

@@ -216,3 +216,26 @@ def test_a_damaged_saved_graph_is_discarded(tmp_path: Path, tiny_model_dir: Path
         graph.write_bytes(b"garbage")
     manager = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     assert_case_matches(manager, golden["cases"][0])
+
+
+def test_a_changed_source_replaces_its_saved_graph(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cache = tmp_path / "ort-optimized"
+    FastVLMModelManager.from_model_dir(model_dir, optimized_graph_dir=cache)
+    before = {p.name for p in cache.iterdir()}
+    vision = model_dir / "onnx" / "vision_encoder.onnx"
+    vision.write_bytes(vision.read_bytes())  # same content, new mtime: a new version of the file
+    FastVLMModelManager.from_model_dir(model_dir, optimized_graph_dir=cache)
+    after = {p.name for p in cache.iterdir()}
+    assert len(after) == len(before) == 2, "the old save of the vision graph was removed"
+    assert len(after - before) == 1
+
+
+def test_an_unwritable_cache_falls_back_to_the_source_graphs(
+    tmp_path: Path, tiny_model_dir: Path, golden: dict[str, Any]
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    manager = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=blocked)
+    assert_case_matches(manager, golden["cases"][0])

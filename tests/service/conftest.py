@@ -8,8 +8,11 @@ step down or holds it until released, instead of relying on how fast this machin
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -39,6 +42,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
 ]
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+# Settings' cache (saved ORT graphs, node uuid) goes to a temporary directory, never the source tree.
+CACHE_DIR = Path(tempfile.mkdtemp(prefix="lumen-vlm-test-cache-"))
+atexit.register(shutil.rmtree, CACHE_DIR, True)
 QUESTION = "What do you see in this image?"
 
 
@@ -49,7 +55,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> VLMSettings:
     admission = replace(admission, **{k: v for k, v in overrides.items() if hasattr(admission, k)})
     limits = replace(limits, **{k: v for k, v in overrides.items() if hasattr(limits, k)})
     return VLMSettings(
-        cache_dir=model_dir.parent,
+        cache_dir=CACHE_DIR,
         model=ModelSettings(alias="fastvlm", model=str(model_dir), model_dir=model_dir),
         limits=limits,
         admission=admission,

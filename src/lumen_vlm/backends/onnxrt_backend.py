@@ -129,10 +129,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         optimized_graph_dir: Path | None = None,
     ) -> None:
         started = time.perf_counter()
-        # Decoder states are never modified in place (each step makes new ORT values), so a
-        # cached prefix can be shared by concurrent requests.
+        # A cached prefix state is never handed out: requests continue from its ORT values
+        # (read-only inputs), so concurrent requests can share it.
         self.prefix_cache: ByteBudgetLRU[OrtDecoderState] = ByteBudgetLRU(prefix_cache_bytes, _state_bytes)
-        self._files = files
         self._providers = list(providers or select_providers("auto"))
         # Saved optimized graphs hold CPU-specific rewrites: used with the CPU provider only.
         cpu_only = provider_names(self._providers) == ["CPUExecutionProvider"]

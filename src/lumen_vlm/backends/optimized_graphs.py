@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -56,17 +57,22 @@ def _machine_fingerprint() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def cache_key(source: Path, options: ort.SessionOptions) -> str:
-    stat = source.stat()
-    parts = [
-        str(source.resolve()),
-        str(stat.st_size),
-        str(stat.st_mtime_ns),
-        ort.__version__,
-        str(options.graph_optimization_level),
-        _machine_fingerprint(),
-    ]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def source_ids(source: Path) -> tuple[str, str]:
+    """(the source graph's path, its version: size and mtime of it and its weight files)."""
+    version = []
+    for path in sorted(source.parent.glob(source.name + "*")):  # X.onnx, X.onnx_data, X.onnx.data
+        stat = path.stat()
+        version.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return _digest([str(source.resolve())]), _digest(version)
+
+
+def environment_id(options: ort.SessionOptions) -> str:
+    """Names what the optimized graph depends on besides its source."""
+    return _digest([ort.__version__, str(options.graph_optimization_level), _machine_fingerprint()])
 
 
 class OptimizedGraphCache:
@@ -76,24 +82,27 @@ class OptimizedGraphCache:
         self.root = root
 
     def open(self, source: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
-        target = self.root / cache_key(source, options)
-        if not (target / GRAPH_NAME).is_file():
-            self._save_optimized(source, options, providers, target)
-        saved = target / GRAPH_NAME
+        """A session on the saved optimized graph, saving it first if needed; the source graph
+        itself when the cache cannot be used (read-only or full disk, a damaged entry)."""
+        path_id, version_id = source_ids(source)
+        target = self.root / f"{path_id}-{version_id}-{environment_id(options)}"
         try:
+            if not (target / GRAPH_NAME).is_file():
+                self._save_optimized(source, options, providers, target)
             return ort.InferenceSession(
-                str(saved),
+                str(target / GRAPH_NAME),
                 sess_options=copy_options(options, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
                 providers=providers,
             )
-        except Exception as exc:  # a damaged cache entry: drop it, use the source graph
-            log.warning("discarding the optimized copy of %s (%s)", source.name, exc)
+        except Exception as exc:  # the cache is an optimization: never a reason to fail a load
+            log.warning("not using a saved optimized %s (%s)", source.name, exc)
             shutil.rmtree(target, ignore_errors=True)
             return ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
     def _save_optimized(self, source: Path, options: ort.SessionOptions, providers: list, target: Path) -> None:
         """Let ORT optimize `source` once and write the result; concurrent writers race harmlessly."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale(target)
         staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=self.root))
         try:
             saving = copy_options(options)
@@ -109,3 +118,13 @@ class OptimizedGraphCache:
                 log.info("saved ORT's optimized %s for faster, leaner loading", source.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _remove_stale(self, target: Path) -> None:
+        """Drop older saves of the same source (another version of its files, of ORT, of the
+        machine) and staging folders a killed process left behind, an hour or more old."""
+        source_prefix = target.name.split("-", 1)[0] + "-"
+        hour_ago = time.time() - 3600
+        for entry in self.root.iterdir():
+            stale_staging = entry.name.startswith(".saving-") and entry.stat().st_mtime < hour_ago
+            if entry != target and (entry.name.startswith(source_prefix) or stale_staging):
+                shutil.rmtree(entry, ignore_errors=True)

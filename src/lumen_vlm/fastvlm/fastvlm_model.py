@@ -36,7 +36,7 @@ from ..generation import (
 from ..resources.exceptions import ConfigError, ModelFilesError
 from ..resources.model_files import ModelFacts, locate_model_files, read_model_facts
 from ..resources.model_spec import ImageSpec, ResizeMode
-from ..resources.settings import VLMSettings, threads_per_generation
+from ..resources.settings import VLMSettings
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
 from .prompt import ChatTemplate, encode_prompt, render_messages
@@ -161,7 +161,9 @@ class FastVLMModelManager:
             precision=settings.model.precision,
             device=settings.backend.device,
             providers=settings.backend.providers,
-            intra_op_threads=threads_per_generation(settings),
+            # ORT's intra-op pool belongs to the session and is shared by concurrent runs, so
+            # its default (one thread per physical core) is right however many run at once.
+            intra_op_threads=settings.backend.intra_op_threads,
             image_limits=image_limits(settings.limits),
             optimized_graph_dir=settings.cache_dir / "ort-optimized",
         )

@@ -87,11 +87,3 @@ class VLMSettings:
     service_name: str = "vlm"
     region: str = "other"  # metadata.region: where lumen-resources' Downloader fetches Lumen models
     config_dir: Path | None = None  # the config file's directory: relative model paths resolve from it
-
-
-def threads_per_generation(settings: VLMSettings) -> int:
-    """ONNX Runtime threads for one generation: configured, else the cores shared out among the
-    concurrent generations, so that a full server does not oversubscribe the CPU."""
-    if settings.backend.intra_op_threads:
-        return settings.backend.intra_op_threads
-    return max(1, (os.cpu_count() or 1) // settings.admission.max_concurrency)
