@@ -31,9 +31,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
 from ..text import shown
+from .admission import Admission, CallControl, ClientGone, ServiceError, Unavailable, watch_termination
 from .exceptions import InputError
 from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
 from .image import IMAGE_MIMES
@@ -62,9 +61,6 @@ TEXT_MIME = "text/plain;charset=utf-8"
 
 ErrorCode = ml_service_pb2.ErrorCode
 
-# A waiting request re-checks its call this often, so a cancelled waiter leaves the queue
-# promptly even on a context without add_callback.
-_WAIT_SLICE_S = 0.05
 # Room for a request's meta (messages can be up to max_messages_chars) beside its payload.
 _MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 # Unfinished chunked uploads, all streams together, may hold this many whole payloads.
@@ -72,26 +68,6 @@ _UPLOAD_BUDGET_PAYLOADS = 4
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class ServiceError(Exception):
-    """An error the service answers with a specific code."""
-
-    code: int = ErrorCode.ERROR_CODE_INTERNAL
-
-
-class Unavailable(ServiceError):
-    """Overloaded, shutting down or not ready: the client may retry later."""
-
-    code = ErrorCode.ERROR_CODE_UNAVAILABLE
-
-
-class DeadlineExceeded(ServiceError):
-    code = ErrorCode.ERROR_CODE_DEADLINE_EXCEEDED
-
-
-class ClientGone(Exception):
-    """The client cancelled or disconnected: stop, nothing can be answered."""
 
 
 def error_code_for(exc: BaseException) -> int:
@@ -106,162 +82,6 @@ def error_code_for(exc: BaseException) -> int:
 
 
 # --------------------------------------------------------------------------- the call
-
-
-def watch_termination(context: Any) -> threading.Event:
-    """An event set when the RPC terminates (cancelled, disconnected, deadline, or done).
-
-    Registered once per stream: grpc keeps every callback until the RPC ends.
-    """
-    terminated = threading.Event()
-    add_callback = getattr(context, "add_callback", None)
-    if callable(add_callback):
-        try:
-            add_callback(terminated.set)
-        except Exception:  # a foreign context may refuse; is_active() still works
-            log.debug("context.add_callback failed; relying on is_active()", exc_info=True)
-    return terminated
-
-
-class CallControl:
-    """What one request needs to know about its call: cancelled, past its deadline, shut down.
-
-    The gRPC context is read defensively (any attribute may be missing), so the service works
-    with grpc's context, a hub's own context, or none at all.
-    """
-
-    def __init__(self, context: Any, terminated: threading.Event | None = None) -> None:
-        self._context = context
-        self._terminated = terminated or watch_termination(context)
-        self.server_cancelled = threading.Event()  # cancel_all(): the server is going down
-
-    def time_remaining(self) -> float | None:
-        remaining = getattr(self._context, "time_remaining", None)
-        if not callable(remaining):
-            return None
-        try:
-            value = remaining()
-        except Exception:
-            return None
-        return None if value is None else float(value)
-
-    def is_active(self) -> bool:
-        if self._terminated.is_set():
-            return False
-        active = getattr(self._context, "is_active", None)
-        if not callable(active):
-            return True
-        try:
-            return bool(active())
-        except Exception:
-            return True
-
-    def check(self) -> None:
-        """Raise if the request must stop: Unavailable, DeadlineExceeded or ClientGone."""
-        if self.server_cancelled.is_set():
-            raise Unavailable("the server is shutting down; the generation was cancelled")
-        remaining = self.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's deadline passed")
-        if not self.is_active():
-            raise ClientGone()
-
-
-# --------------------------------------------------------------------------- admission
-
-
-class Admission:
-    """At most `max_concurrency` generations at once, at most `max_queue` waiting, FIFO.
-
-    A request that finds the queue full is refused at once: under overload a fast
-    UNAVAILABLE lets the client back off or try another instance, a long wait does not.
-    """
-
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
-        self.max_concurrency = max(1, int(max_concurrency))
-        self.max_queue = max(0, int(max_queue))
-        self._cond = threading.Condition()
-        self._active = 0
-        self._queue: deque[object] = deque()
-        self._closed = False
-
-    @property
-    def active(self) -> int:
-        with self._cond:
-            return self._active
-
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
-    @contextmanager
-    def slot(self, queue_timeout_s: float, control: CallControl) -> Iterator[None]:
-        """Hold a generation slot for the block."""
-        self._acquire(queue_timeout_s, control)
-        try:
-            yield
-        finally:
-            self._release()
-
-    def close(self) -> None:
-        """Refuse new requests and wake the waiting ones, which then give up."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._active == 0 and not self._queue, timeout)
-
-    def _acquire(self, queue_timeout_s: float, control: CallControl) -> None:
-        started = time.monotonic()
-        ticket = object()
-        with self._cond:
-            self._raise_if_closed()
-            if self._active < self.max_concurrency and not self._queue:
-                self._active += 1
-                return
-            if len(self._queue) >= self.max_queue:
-                raise Unavailable(
-                    f"server busy: {self._active} generations running, {len(self._queue)} waiting "
-                    f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
-                )
-            self._queue.append(ticket)
-        try:
-            self._wait_for_turn(ticket, started, queue_timeout_s, control)
-        except BaseException:
-            with self._cond:
-                if ticket in self._queue:
-                    self._queue.remove(ticket)
-                self._cond.notify_all()  # the next in line may now be at the head
-            raise
-
-    def _wait_for_turn(self, ticket: object, started: float, queue_timeout_s: float, control: CallControl) -> None:
-        while True:
-            with self._cond:
-                self._raise_if_closed()
-                if self._queue[0] is ticket and self._active < self.max_concurrency:
-                    self._queue.popleft()
-                    self._active += 1
-                    self._cond.notify_all()
-                    return
-                self._cond.wait(_WAIT_SLICE_S)
-            # Checked outside our lock: the context takes grpc's own lock. A deadline that
-            # passes while waiting answers DEADLINE_EXCEEDED from here.
-            control.check()
-            waited = time.monotonic() - started
-            if waited >= queue_timeout_s:
-                raise Unavailable(f"no generation slot became free within {queue_timeout_s:g} s; retry later")
-
-    def _release(self) -> None:
-        with self._cond:
-            self._active -= 1
-            self._cond.notify_all()
-
-    def _raise_if_closed(self) -> None:
-        if self._closed:
-            raise Unavailable("the server is shutting down")
 
 
 # --------------------------------------------------------------------------- responses
