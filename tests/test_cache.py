@@ -34,3 +34,38 @@ def test_zero_budget_disables() -> None:
     cache.put("a", b"x")
     assert cache.get("a") is None
     assert (cache.hits, cache.misses) == (0, 1)
+
+
+def test_concurrent_callers_share_one_computation() -> None:
+    import threading
+    import time
+
+    cache: ByteBudgetLRU[bytes] = ByteBudgetLRU(100, len)
+    calls = 0
+    started = threading.Event()
+
+    def slow_compute() -> bytes:
+        nonlocal calls
+        calls += 1
+        started.set()
+        time.sleep(0.2)  # long enough for the other callers to arrive and wait
+        return b"value"
+
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get_or_compute("k", slow_compute))) for _ in range(4)
+    ]
+    threads[0].start()
+    started.wait(10)
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [b"value"] * 4
+    assert calls == 1
+
+
+def test_get_or_compute_with_no_budget_computes_each_time() -> None:
+    cache: ByteBudgetLRU[bytes] = ByteBudgetLRU(0, len)
+    assert cache.get_or_compute("k", lambda: b"a") == b"a"
+    assert cache.get_or_compute("k", lambda: b"b") == b"b"

@@ -22,17 +22,21 @@ class ByteBudgetLRU(Generic[V]):
         self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._computing: dict[Hashable, threading.Lock] = {}
         self.hits = 0
         self.misses = 0
 
     def get(self, key: Hashable) -> V | None:
+        return self._lookup(key, count=True)
+
+    def _lookup(self, key: Hashable, count: bool) -> V | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
-                self.misses += 1
+                self.misses += count
                 return None
             self._items.move_to_end(key)
-            self.hits += 1
+            self.hits += count
             return item[0]
 
     def put(self, key: Hashable, value: V) -> None:
@@ -48,6 +52,25 @@ class ByteBudgetLRU(Generic[V]):
             while self._bytes > self.max_bytes:
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
+        """The cached value, else `compute()`'s, kept. Concurrent callers for one key wait for a
+        single computation instead of each repeating it (a photo asked about twice at once)."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        with self._lock:
+            key_lock = self._computing.setdefault(key, threading.Lock())
+        try:
+            with key_lock:
+                value = self._lookup(key, count=False)  # computed by the caller we waited for
+                if value is None:
+                    value = compute()
+                    self.put(key, value)
+                return value
+        finally:
+            with self._lock:
+                self._computing.pop(key, None)
 
     @property
     def bytes_used(self) -> int:

@@ -275,10 +275,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # The prompt up to and including the image is often repeated (a new question about the
         # same photo): its KV cache is kept, and only the rest of the prompt is run.
         key = (image_key, input_ids[:split].tobytes())
-        prefix = self.prefix_cache.get(key)
-        if prefix is None:
-            prefix = self._run_decoder(embeds[:, :split], self._empty_past(), past_length=0)
-            self.prefix_cache.put(key, prefix)
+        prefix = self.prefix_cache.get_or_compute(
+            key, lambda: self._run_decoder(embeds[:, :split], self._empty_past(), past_length=0)
+        )
         return self._run_decoder(embeds[:, split:], prefix.past, past_length=split)
 
     def _check_prompt_length(self, n_tokens: int) -> None:

@@ -217,12 +217,13 @@ class FastVLMModelManager:
         """Image bytes -> (features, content key); features come from the cache when seen before."""
         spec: ImageSpec = self.image_spec if resize_mode is None else replace(self.image_spec, mode=resize_mode)
         key = f"{hashlib.sha256(image).hexdigest()}:{spec.mode.value}"
-        features = self.feature_cache.get(key)
-        if features is None:
+
+        def encode() -> np.ndarray:
             features = self.backend.encode_image(image_to_pixels(image, spec, self.image_limits))
             features.setflags(write=False)  # shared by every request about this image
-            self.feature_cache.put(key, features)
-        return features, key
+            return features
+
+        return self.feature_cache.get_or_compute(key, encode), key
 
     def prompt_ids(self, messages: Sequence[Any], image_tokens: int | None, add_generation_prompt: bool) -> np.ndarray:
         prompt = render_messages(messages, self.template, image_tokens is not None, add_generation_prompt)
