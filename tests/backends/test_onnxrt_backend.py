@@ -200,7 +200,9 @@ def test_saved_optimized_graphs_give_the_same_tokens(
     cache = tmp_path / "ort-optimized"
     first = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     saved = sorted(p.name for p in cache.glob("*/*"))
-    assert saved.count("model.onnx") == 2 and saved.count("model.onnx.data") >= 1, saved  # vision, embed
+    # ORT's optimized vision and embedding graphs, and the decoder with last-position logits.
+    assert saved.count("model.onnx") == 3 and saved.count("model.onnx.data") >= 1, saved
+    assert first.backend.last_position_logits, "prefill computes the last position's logits only"
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*")}
     again = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*")} == stamps, "the second load reuses the saved graphs"
@@ -228,7 +230,7 @@ def test_a_changed_source_replaces_its_saved_graph(tmp_path: Path, tiny_model_di
     vision.write_bytes(vision.read_bytes())  # same content, new mtime: a new version of the file
     FastVLMModelManager.from_model_dir(model_dir, optimized_graph_dir=cache)
     after = {p.name for p in cache.iterdir()}
-    assert len(after) == len(before) == 2, "the old save of the vision graph was removed"
+    assert len(after) == len(before) == 3, "the old save of the vision graph was removed"
     assert len(after - before) == 1
 
 
@@ -239,3 +241,18 @@ def test_an_unwritable_cache_falls_back_to_the_source_graphs(
     blocked.write_text("a file where the cache directory should be")
     manager = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=blocked)
     assert_case_matches(manager, golden["cases"][0])
+
+
+def test_last_position_logits_where_the_graph_allows(tmp_path: Path, quantized_model_dir: Path) -> None:
+    cache = tmp_path / "ort-optimized"
+    q4 = FastVLMModelManager.from_model_dir(quantized_model_dir, precision="q4", optimized_graph_dir=cache)
+    assert q4.backend.last_position_logits  # MatMulNBits output projection: sliced
+    full = FastVLMModelManager.from_model_dir(quantized_model_dir, precision="q4")
+    ids = np.arange(10, 60, dtype=np.int64)
+    sliced, reference = q4.backend.prefill(ids, None, -1), full.backend.prefill(ids, None, -1)
+    assert np.abs(sliced.logits - reference.logits).max() < 1e-4
+    # int8 (dynamic quantization): the projection is a MatMulInteger chain, left as it is, and
+    # that finding is remembered so the source is not parsed again at the next start.
+    int8 = FastVLMModelManager.from_model_dir(quantized_model_dir, precision="int8", optimized_graph_dir=cache)
+    assert not int8.backend.last_position_logits
+    assert len(list(cache.glob("*-last-logits/unsupported.txt"))) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,9 +143,11 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # resident memory for fp32), at no measurable cost next to a 1.3 s encode.
         self._vision = self._open(files.graphs["vision"], copy_options(options, enable_cpu_mem_arena=False))
         self._embed = self._open(files.graphs["embed"], options)
-        # Not the decoder: its saved graph's memory-mapped weights are not pre-packed for the
-        # GEMM kernels, and decoding measured ~18% slower that way.
-        self._decoder = self._open(files.graphs["decoder"], options, reuse_optimized=False)
+        # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
+        # the GEMM kernels, and decoding measured ~18% slower that way. A copy that computes
+        # logits for the last position only is used when one can be made.
+        # Whether prefill's logits come for the last position only (else for every position).
+        self._decoder, self.last_position_logits = self._open_decoder(files.graphs["decoder"], options)
         active = tuple(self._decoder.get_providers())
         self._device = _device_type(active)
         self._vision_spec = self._read_vision_spec()
@@ -180,6 +183,17 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
             raise BackendLoadError(f"cannot load {path}: {exc}") from exc
+
+    def _open_decoder(self, source: Path, options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
+        """(decoder session, whether its logits cover the last position only)."""
+        last_logits = self._graph_cache.decoder_with_last_logits(source) if self._graph_cache else None
+        if last_logits is not None:
+            try:
+                return self._open(last_logits, options, reuse_optimized=False), True
+            except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
+                log.warning("discarding %s (%s)", last_logits.parent, exc)
+                shutil.rmtree(last_logits.parent, ignore_errors=True)
+        return self._open(source, options, reuse_optimized=False), False
 
     @staticmethod
     def _input_dtype(session: ort.InferenceSession, name: str) -> type:
@@ -311,7 +325,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             binding.bind_ortvalue_input(name, value)
         # The graph computes logits for every new position; ORT writes them straight into this
         # buffer (no second copy of the [seq, vocab] block), and only the last row is kept.
-        logits = np.empty((1, new_tokens, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
+        rows = 1 if self.last_position_logits else new_tokens
+        logits = np.empty((1, rows, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         for name in self._present_names:
             binding.bind_output(name, self._device)

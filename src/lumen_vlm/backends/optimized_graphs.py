@@ -20,6 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 GRAPH_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"
+UNSUPPORTED_NAME = "unsupported.txt"
 
 
 def copy_options(options: ort.SessionOptions, **changes: object) -> ort.SessionOptions:
@@ -99,32 +101,110 @@ class OptimizedGraphCache:
             shutil.rmtree(target, ignore_errors=True)
             return ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
+    def decoder_with_last_logits(self, source: Path) -> Path | None:
+        """A copy of the decoder graph whose logits cover the last position only, saved once.
+
+        The public graphs compute logits for every prompt position, a [seq, vocab] product that
+        prefill throws away but for its last row (measured: 22% of a q4 prefill). The copy
+        slices the hidden states before the output projection, so prefill computes one row;
+        a decode step, one position anyway, is unchanged. None when the graph's output
+        projection is not a plain (or 4-bit) MatMul, or the copy cannot be made.
+        """
+        path_id, version_id = source_ids(source)
+        target = self.root / f"{path_id}-{version_id}-last-logits"
+        if not target.is_dir():
+            try:
+                self._write_staged(target, source.name, lambda staging: _save_last_logits_copy(source, staging))
+            except Exception as exc:  # never a reason to fail a load
+                log.warning("keeping full-sequence logits for %s (%s)", source.name, exc)
+                return None
+        # An entry without a graph records that this source's graph has another shape, so the
+        # (large) source is not parsed again at every start.
+        return target / GRAPH_NAME if (target / GRAPH_NAME).is_file() else None
+
     def _save_optimized(self, source: Path, options: ort.SessionOptions, providers: list, target: Path) -> None:
-        """Let ORT optimize `source` once and write the result; concurrent writers race harmlessly."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale(target)
-        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=self.root))
-        try:
+        """Let ORT optimize `source` once and write the result."""
+
+        def save(staging: Path) -> None:
             saving = copy_options(options)
             saving.optimized_model_filepath = str(staging / GRAPH_NAME)
             saving.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS_NAME)
             saving.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             ort.InferenceSession(str(source), sess_options=saving, providers=providers)
+
+        self._write_staged(target, source.name, save)
+
+    def _write_staged(self, target: Path, what: str, write: Callable[[Path], None]) -> None:
+        """Write an entry in a staging folder, then rename it into place; concurrent writers race
+        harmlessly (the first rename wins)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale(target)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=self.root))
+        try:
+            write(staging)
             try:
                 os.rename(staging, target)  # atomic; fails if another process got there first
             except OSError:
                 pass
             else:
-                log.info("saved ORT's optimized %s for faster, leaner loading", source.name)
+                log.info("saved a derived copy of %s in %s", what, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _remove_stale(self, target: Path) -> None:
-        """Drop older saves of the same source (another version of its files, of ORT, of the
-        machine) and staging folders a killed process left behind, an hour or more old."""
+        """Drop older entries of the same kind for the same source (another version of its
+        files, of ORT, of the machine) and staging folders a killed process left, an hour old."""
         source_prefix = target.name.split("-", 1)[0] + "-"
+        kind = target.name.endswith("-last-logits")
         hour_ago = time.time() - 3600
         for entry in self.root.iterdir():
             stale_staging = entry.name.startswith(".saving-") and entry.stat().st_mtime < hour_ago
-            if entry != target and (entry.name.startswith(source_prefix) or stale_staging):
+            same_kind = entry.name.startswith(source_prefix) and entry.name.endswith("-last-logits") == kind
+            if entry != target and (same_kind or stale_staging):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _logits_projection(graph: object) -> tuple[int, object] | None:
+    """(index, node) of the MatMul that projects hidden states to the `logits` output, looking
+    through Casts; None for any other shape of graph (e.g. an int8 MatMulInteger chain)."""
+    producers = {output: (index, node) for index, node in enumerate(graph.node) for output in node.output}
+    found = producers.get("logits")
+    while found is not None and found[1].op_type == "Cast":
+        found = producers.get(found[1].input[0])
+    if found is None or found[1].op_type not in ("MatMul", "MatMulNBits"):
+        return None
+    return found
+
+
+def _save_last_logits_copy(source: Path, staging: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))  # with its external weights, if any
+    found = _logits_projection(model.graph)
+    if found is None:
+        log.info("%s: logits do not come from a MatMul over the hidden states; kept as they are", source.name)
+        (staging / UNSUPPORTED_NAME).write_text("logits are not a MatMul over the hidden states\n")
+        return
+    index, projection = found
+    hidden = projection.input[0]
+    bounds = {
+        "lumen_last_position_start": np.array([-1], dtype=np.int64),
+        "lumen_last_position_end": np.array([np.iinfo(np.int64).max], dtype=np.int64),
+        "lumen_last_position_axis": np.array([1], dtype=np.int64),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in bounds.items())
+    last = hidden + "_last_position"
+    model.graph.node.insert(
+        index, helper.make_node("Slice", [hidden, *bounds], [last], name="lumen_keep_last_position")
+    )
+    projection.input[0] = last
+    onnx.save(
+        model,
+        str(staging / GRAPH_NAME),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_NAME,
+        size_threshold=1024,
+    )
