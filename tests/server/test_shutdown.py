@@ -33,14 +33,22 @@ def long_stream(stub: ml_service_pb2_grpc.InferenceStub) -> Any:
     return stub.Infer(iter([request]), timeout=120)
 
 
-def test_in_flight_generation_finishes_within_the_grace_period(manager: Any, tiny_model_dir: Path) -> None:
-    slow = ThrottledManager(manager, step_s=0.01)  # ~400 events x 10 ms: seconds, well inside 60 s
-    server = start(slow, tiny_model_dir, grace_s=60.0)
+def shut_down_while_streaming(
+    manager: Any, tiny_model_dir: Path, grace_s: float
+) -> tuple[grpc.Channel, Any, threading.Thread]:
+    """Start a long streaming generation, wait for its first partial, then begin shutdown."""
+    server = start(manager, tiny_model_dir, grace_s=grace_s)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     responses = long_stream(ml_service_pb2_grpc.InferenceStub(channel))
     assert not next(responses).is_final
     stopper = threading.Thread(target=server.shutdown)
     stopper.start()
+    return channel, responses, stopper
+
+
+def test_in_flight_generation_finishes_within_the_grace_period(manager: Any, tiny_model_dir: Path) -> None:
+    slow = ThrottledManager(manager, step_s=0.01)  # ~400 events x 10 ms: seconds, well inside 60 s
+    channel, responses, stopper = shut_down_while_streaming(slow, tiny_model_dir, grace_s=60.0)
     health = health_pb2_grpc.HealthStub(channel)
     assert wait_until(
         lambda: (
@@ -58,12 +66,7 @@ def test_in_flight_generation_finishes_within_the_grace_period(manager: Any, tin
 
 def test_generations_past_the_grace_period_are_cancelled(manager: Any, tiny_model_dir: Path) -> None:
     held = ThrottledManager(manager, step_s=0.2)  # 400 events x 0.2 s: far past the grace period
-    server = start(held, tiny_model_dir, grace_s=0.5)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    responses = long_stream(ml_service_pb2_grpc.InferenceStub(channel))
-    assert not next(responses).is_final
-    stopper = threading.Thread(target=server.shutdown)
-    stopper.start()
+    channel, responses, stopper = shut_down_while_streaming(held, tiny_model_dir, grace_s=0.5)
     try:
         rest = list(responses)
         final = rest[-1] if rest else None
