@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from lumen_vlm.resources.model_files import graph_files
+
 DECODER = "decoder_model_merged"
 
 
@@ -31,7 +33,8 @@ def quantize_q4(source: Path, target: Path, block_size: int = 32, accuracy_level
     model = onnx.load(str(source))
     quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
     quantizer.process()
-    large = source.stat().st_size > 1_800_000_000 or source.with_name(source.name + "_data").exists()
+    # Past protobuf's 2 GB limit, or already split: keep the weights in a side file.
+    large = source.stat().st_size > 1_800_000_000 or len(graph_files(source)) > 1
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
 
 

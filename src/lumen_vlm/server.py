@@ -205,10 +205,8 @@ def _advertised_addresses(host: str) -> list[str]:
 
 
 def node_uuid(settings: VLMSettings) -> str:
-    """This installation's id for mDNS: configured, or made once and kept in the cache dir, so
-    that the hub sees the same node after a restart."""
-    if settings.server.mdns.uuid:
-        return settings.server.mdns.uuid
+    """This installation's id for mDNS, made once and kept in the cache dir, so that the hub
+    sees the same node after a restart."""
     path = settings.cache_dir / "lumen-vlm.uuid"
     try:
         return str(uuid.UUID(path.read_text().strip()))

@@ -230,3 +230,20 @@ def test_the_check_hook_stops_generation_before_the_next_decode_step(
     finally:
         manager.backend.decode_step = original  # type: ignore[method-assign]
     assert steps == 2  # the third check refused the third step
+
+
+def test_invalid_messages_fail_before_the_vision_encoder(tiny_model_dir, golden: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    fresh = FastVLMModelManager.from_model_dir(tiny_model_dir)
+    calls = 0
+    original = fresh.backend.encode_image
+
+    def counting_encode(pixels):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(pixels)
+
+    fresh.backend.encode_image = counting_encode  # type: ignore[method-assign]
+    bad = [{"role": "user", "content": "<image> twice <image>"}]
+    with pytest.raises(PromptError, match="2 times"):
+        fresh.prepare(GenerationRequest(bad, golden["cases"][0]["image_bytes"]))
+    assert calls == 0

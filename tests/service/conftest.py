@@ -56,7 +56,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> VLMSettings:
     limits = replace(limits, **{k: v for k, v in overrides.items() if hasattr(limits, k)})
     return VLMSettings(
         cache_dir=CACHE_DIR,
-        model=ModelSettings(alias="fastvlm", model=str(model_dir), model_dir=model_dir),
+        model=ModelSettings(alias="fastvlm", model=str(model_dir)),
         limits=limits,
         admission=admission,
         service_name="lumen-vlm",

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..cache import ByteBudgetLRU
-from ..resources.model_files import ModelFiles
+from ..resources.model_files import ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from .optimized_graphs import OptimizedGraphCache, copy_options
@@ -134,9 +134,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # (read-only inputs), so concurrent requests can share it.
         self.prefix_cache: ByteBudgetLRU[OrtDecoderState] = ByteBudgetLRU(prefix_cache_bytes, _state_bytes)
         self._providers = list(providers or select_providers("auto"))
-        # Saved optimized graphs hold CPU-specific rewrites: used with the CPU provider only.
-        cpu_only = provider_names(self._providers) == ["CPUExecutionProvider"]
-        self._graph_cache = OptimizedGraphCache(optimized_graph_dir) if optimized_graph_dir and cpu_only else None
+        self._graph_cache = OptimizedGraphCache(optimized_graph_dir) if optimized_graph_dir else None
+        # ORT's saved optimized graphs hold CPU-specific rewrites: reused with the CPU provider only.
+        self._reuse_optimized = provider_names(self._providers) == ["CPUExecutionProvider"]
         options = session_options or default_session_options()
         # The vision encoder's activations at 1024 px are hundreds of MB, needed once per new
         # photo: without an arena they are freed after each encode (measured: ~290 MB less
@@ -178,7 +178,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
 
     def _open(self, path: Path, options: ort.SessionOptions, reuse_optimized: bool = True) -> ort.InferenceSession:
         try:
-            if self._graph_cache is not None and reuse_optimized:
+            if self._graph_cache is not None and reuse_optimized and self._reuse_optimized:
                 return self._graph_cache.open(path, options, self._providers)
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
@@ -323,8 +323,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         binding.bind_cpu_input("position_ids", np.arange(past_length, total, dtype=np.int64).reshape(1, -1))
         for name, value in zip(self._past_names, past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        # The graph computes logits for every new position; ORT writes them straight into this
-        # buffer (no second copy of the [seq, vocab] block), and only the last row is kept.
+        # ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]
+        # block when the graph computes every position's), and only the last row is kept.
         rows = 1 if self.last_position_logits else new_tokens
         logits = np.empty((1, rows, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
@@ -332,7 +332,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             binding.bind_output(name, self._device)
         self._decoder.run_with_iobinding(binding)
         presents = binding.get_outputs()[1:]
-        return OrtDecoderState(past=list(presents), length=total, last_logits=logits[0, -1].astype(np.float32))
+        last = logits[0, -1].astype(np.float32, copy=False)
+        return OrtDecoderState(past=list(presents), length=total, last_logits=last)
 
     def close(self) -> None:
         # The sessions stay: a generation still finishing may use them; they go with the backend.
@@ -345,4 +346,4 @@ def _state_bytes(state: OrtDecoderState) -> int:
 
 def _file_bytes(path: Path) -> int:
     """A graph's size with its external-data side files (``X.onnx_data``, ``X.onnx.data``)."""
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+    return sum(p.stat().st_size for p in graph_files(path))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from ..resources.model_files import graph_files
+
 log = logging.getLogger(__name__)
 
 GRAPH_NAME = "model.onnx"
@@ -66,7 +68,7 @@ def _digest(parts: list[str]) -> str:
 def source_ids(source: Path) -> tuple[str, str]:
     """(the source graph's path, its version: size and mtime of it and its weight files)."""
     version = []
-    for path in sorted(source.parent.glob(source.name + "*")):  # X.onnx, X.onnx_data, X.onnx.data
+    for path in graph_files(source):
         stat = path.stat()
         version.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return _digest([str(source.resolve())]), _digest(version)

@@ -226,18 +226,28 @@ class FastVLMModelManager:
         return self.feature_cache.get_or_compute(key, encode), key
 
     def prompt_ids(self, messages: Sequence[Any], image_tokens: int | None, add_generation_prompt: bool) -> np.ndarray:
-        prompt = render_messages(messages, self.template, image_tokens is not None, add_generation_prompt)
-        log.debug("prompt: %r", prompt)
+        prompt = self.render(messages, image_tokens is not None, add_generation_prompt)
         return encode_prompt(self.tokenizer, prompt, self.facts.image_token_id, image_tokens or 0)
 
+    def render(self, messages: Sequence[Any], has_image: bool, add_generation_prompt: bool) -> str:
+        """Validate the messages and render the prompt text (with one image placeholder)."""
+        prompt = render_messages(messages, self.template, has_image, add_generation_prompt)
+        log.debug("prompt: %r", prompt)
+        return prompt
+
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        """Validate and encode a request: image -> features, messages -> ids. Raises InputError."""
+        """Validate and encode a request: messages -> ids, image -> features. Raises InputError.
+
+        The messages are checked first: a request they make invalid fails before the vision
+        encoder's second of work.
+        """
         started = time.perf_counter()
+        prompt = self.render(request.messages, request.image is not None, request.params.add_generation_prompt)
         features, image_key = None, None
         if request.image is not None:
             features, image_key = self.image_features(request.image, request.resize_mode)
-        image_tokens = None if features is None else int(features.shape[0])
-        ids = self.prompt_ids(request.messages, image_tokens, request.params.add_generation_prompt)
+        image_tokens = 0 if features is None else int(features.shape[0])
+        ids = encode_prompt(self.tokenizer, prompt, self.facts.image_token_id, image_tokens)
         try:
             max_new = clamp_max_new_tokens(request.params.max_new_tokens, int(ids.size), self.context_length)
         except ValueError as exc:

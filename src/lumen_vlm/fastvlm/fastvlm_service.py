@@ -81,9 +81,6 @@ def error_code_for(exc: BaseException) -> int:
     return ErrorCode.ERROR_CODE_INTERNAL
 
 
-# --------------------------------------------------------------------------- the call
-
-
 # --------------------------------------------------------------------------- responses
 
 
@@ -386,7 +383,6 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             events = self.manager.generate_prepared(prepared, generation.params, control.check)
             try:
                 for event in events:
-                    control.check()
                     if isinstance(event, TextDelta):
                         if streaming:
                             yield partial_response(request.correlation_id, event, chunks)

@@ -64,6 +64,11 @@ def graph_file(root: Path, layout: str, graph: str, precision: str) -> Path:
     return root / "onnx" / f"{base}{suffix}.onnx"
 
 
+def graph_files(graph: Path) -> list[Path]:
+    """A graph file and its external-weight side files (``X.onnx_data``, ``X.onnx.data``, ...)."""
+    return sorted(p for p in graph.parent.glob(graph.name + "*") if p.is_file())
+
+
 def detect_layout(root: Path) -> str:
     if (root / "model_info.json").is_file():
         return "lumen"

@@ -29,7 +29,6 @@ class ModelSettings:
     model: str  # a local directory, a Lumen model name, or a Hugging Face repo id
     runtime: str = "onnx"
     precision: str = "fp32"
-    model_dir: Path | None = None  # filled in once the model is resolved on disk
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ class AdmissionSettings:
 class MdnsSettings:
     enabled: bool = False
     service_name: str = "lumen-vlm"
-    uuid: str | None = None
 
 
 @dataclass(frozen=True)
