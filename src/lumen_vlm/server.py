@@ -34,6 +34,7 @@ from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm.server")
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # bind every interface
 INFERENCE_SERVICE = ml_service_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
@@ -191,7 +192,7 @@ class MdnsAdvertisement:
 
 def _advertised_addresses(host: str) -> list[str]:
     """The IPv4 addresses to announce: the bound one, or every non-loopback one for a wildcard."""
-    if host not in ("0.0.0.0", "::", "[::]", ""):
+    if host not in WILDCARD_HOSTS:
         return [host]
     import ifaddr
 
@@ -233,7 +234,7 @@ def advertise_mdns(settings: VLMSettings, port: int) -> MdnsAdvertisement | None
     try:
         addresses = _advertised_addresses(settings.server.host)
         # Announce only on the interfaces the server listens on.
-        wildcard = settings.server.host in ("0.0.0.0", "::", "[::]", "")
+        wildcard = settings.server.host in WILDCARD_HOSTS
         zeroconf = Zeroconf() if wildcard else Zeroconf(interfaces=addresses)
         info = ServiceInfo(
             service_type,

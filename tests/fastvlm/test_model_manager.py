@@ -19,6 +19,20 @@ from lumen_vlm.generation import FinishReason, SamplingParams
 from ..parity import golden_request
 
 
+class CallCounter:
+    """Counts the calls of one method of an object; monkeypatch puts the method back."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+        self.calls = 0
+        original = getattr(owner, name)
+
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return original(*args)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 def stream(manager: FastVLMModelManager, request: GenerationRequest) -> tuple[list[TextDelta], GenerationResult]:
     events = list(manager.generate(request))
     *deltas, result = events
@@ -153,55 +167,37 @@ def test_bad_images_are_image_errors(manager: FastVLMModelManager, data: bytes) 
     assert issubclass(ImageError, InputError)
 
 
-def test_generation_stops_when_the_caller_stops_iterating(manager: FastVLMModelManager, golden: dict[str, Any]) -> None:
-    calls = 0
-    backend = manager.backend
-    original = backend.decode_step
-
-    def counting_step(state, token):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        return original(state, token)
-
-    backend.decode_step = counting_step  # type: ignore[method-assign]
-    try:
-        events = manager.generate(with_params(golden_request(golden["cases"][0]), max_new_tokens=200))
-        next(events)
-        next(events)
-        events.close()
-    finally:
-        backend.decode_step = original  # type: ignore[method-assign]
-    assert calls <= 3
+def test_generation_stops_when_the_caller_stops_iterating(
+    manager: FastVLMModelManager, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = CallCounter(monkeypatch, manager.backend, "decode_step")
+    events = manager.generate(with_params(golden_request(golden["cases"][0]), max_new_tokens=200))
+    next(events)
+    next(events)
+    events.close()
+    assert steps.calls <= 3
 
 
 def test_a_second_question_about_the_same_photo_reuses_features_and_prefix(
-    tiny_model_dir, golden: dict[str, Any]
+    tiny_model_dir, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     cached = FastVLMModelManager.from_model_dir(tiny_model_dir)
     # The reference: every request from scratch.
     uncached = FastVLMModelManager.from_model_dir(tiny_model_dir, feature_cache_bytes=0, prefix_cache_bytes=0)
-    encodes = 0
-    original = cached.backend.encode_image
-
-    def counting_encode(pixels):  # type: ignore[no-untyped-def]
-        nonlocal encodes
-        encodes += 1
-        return original(pixels)
-
-    cached.backend.encode_image = counting_encode  # type: ignore[method-assign]
+    encodes = CallCounter(monkeypatch, cached.backend, "encode_image")
     image = golden["cases"][0]["image_bytes"]
     questions = ["What do you see?", "Is it day or night?", "Count the shapes."]
     for question in questions:
         request = GenerationRequest([{"role": "user", "content": question}], image, GenerationParams(max_new_tokens=12))
         assert cached.generate_text(request).token_ids == uncached.generate_text(request).token_ids
-    assert encodes == 1
+    assert encodes.calls == 1
     assert cached.feature_cache.hits == 2
     prefix_cache = cached.backend.prefix_cache
     assert (prefix_cache.misses, prefix_cache.hits) == (1, 2)
 
 
 def test_the_check_hook_stops_generation_before_the_next_decode_step(
-    manager: FastVLMModelManager, golden: dict[str, Any]
+    manager: FastVLMModelManager, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class Stop(Exception):
         pass
@@ -214,36 +210,18 @@ def test_the_check_hook_stops_generation_before_the_next_decode_step(
         if checks == 3:
             raise Stop
 
-    steps = 0
-    original = manager.backend.decode_step
-
-    def counting_step(state, token):  # type: ignore[no-untyped-def]
-        nonlocal steps
-        steps += 1
-        return original(state, token)
-
-    manager.backend.decode_step = counting_step  # type: ignore[method-assign]
-    try:
-        request = with_params(golden_request(golden["cases"][0]), max_new_tokens=200)
-        with pytest.raises(Stop):
-            list(manager.generate_prepared(manager.prepare(request), request.params, check))
-    finally:
-        manager.backend.decode_step = original  # type: ignore[method-assign]
-    assert steps == 2  # the third check refused the third step
+    steps = CallCounter(monkeypatch, manager.backend, "decode_step")
+    request = with_params(golden_request(golden["cases"][0]), max_new_tokens=200)
+    with pytest.raises(Stop):
+        list(manager.generate_prepared(manager.prepare(request), request.params, check))
+    assert steps.calls == 2  # the third check refused the third step
 
 
-def test_invalid_messages_fail_before_the_vision_encoder(tiny_model_dir, golden: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
-    fresh = FastVLMModelManager.from_model_dir(tiny_model_dir)
-    calls = 0
-    original = fresh.backend.encode_image
-
-    def counting_encode(pixels):  # type: ignore[no-untyped-def]
-        nonlocal calls
-        calls += 1
-        return original(pixels)
-
-    fresh.backend.encode_image = counting_encode  # type: ignore[method-assign]
+def test_invalid_messages_fail_before_the_vision_encoder(
+    manager: FastVLMModelManager, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encodes = CallCounter(monkeypatch, manager.backend, "encode_image")
     bad = [{"role": "user", "content": "<image> twice <image>"}]
     with pytest.raises(PromptError, match="2 times"):
-        fresh.prepare(GenerationRequest(bad, golden["cases"][0]["image_bytes"]))
-    assert calls == 0
+        manager.prepare(GenerationRequest(bad, golden["cases"][0]["image_bytes"]))
+    assert encodes.calls == 0

@@ -152,10 +152,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._device = _device_type(active)
         self._vision_spec = self._read_vision_spec()
         self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
-        self._kv_dtype = self._input_dtype(self._decoder, self._past_names[0])
-        self._embeds_dtype = self._input_dtype(self._decoder, "inputs_embeds")
-        logits_type = next(v.type for v in self._decoder.get_outputs() if v.name == "logits")
-        self._logits_dtype = _ORT_TO_NUMPY.get(logits_type, np.float32)
+        self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
+        self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
+        self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
         self._context_length = context_length
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
@@ -194,13 +193,6 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                 log.warning("discarding %s (%s)", last_logits.parent, exc)
                 shutil.rmtree(last_logits.parent, ignore_errors=True)
         return self._open(source, options, reuse_optimized=False), False
-
-    @staticmethod
-    def _input_dtype(session: ort.InferenceSession, name: str) -> type:
-        for value in session.get_inputs():
-            if value.name == name:
-                return _ORT_TO_NUMPY.get(value.type, np.float32)
-        raise BackendLoadError(f"graph has no input named {name!r}")
 
     def _read_vision_spec(self) -> VisionSpec:
         (pixel_input,) = self._vision.get_inputs()
@@ -338,6 +330,14 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def close(self) -> None:
         # The sessions stay: a generation still finishing may use them; they go with the backend.
         self.prefix_cache.clear()
+
+
+def _dtype_of(values: Sequence[Any], name: str) -> type:
+    """The numpy type of a graph's input or output called `name`."""
+    for value in values:
+        if value.name == name:
+            return _ORT_TO_NUMPY.get(value.type, np.float32)
+    raise BackendLoadError(f"graph has no input or output named {name!r}")
 
 
 def _state_bytes(state: OrtDecoderState) -> int:

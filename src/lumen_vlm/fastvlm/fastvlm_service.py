@@ -466,7 +466,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_payload_bytes": limits.max_payload_bytes,
             "max_image_pixels": limits.max_image_pixels,
             "max_new_tokens": limits.max_new_tokens,
-            "default_max_new_tokens": min(limits.default_max_new_tokens, limits.max_new_tokens),
+            "default_max_new_tokens": limits.request_default_max_new_tokens,
             "context_length": self.manager.describe()["context_length"],
             "max_concurrency": self._admission.max_concurrency,
             "max_queue": self._admission.max_queue,

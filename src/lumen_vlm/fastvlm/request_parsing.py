@@ -238,7 +238,7 @@ def _optional(meta: Mapping[str, str], key: str, parse: Any) -> Any:
 
 
 def parse_generation_params(meta: Mapping[str, str], limits: GenerationLimits) -> GenerationParams:
-    default_max = min(limits.default_max_new_tokens, limits.max_new_tokens)
+    default_max = limits.request_default_max_new_tokens
     max_new = _optional(meta, "max_new_tokens", lambda k, v: parse_int(k, v, 1, limits.max_new_tokens))
     add_prompt = _optional(meta, "add_generation_prompt", parse_bool)
     return GenerationParams(

@@ -50,6 +50,11 @@ class GenerationLimits:
     max_stop_sequence_chars: int = 256
     max_messages_chars: int = 200_000
 
+    @property
+    def request_default_max_new_tokens(self) -> int:
+        """What a request that does not ask gets: the default, never past the bound."""
+        return min(self.default_max_new_tokens, self.max_new_tokens)
+
 
 @dataclass(frozen=True)
 class AdmissionSettings:
