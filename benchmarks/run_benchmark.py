@@ -165,7 +165,7 @@ def lumen_worker(model_dir: Path, precision: str, runs: int, new_tokens: int) ->
         pixels_ms, pixels = timed(lambda: image_to_pixels(photo, manager.image_spec))
         vision_ms, features = timed(lambda: backend.encode_image(pixels))
         ids = manager.prompt_ids(messages, features.shape[0], True)
-        prefill_ms, state = timed(lambda: backend.prefill(ids, features, image_id))
+        prefill_ms, state = timed(lambda: backend.prefill(ids, features, image_id, reserve=new_tokens))
         token = int(np.argmax(state.logits))
         start = time.perf_counter()
         for _ in range(new_tokens - 1):  # greedy, EOS ignored: every run decodes the same count

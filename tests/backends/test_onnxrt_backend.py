@@ -13,22 +13,13 @@ import pytest
 
 from lumen_vlm.backends.backend_exceptions import BackendInputError, BackendLoadError
 from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend, select_providers
+from lumen_vlm.backends.optimized_graphs import OptimizedGraphCache
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
 from lumen_vlm.generation import FinishReason
 from lumen_vlm.resources.exceptions import ModelFilesError
 from lumen_vlm.resources.model_files import locate_model_files
-from tools.quantize_model import quantize_decoder
 
 from ..parity import assert_case_matches, golden_request
-
-
-@pytest.fixture(scope="module")
-def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    model_dir = tmp_path_factory.mktemp("quantized") / "tiny"
-    shutil.copytree(tiny_model_dir, model_dir)
-    for precision in ("int8", "q4"):
-        quantize_decoder(model_dir, precision)
-    return model_dir
 
 
 def test_facts_come_from_the_sessions(tiny_model_dir: Path) -> None:
@@ -203,6 +194,7 @@ def test_saved_optimized_graphs_give_the_same_tokens(
     # ORT's optimized vision and embedding graphs, and the decoder with last-position logits.
     assert saved.count("model.onnx") == 3 and saved.count("model.onnx.data") >= 1, saved
     assert first.backend.last_position_logits, "prefill computes the last position's logits only"
+    assert first.backend.fused_attention_layers == first.backend.decoder_spec.num_layers
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*")}
     again = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*")} == stamps, "the second load reuses the saved graphs"
@@ -251,8 +243,21 @@ def test_last_position_logits_where_the_graph_allows(tmp_path: Path, quantized_m
     ids = np.arange(10, 60, dtype=np.int64)
     sliced, reference = q4.backend.prefill(ids, None, -1), full.backend.prefill(ids, None, -1)
     assert np.abs(sliced.logits - reference.logits).max() < 1e-4
-    # int8 (dynamic quantization): the projection is a MatMulInteger chain, left as it is, and
-    # that finding is remembered so the source is not parsed again at the next start.
+    # int8 (dynamic quantization): the projection is a MatMulInteger chain, left as it is;
+    # its attention is still fused.
     int8 = FastVLMModelManager.from_model_dir(quantized_model_dir, precision="int8", optimized_graph_dir=cache)
     assert not int8.backend.last_position_logits
-    assert len(list(cache.glob("*-last-logits/unsupported.txt"))) == 1
+    assert int8.backend.fused_attention_layers == int8.backend.decoder_spec.num_layers
+
+
+def test_a_graph_no_rewrite_applies_to_is_remembered(
+    tmp_path: Path, quantized_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # int8's logits cannot be sliced, and without a context length attention is not fused.
+    cache = OptimizedGraphCache(tmp_path)
+    source = locate_model_files(quantized_model_dir, "int8").graphs["decoder"]
+    assert cache.derived_decoder(source, attention_positions=None) is None
+    assert len(list(tmp_path.glob("*/unsupported.txt"))) == 1
+    # The finding is kept, so the (large) source is not parsed again at the next start.
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: pytest.fail("the source was parsed again"))
+    assert cache.derived_decoder(source, attention_positions=None) is None

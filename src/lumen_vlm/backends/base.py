@@ -83,13 +83,16 @@ class BaseFastVLMBackend(ABC):
         image_features: np.ndarray | None,
         image_token_id: int,
         image_key: str | None = None,
+        reserve: int = 0,
     ) -> DecoderState:
         """Run the prompt through the decoder.
 
         `input_ids` is int64 [seq]; the positions holding `image_token_id` receive the rows of
         `image_features` in order (as transformers' masked_scatter does). `image_key`
         identifies the image's content: with it, a backend may reuse the KV cache of an
-        identical prompt prefix up to the image from an earlier request.
+        identical prompt prefix up to the image from an earlier request. `reserve` is how
+        many tokens are expected to follow, so the cache can be sized once (it still grows
+        if more come).
         """
 
     @abstractmethod

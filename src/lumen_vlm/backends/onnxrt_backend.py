@@ -23,7 +23,7 @@ from ..cache import ByteBudgetLRU
 from ..resources.model_files import ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
-from .optimized_graphs import OptimizedGraphCache, copy_options
+from .optimized_graphs import DerivedDecoder, OptimizedGraphCache, copy_options
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,17 @@ def default_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
 @dataclass
 class OrtDecoderState(DecoderState):
-    """A request's KV cache, held as ORT values between steps (never copied to numpy)."""
+    """A request's KV cache, held as ORT values between steps (never copied to numpy).
+
+    With a fused decoder the cache is allocated once, for `capacity` positions, and every
+    step writes its keys and values into it in place; the first `length` are filled.
+    Otherwise (capacity None) each step's outputs are the next step's inputs.
+    """
 
     past: list[ort.OrtValue]
     length: int
     last_logits: np.ndarray
+    capacity: int | None = None
 
     @property
     def logits(self) -> np.ndarray:
@@ -147,6 +153,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # the GEMM kernels, and decoding measured ~18% slower that way. A copy that computes
         # logits for the last position only is used when one can be made.
         # Whether prefill's logits come for the last position only (else for every position).
+        self._context_length = context_length
+        # How many layers' attention runs as one fused kernel (0: as the graph spells it out).
+        self.fused_attention_layers = 0
         self._decoder, self.last_position_logits = self._open_decoder(files.graphs["decoder"], options)
         active = tuple(self._decoder.get_providers())
         self._device = _device_type(active)
@@ -155,7 +164,6 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
         self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
         self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
-        self._context_length = context_length
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
             providers=active,
@@ -166,11 +174,13 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
-            "loaded %s (%s, %s) in %.0f ms",
+            "loaded %s (%s, %s) in %.0f ms; fused attention in %d of %d layers",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
+            self.fused_attention_layers,
+            self._decoder_spec.num_layers,
         )
 
     # ------------------------------------------------------------------ loading
@@ -185,14 +195,25 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
 
     def _open_decoder(self, source: Path, options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
         """(decoder session, whether its logits cover the last position only)."""
-        last_logits = self._graph_cache.decoder_with_last_logits(source) if self._graph_cache else None
-        if last_logits is not None:
+        derived = self._derived_decoder(source)
+        if derived is not None:
             try:
-                return self._open(last_logits, options, reuse_optimized=False), True
+                session = self._open(derived.path, options, reuse_optimized=False)
             except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
-                log.warning("discarding %s (%s)", last_logits.parent, exc)
-                shutil.rmtree(last_logits.parent, ignore_errors=True)
+                log.warning("discarding %s (%s)", derived.path.parent, exc)
+                shutil.rmtree(derived.path.parent, ignore_errors=True)
+            else:
+                self.fused_attention_layers = derived.fused_attention_layers
+                return session, derived.last_position_logits
         return self._open(source, options, reuse_optimized=False), False
+
+    def _derived_decoder(self, source: Path) -> DerivedDecoder | None:
+        if self._graph_cache is None:
+            return None
+        # GroupQueryAttention is ONNX Runtime's contrib kernel, checked here on the CPU
+        # provider; its rotary table needs the context length.
+        fuse = self._reuse_optimized and self._context_length is not None
+        return self._graph_cache.derived_decoder(source, self._context_length if fuse else None)
 
     def _read_vision_spec(self) -> VisionSpec:
         (pixel_input,) = self._vision.get_inputs()
@@ -263,6 +284,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         image_features: np.ndarray | None,
         image_token_id: int,
         image_key: str | None = None,
+        reserve: int = 0,
     ) -> OrtDecoderState:
         input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         self._check_prompt_length(input_ids.size)
@@ -275,16 +297,15 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                     f"the prompt has {image_positions.size} image tokens but the image gave {n_features} features"
                 )
             embeds[0, image_positions] = image_features
+        capacity = input_ids.size + max(reserve, 1)
         split = int(image_positions[-1]) + 1 if image_positions.size else 0
         if image_key is None or not 0 < split < input_ids.size or self.prefix_cache.max_bytes == 0:
-            return self._run_decoder(embeds, self._empty_past(), past_length=0)
+            return self._advance(self._new_state(capacity), embeds)
         # The prompt up to and including the image is often repeated (a new question about the
         # same photo): its KV cache is kept, and only the rest of the prompt is run.
         key = (image_key, input_ids[:split].tobytes())
-        prefix = self.prefix_cache.get_or_compute(
-            key, lambda: self._run_decoder(embeds[:, :split], self._empty_past(), past_length=0)
-        )
-        return self._run_decoder(embeds[:, split:], prefix.past, past_length=split)
+        prefix = self.prefix_cache.get_or_compute(key, lambda: self._advance(self._new_state(split), embeds[:, :split]))
+        return self._advance(self._continue(prefix, capacity), embeds[:, split:])
 
     def _check_prompt_length(self, n_tokens: int) -> None:
         if n_tokens == 0:
@@ -297,35 +318,68 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
         assert isinstance(state, OrtDecoderState)
         embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
-        new_state = self._run_decoder(embeds, state.past, past_length=state.length)
-        state.past, state.length, state.last_logits = new_state.past, new_state.length, new_state.last_logits
-        return state.last_logits
+        if state.capacity is not None and state.length == state.capacity:  # more than the prefill reserved
+            state.past, state.capacity = self._resized(state, state.capacity * 2), state.capacity * 2
+        return self._advance(state, embeds).last_logits
 
-    def _empty_past(self) -> list[ort.OrtValue]:
+    # ------------------------------------------------------------------ the KV cache
+
+    def _new_state(self, capacity: int) -> OrtDecoderState:
+        """An empty cache; preallocated for `capacity` positions when the decoder writes in place."""
+        in_place = self.fused_attention_layers > 0
+        return OrtDecoderState(
+            past=[self._kv_buffer(capacity if in_place else 0) for _ in self._past_names],
+            length=0,
+            last_logits=np.empty(0, dtype=np.float32),
+            capacity=capacity if in_place else None,
+        )
+
+    def _kv_buffer(self, positions: int) -> ort.OrtValue:
         spec = self._decoder_spec
-        empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=self._kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty, self._device, 0) for _ in self._past_names]
+        zeros = np.zeros((1, spec.num_kv_heads, positions, spec.head_dim), dtype=self._kv_dtype)
+        return ort.OrtValue.ortvalue_from_numpy(zeros, self._device, 0)
 
-    def _run_decoder(self, embeds: np.ndarray, past: list[ort.OrtValue], past_length: int) -> OrtDecoderState:
+    def _continue(self, prefix: OrtDecoderState, capacity: int) -> OrtDecoderState:
+        """A new request's cache starting from a cached prefix, which stays unchanged."""
+        if prefix.capacity is None:  # read-only inputs to the next step: shared, not copied
+            return OrtDecoderState(list(prefix.past), prefix.length, prefix.last_logits)
+        return OrtDecoderState(self._resized(prefix, capacity), prefix.length, prefix.last_logits, capacity)
+
+    def _resized(self, state: OrtDecoderState, capacity: int) -> list[ort.OrtValue]:
+        """`state`'s filled positions copied into new caches of `capacity` positions."""
+        past = []
+        for value in state.past:
+            buffer = np.zeros((*value.shape()[:2], capacity, value.shape()[3]), dtype=self._kv_dtype)
+            buffer[:, :, : state.length] = value.numpy()[:, :, : state.length]
+            past.append(ort.OrtValue.ortvalue_from_numpy(buffer, self._device, 0))
+        return past
+
+    def _advance(self, state: OrtDecoderState, embeds: np.ndarray) -> OrtDecoderState:
+        """Run `embeds` after what `state` holds; update `state` and return it."""
         new_tokens = embeds.shape[1]
-        total = past_length + new_tokens
+        total = state.length + new_tokens
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(past_length, total, dtype=np.int64).reshape(1, -1))
-        for name, value in zip(self._past_names, past, strict=True):
+        binding.bind_cpu_input("position_ids", np.arange(state.length, total, dtype=np.int64).reshape(1, -1))
+        for name, value in zip(self._past_names, state.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         # ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]
         # block when the graph computes every position's), and only the last row is kept.
         rows = 1 if self.last_position_logits else new_tokens
         logits = np.empty((1, rows, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
         binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        for name in self._present_names:
-            binding.bind_output(name, self._device)
+        for name, value in zip(self._present_names, state.past, strict=True):
+            if state.capacity is None:
+                binding.bind_output(name, self._device)
+            else:  # GroupQueryAttention appends in place when past and present are one buffer
+                binding.bind_ortvalue_output(name, value)
         self._decoder.run_with_iobinding(binding)
-        presents = binding.get_outputs()[1:]
-        last = logits[0, -1].astype(np.float32, copy=False)
-        return OrtDecoderState(past=list(presents), length=total, last_logits=last)
+        if state.capacity is None:
+            state.past = list(binding.get_outputs()[1:])
+        state.length = total
+        state.last_logits = logits[0, -1].astype(np.float32, copy=False)
+        return state
 
     def close(self) -> None:
         # The sessions stay: a generation still finishing may use them; they go with the backend.

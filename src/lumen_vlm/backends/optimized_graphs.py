@@ -14,6 +14,7 @@ the ORT version and the machine; it is used for the CPU provider only.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -32,6 +34,17 @@ log = logging.getLogger(__name__)
 GRAPH_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"
 UNSUPPORTED_NAME = "unsupported.txt"
+MANIFEST_NAME = "derived.json"
+DERIVED_SUFFIX = "-decoder"
+
+
+@dataclass(frozen=True)
+class DerivedDecoder:
+    """A rewritten decoder graph and what was rewritten."""
+
+    path: Path
+    last_position_logits: bool  # prefill's logits cover the last position only
+    fused_attention_layers: int  # layers whose attention is one GroupQueryAttention node
 
 
 def copy_options(options: ort.SessionOptions, **changes: object) -> ort.SessionOptions:
@@ -103,26 +116,38 @@ class OptimizedGraphCache:
             shutil.rmtree(target, ignore_errors=True)
             return ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
-    def decoder_with_last_logits(self, source: Path) -> Path | None:
-        """A copy of the decoder graph whose logits cover the last position only, saved once.
+    def derived_decoder(self, source: Path, attention_positions: int | None) -> DerivedDecoder | None:
+        """A faster copy of the decoder graph, saved once; None when no rewrite applies.
 
-        The public graphs compute logits for every prompt position, a [seq, vocab] product that
-        prefill throws away but for its last row (measured: 22% of a q4 prefill). The copy
-        slices the hidden states before the output projection, so prefill computes one row;
-        a decode step, one position anyway, is unchanged. None when the graph's output
-        projection is not a plain (or 4-bit) MatMul, or the copy cannot be made.
+        Two rewrites, each made where the graph allows it:
+        - logits for the last position only: the public graphs compute them for every prompt
+          position, a [seq, vocab] product that prefill throws away but for its last row
+          (measured: 22% of a q4 prefill). The copy slices the hidden states before the
+          output projection; a decode step, one position anyway, is unchanged.
+        - attention fused into GroupQueryAttention (see attention_fusion), when
+          `attention_positions` (the rotary table's length: the context) is given.
         """
         path_id, version_id = source_ids(source)
-        target = self.root / f"{path_id}-{version_id}-last-logits"
+        fused = f"-gqa{attention_positions}" if attention_positions else ""
+        target = self.root / f"{path_id}-{version_id}{fused}{DERIVED_SUFFIX}"
         if not target.is_dir():
             try:
-                self._write_staged(target, source.name, lambda staging: _save_last_logits_copy(source, staging))
+                self._write_staged(
+                    target, source.name, lambda staging: _save_derived_decoder(source, staging, attention_positions)
+                )
             except Exception as exc:  # never a reason to fail a load
-                log.warning("keeping full-sequence logits for %s (%s)", source.name, exc)
+                log.warning("using %s as it is (%s)", source.name, exc)
                 return None
-        # An entry without a graph records that this source's graph has another shape, so the
+        # An entry without a graph records that neither rewrite applies to this source, so the
         # (large) source is not parsed again at every start.
-        return target / GRAPH_NAME if (target / GRAPH_NAME).is_file() else None
+        if not (target / GRAPH_NAME).is_file():
+            return None
+        try:
+            return DerivedDecoder(path=target / GRAPH_NAME, **json.loads((target / MANIFEST_NAME).read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("discarding %s (%s)", target, exc)
+            shutil.rmtree(target, ignore_errors=True)
+            return None
 
     def _save_optimized(self, source: Path, options: ort.SessionOptions, providers: list, target: Path) -> None:
         """Let ORT optimize `source` once and write the result."""
@@ -157,11 +182,11 @@ class OptimizedGraphCache:
         """Drop older entries of the same kind for the same source (another version of its
         files, of ORT, of the machine) and staging folders a killed process left, an hour old."""
         source_prefix = target.name.split("-", 1)[0] + "-"
-        kind = target.name.endswith("-last-logits")
+        kind = target.name.endswith(DERIVED_SUFFIX)
         hour_ago = time.time() - 3600
         for entry in self.root.iterdir():
             stale_staging = entry.name.startswith(".saving-") and entry.stat().st_mtime < hour_ago
-            same_kind = entry.name.startswith(source_prefix) and entry.name.endswith("-last-logits") == kind
+            same_kind = entry.name.startswith(source_prefix) and entry.name.endswith(DERIVED_SUFFIX) == kind
             if entry != target and (same_kind or stale_staging):
                 shutil.rmtree(entry, ignore_errors=True)
 
@@ -178,17 +203,44 @@ def _logits_projection(graph: object) -> tuple[int, object] | None:
     return found
 
 
-def _save_last_logits_copy(source: Path, staging: Path) -> None:
-    import numpy as np
+def _save_derived_decoder(source: Path, staging: Path, attention_positions: int | None) -> None:
     import onnx
-    from onnx import helper, numpy_helper
+
+    from .attention_fusion import FusionUnsupported, fuse_attention
 
     model = onnx.load(str(source))  # with its external weights, if any
+    last_position_logits = _slice_before_logits(model)
+    fused_layers = 0
+    if attention_positions:
+        try:
+            fused_layers = fuse_attention(model, attention_positions)
+        except FusionUnsupported as exc:
+            log.info("%s: attention kept as it is (%s)", source.name, exc)
+    if not (last_position_logits or fused_layers):
+        (staging / UNSUPPORTED_NAME).write_text("neither rewrite applies to this graph\n")
+        return
+    onnx.save(
+        model,
+        str(staging / GRAPH_NAME),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS_NAME,
+        size_threshold=1024,
+    )
+    manifest = {"last_position_logits": last_position_logits, "fused_attention_layers": fused_layers}
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _slice_before_logits(model: object) -> bool:
+    """Make `model` compute logits for the last position only; False (unchanged) when its
+    output projection is not a MatMul over the hidden states."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
     found = _logits_projection(model.graph)
     if found is None:
-        log.info("%s: logits do not come from a MatMul over the hidden states; kept as they are", source.name)
-        (staging / UNSUPPORTED_NAME).write_text("logits are not a MatMul over the hidden states\n")
-        return
+        log.info("logits do not come from a MatMul over the hidden states; computed for every position")
+        return False
     index, projection = found
     hidden = projection.input[0]
     bounds = {
@@ -202,11 +254,4 @@ def _save_last_logits_copy(source: Path, staging: Path) -> None:
         index, helper.make_node("Slice", [hidden, *bounds], [last], name="lumen_keep_last_position")
     )
     projection.input[0] = last
-    onnx.save(
-        model,
-        str(staging / GRAPH_NAME),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=WEIGHTS_NAME,
-        size_threshold=1024,
-    )
+    return True

@@ -322,7 +322,11 @@ class FastVLMModelManager:
         history = list(prepared.input_ids.tolist())
         try:
             state: DecoderState = self.backend.prefill(
-                prepared.input_ids, prepared.image_features, self.facts.image_token_id, prepared.image_key
+                prepared.input_ids,
+                prepared.image_features,
+                self.facts.image_token_id,
+                prepared.image_key,
+                reserve=prepared.max_new_tokens,
             )
         except BackendInputError as exc:
             raise InputError(str(exc)) from exc

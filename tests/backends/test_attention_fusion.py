@@ -1,0 +1,134 @@
+"""The GroupQueryAttention rewrite: same numbers as the graph it replaces, or a refusal."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lumen_vlm.backends.attention_fusion import FusionUnsupported, fuse_attention
+from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+from lumen_vlm.resources.model_files import locate_model_files
+
+
+def decoder_path(model_dir: Path, precision: str = "fp32") -> Path:
+    return locate_model_files(model_dir, precision).graphs["decoder"]
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+class Decoder:
+    """Feeds a decoder session the way the engine does: one sequence, an all-ones mask."""
+
+    def __init__(self, sess: ort.InferenceSession) -> None:
+        self.sess = sess
+        inputs = {i.name: i for i in sess.get_inputs()}
+        self.hidden = inputs["inputs_embeds"].shape[2]
+        self.kv_shape = inputs["past_key_values.0.key"].shape
+        self.layers = sum(name.startswith("past_key_values.") and name.endswith(".key") for name in inputs)
+
+    def empty_past(self) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_shape[1], 0, self.kv_shape[3]), np.float32)] * (2 * self.layers)
+
+    def run(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        start = past[0].shape[2]
+        total = start + embeds.shape[1]
+        feed = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64).reshape(1, -1),
+        }
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
+        logits, *presents = self.sess.run(None, feed)
+        return logits[:, -1], presents
+
+
+def run_both(original: Decoder, fused: Decoder) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(stage, original's values, fused's values) for a 7-token prompt, 3 more prompt tokens
+    after it, then one decode step; each stage continues from the original's cache."""
+    rng = np.random.default_rng(0)
+    compared = []
+    past = original.empty_past()
+    for stage, tokens in (("prompt", 7), ("continued prompt", 3), ("decode step", 1)):
+        embeds = rng.standard_normal((1, tokens, original.hidden)).astype(np.float32)
+        logits, presents = original.run(embeds, past)
+        fused_logits, fused_presents = fused.run(embeds, past)
+        compared.append((f"{stage} logits", logits, fused_logits))
+        compared += [(f"{stage} cache", a, b) for a, b in zip(presents, fused_presents, strict=True)]
+        past = presents
+    return compared
+
+
+def fused_copy(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, int]:
+    original = onnx.load(str(path))
+    fused = onnx.load(str(path))
+    return original, fused, fuse_attention(fused, max_positions=256)
+
+
+def test_every_layer_becomes_one_group_query_attention(tiny_model_dir: Path) -> None:
+    original, fused, layers = fused_copy(decoder_path(tiny_model_dir))
+    assert layers == Decoder(session(original)).layers
+    before = Counter(node.op_type for node in original.graph.node)
+    after = Counter(node.op_type for node in fused.graph.node)
+    assert after["GroupQueryAttention"] == layers
+    assert before["Softmax"] == layers and after["Softmax"] == 0, "the spelled-out attention is gone"
+    assert after["Cos"] == after["Sin"] == 0, "the rotary tables are precomputed"
+    assert sum(after.values()) < sum(before.values()) / 2
+    onnx.checker.check_model(fused)
+
+
+def test_the_fused_graph_computes_the_same_numbers(tiny_model_dir: Path) -> None:
+    original, fused, _ = fused_copy(decoder_path(tiny_model_dir))
+    for stage, expected, actual in run_both(Decoder(session(original)), Decoder(session(fused))):
+        assert expected.shape == actual.shape, stage
+        np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=0, err_msg=stage)
+
+
+@pytest.mark.parametrize("precision", ["int8", "q4"])
+def test_quantized_graphs_are_fused_too(quantized_model_dir: Path, precision: str) -> None:
+    original, fused, layers = fused_copy(decoder_path(quantized_model_dir, precision))
+    assert layers > 0
+    for stage, expected, actual in run_both(Decoder(session(original)), Decoder(session(fused))):
+        # Activations quantized to 8 bits amplify float rounding differences, so the bound is
+        # looser than fp32's: still far below the logits' spread.
+        np.testing.assert_allclose(actual, expected, atol=2e-2 * np.abs(expected).max(), rtol=0, err_msg=stage)
+
+
+def test_an_unrecognised_attention_is_refused_and_left_unchanged(tiny_model_dir: Path) -> None:
+    model = onnx.load(str(decoder_path(tiny_model_dir)))
+    # present.0.key is no longer a plain Concat of the past and the new keys.
+    concat = next(node for node in model.graph.node if "present.0.key" in node.output)
+    concat.output[0] = "present_0_key_raw"
+    model.graph.node.append(onnx.helper.make_node("Identity", ["present_0_key_raw"], ["present.0.key"]))
+    before = model.SerializeToString()
+    with pytest.raises(FusionUnsupported, match=r"present\.0\.key"):
+        fuse_attention(model, max_positions=256)
+    assert model.SerializeToString() == before
+
+
+def test_the_engine_writes_the_cache_in_place_and_grows_it_when_needed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    fused = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=tmp_path).backend
+    plain = FastVLMModelManager.from_model_dir(tiny_model_dir).backend
+    assert fused.fused_attention_layers > 0 and plain.fused_attention_layers == 0
+    ids = np.arange(10, 40, dtype=np.int64)
+    state = fused.prefill(ids, None, -1, reserve=2)
+    assert state.capacity == ids.size + 2
+    buffers = [value.data_ptr() for value in state.past]
+    reference = plain.prefill(ids, None, -1)
+    np.testing.assert_allclose(state.logits, reference.logits, atol=1e-4, rtol=0)
+    for step in range(6):  # past the reserve: the cache must grow, keeping what it holds
+        token = int(np.argmax(reference.logits))
+        np.testing.assert_allclose(
+            fused.decode_step(state, token), plain.decode_step(reference, token), atol=1e-4, rtol=0
+        )
+        if step == 0:
+            assert [value.data_ptr() for value in state.past] == buffers, "written in place, not reallocated"
+    assert state.length == reference.length == ids.size + 6
+    assert state.capacity >= state.length
