@@ -3,7 +3,9 @@
     python benchmarks/session_options.py [--model-dir DIR] [--precisions fp32 q4] [--steps 32]
 
 Each variant loads the decoder afresh, prefills the same ~300-token prompt and decodes the same
-tokens; the table gives medians of --repeats and each variant's speed relative to ORT's defaults.
+tokens; the table gives medians of --repeats and each variant's speed relative to the engine's
+defaults (ORT's session defaults, and the rewritten decoder the server saves and uses). One
+variant runs the decoder graph as exported, without the GroupQueryAttention rewrite.
 Uses the model run_benchmark.py builds (run it once first).
 """
 
@@ -16,16 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend
-from lumen_vlm.resources.model_files import locate_model_files
+from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
 
 DEFAULT_MODEL = Path("~/.cache/lumen-vlm/bench/fastvlm-0.5b-random").expanduser()
 
 
 def variants() -> dict[str, dict[str, object]]:
     return {
-        "ORT defaults": {},
+        "defaults": {},
+        "decoder graph as exported": {"rewritten": False},
         "1 thread": {"threads": 1},
         "no spinning": {"spinning": False},
         "no memory arena": {"arena": False},
@@ -43,9 +47,17 @@ def session_options(threads: int = 0, spinning: bool = True, arena: bool = True,
     return options
 
 
-def measure(model_dir: Path, precision: str, options: object, steps: int, repeats: int) -> tuple[float, float]:
+def measure(
+    model_dir: Path, precision: str, options: object, rewritten: bool, steps: int, repeats: int
+) -> tuple[float, float]:
+    files = locate_model_files(model_dir, precision)
     backend = FastVLMONNXBackend(
-        locate_model_files(model_dir, precision), providers=["CPUExecutionProvider"], session_options=options
+        files,
+        providers=["CPUExecutionProvider"],
+        session_options=options,
+        context_length=read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).context_length,
+        # The server's cache of rewritten graphs, beside the model (run_benchmark.py fills it).
+        optimized_graph_dir=model_dir.parent / "ort-optimized" if rewritten else None,
     )
     prompt = np.arange(1000, 1300, dtype=np.int64)
     prefill, decode = [], []
@@ -72,7 +84,9 @@ def main() -> int:
     for precision in args.precisions:
         baseline = None
         for name, knobs in variants().items():
-            prefill_ms, tok_s = measure(args.model_dir, precision, session_options(**knobs), args.steps, args.repeats)
+            rewritten = bool(knobs.pop("rewritten", True))
+            options = session_options(**knobs)
+            prefill_ms, tok_s = measure(args.model_dir, precision, options, rewritten, args.steps, args.repeats)
             baseline = baseline or tok_s
             print(f"| {precision} | {name} | {prefill_ms:.0f} | {tok_s:.1f} | {tok_s / baseline:.2f}x |", flush=True)
     return 0

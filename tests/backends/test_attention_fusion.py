@@ -32,9 +32,10 @@ class Decoder:
         self.hidden = inputs["inputs_embeds"].shape[2]
         self.kv_shape = inputs["past_key_values.0.key"].shape
         self.layers = sum(name.startswith("past_key_values.") and name.endswith(".key") for name in inputs)
+        self.dtype = np.float16 if inputs["inputs_embeds"].type == "tensor(float16)" else np.float32
 
     def empty_past(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.kv_shape[1], 0, self.kv_shape[3]), np.float32)] * (2 * self.layers)
+        return [np.zeros((1, self.kv_shape[1], 0, self.kv_shape[3]), self.dtype)] * (2 * self.layers)
 
     def run(self, embeds: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         start = past[0].shape[2]
@@ -57,7 +58,7 @@ def run_both(original: Decoder, fused: Decoder) -> list[tuple[str, np.ndarray, n
     compared = []
     past = original.empty_past()
     for stage, tokens in (("prompt", 7), ("continued prompt", 3), ("decode step", 1)):
-        embeds = rng.standard_normal((1, tokens, original.hidden)).astype(np.float32)
+        embeds = rng.standard_normal((1, tokens, original.hidden)).astype(original.dtype)
         logits, presents = original.run(embeds, past)
         fused_logits, fused_presents = fused.run(embeds, past)
         compared.append((f"{stage} logits", logits, fused_logits))
@@ -99,6 +100,18 @@ def test_quantized_graphs_are_fused_too(quantized_model_dir: Path, precision: st
         # Activations quantized to 8 bits amplify float rounding differences, so the bound is
         # looser than fp32's: still far below the logits' spread.
         np.testing.assert_allclose(actual, expected, atol=2e-2 * np.abs(expected).max(), rtol=0, err_msg=stage)
+
+
+def test_half_precision_graphs_are_fused_too(tiny_model_dir: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    original = convert_float_to_float16(onnx.load(str(decoder_path(tiny_model_dir))), keep_io_types=False)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(original)
+    assert fuse_attention(fused, max_positions=256) > 0
+    for stage, expected, actual in run_both(Decoder(session(original)), Decoder(session(fused))):
+        assert actual.dtype == np.float16, stage
+        np.testing.assert_allclose(actual, expected, atol=1e-2 * np.abs(expected).max(), rtol=0, err_msg=stage)
 
 
 def test_an_unrecognised_attention_is_refused_and_left_unchanged(tiny_model_dir: Path) -> None:
