@@ -63,7 +63,7 @@ def measure(
     prefill, decode = [], []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
-        state = backend.prefill(prompt, None, -1)
+        state = backend.prefill(prompt, None, -1, reserve=steps)
         prefill.append((time.perf_counter() - start) * 1000.0)
         start = time.perf_counter()
         for step in range(steps):

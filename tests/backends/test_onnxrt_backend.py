@@ -13,7 +13,7 @@ import pytest
 
 from lumen_vlm.backends.backend_exceptions import BackendInputError, BackendLoadError
 from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend, select_providers
-from lumen_vlm.backends.optimized_graphs import OptimizedGraphCache
+from lumen_vlm.backends.optimized_graphs import OptimizedGraphCache, source_ids
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
 from lumen_vlm.generation import FinishReason
 from lumen_vlm.resources.exceptions import ModelFilesError
@@ -256,8 +256,17 @@ def test_a_graph_no_rewrite_applies_to_is_remembered(
     # int8's logits cannot be sliced, and without a context length attention is not fused.
     cache = OptimizedGraphCache(tmp_path)
     source = locate_model_files(quantized_model_dir, "int8").graphs["decoder"]
-    assert cache.derived_decoder(source, attention_positions=None) is None
+    assert cache.derived_decoder(source, context_length=None) is None
     assert len(list(tmp_path.glob("*/unsupported.txt"))) == 1
     # The finding is kept, so the (large) source is not parsed again at the next start.
     monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: pytest.fail("the source was parsed again"))
-    assert cache.derived_decoder(source, attention_positions=None) is None
+    assert cache.derived_decoder(source, context_length=None) is None
+
+
+def test_an_earlier_versions_decoder_copy_is_removed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cache = tmp_path / "ort-optimized"
+    path_id, _ = source_ids(locate_model_files(tiny_model_dir).graphs["decoder"])
+    earlier = cache / f"{path_id}-0123456789abcdef-last-logits"
+    earlier.mkdir(parents=True)
+    FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
+    assert not earlier.exists()

@@ -177,41 +177,48 @@ def _layer_count(graph: object) -> int:
     return count
 
 
-def _input_dims(graph: object, name: str) -> list[int | str]:
-    for value in graph.input:
-        if value.name == name:
-            return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
-    raise FusionUnsupported(f"no input {name}")
-
-
-def _rotary_cache(model: object, cos: str, sin: str, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """[max_positions, head_dim / 2] cos and sin tables, computed by the graph's own nodes for
-    positions 0..max_positions-1, so they hold exactly the numbers the original graph uses."""
+def _small_model(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
+    """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider."""
     import onnxruntime as ort
     from onnx import helper
 
-    graph = _Graph(model.graph)
-    nodes = graph.upstream([cos, sin])
-    needed = {name for node in nodes for name in node.input}
-    inputs = [value for value in model.graph.input if value.name in needed]
-    if [value.name for value in inputs] != ["position_ids"]:
-        raise FusionUnsupported("the rotary tables depend on more than position_ids")
-    order = {id(node): i for i, node in enumerate(model.graph.node)}
-    sub = helper.make_graph(
-        sorted(nodes, key=lambda n: order[id(n)]),
-        "rotary_tables",
-        inputs,
-        [helper.make_empty_tensor_value_info(cos), helper.make_empty_tensor_value_info(sin)],
-        [graph.initializers[name] for name in needed if name in graph.initializers],
+    graph = helper.make_graph(
+        nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers
     )
-    sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    opsets = [*model.opset_import]
+    if not any(op.domain == MS_DOMAIN for op in opsets):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    positions = np.arange(max_positions, dtype=np.int64).reshape(1, -1)
+    options.log_severity_level = 4  # a probe ORT refuses to run is an answer, not an error to log
+    probe = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _cut(model: object, graph: _Graph, outputs: list[str], boundary: dict[str, int]) -> object:
+    """A session computing `outputs` with `model`'s own nodes, fed at the `boundary` values
+    (name -> onnx element type) and the graph inputs those nodes read."""
+    from onnx import helper
+
+    nodes = graph.upstream(outputs, set(boundary))
+    made = {name for node in nodes for name in node.output}
+    read = {name for node in nodes for name in node.input if name and name not in made}
+    order = {id(node): i for i, node in enumerate(model.graph.node)}
+    inputs = [value for value in model.graph.input if value.name in read and value.name not in boundary]
+    inputs += [helper.make_tensor_value_info(name, kind, None) for name, kind in boundary.items()]
+    initializers = [graph.initializers[name] for name in sorted(read) if name in graph.initializers]
+    return _small_model(model, sorted(nodes, key=lambda n: order[id(n)]), inputs, outputs, initializers)
+
+
+def _rotary_cache(model: object, graph: _Graph, layer: _Layer, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[context_length, head_dim / 2] cos and sin tables, computed by the graph's own nodes for
+    positions 0..context_length-1, so they hold exactly the numbers the original graph uses."""
+    session = _cut(model, graph, [layer.cos, layer.sin], {})
+    if [value.name for value in session.get_inputs()] != ["position_ids"]:
+        raise FusionUnsupported("the rotary tables depend on more than position_ids")
+    positions = np.arange(context_length, dtype=np.int64).reshape(1, -1)
     cos_table, sin_table = session.run(None, {"position_ids": positions})
     half = cos_table.shape[-1] // 2
-    cos_table, sin_table = cos_table.reshape(max_positions, -1), sin_table.reshape(max_positions, -1)
+    cos_table, sin_table = cos_table.reshape(context_length, -1), sin_table.reshape(context_length, -1)
     # rotate_half's tables repeat one half; GroupQueryAttention takes that half once.
     if not (
         np.array_equal(cos_table[:, :half], cos_table[:, half:])
@@ -221,35 +228,137 @@ def _rotary_cache(model: object, cos: str, sin: str, max_positions: int) -> tupl
     return cos_table[:, :half], sin_table[:, :half]
 
 
-def fuse_attention(model: object, max_positions: int) -> int:
+@dataclass(frozen=True)
+class _Heads:
+    query: int
+    kv: int
+    size: int
+    dtype: type  # of activations and the KV cache
+    onnx_type: int
+    hidden: int  # the decoder's input width
+
+
+def _heads(model: object, graph: _Graph, layer: _Layer) -> _Heads:
+    """Head counts and size, from the KV cache input and the query projection's width."""
+    from onnx import helper
+
+    kv_input = next(value for value in model.graph.input if value.name == "past_key_values.0.key")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in kv_input.type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[1] or not dims[3]:
+        raise FusionUnsupported("the KV cache is not [batch, heads, positions, head size] with fixed heads")
+    width = _width(graph, layer.query)
+    if width is None or width % dims[3]:
+        raise FusionUnsupported("cannot tell the query projection's width")
+    embeds = next((value for value in model.graph.input if value.name == "inputs_embeds"), None)
+    hidden = embeds.type.tensor_type.shape.dim[-1].dim_value if embeds is not None else 0
+    onnx_type = kv_input.type.tensor_type.elem_type
+    dtype = helper.tensor_dtype_to_np_dtype(onnx_type)
+    return _Heads(width // dims[3], dims[1], dims[3], dtype, onnx_type, hidden)
+
+
+# The probe's steps, as the engine runs them: a prompt, more prompt after it (the prefix
+# cache's continuation), then a decode step.
+_PROBE_STEPS = (7, 3, 1)
+
+
+def _check_layer(model: object, graph: _Graph, layer: _Layer, fused_nodes: list, tables: list, heads: _Heads) -> None:
+    """Run the layer's attention as the graph spells it out and as fused, on the same random
+    projections, and raise FusionUnsupported if they differ. This catches what the pattern
+    cannot see: another scale, scaled rotary tables, a head size or an onnxruntime version
+    the kernel mishandles."""
+    from onnx import TensorProto, helper
+
+    past = [f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value"]
+    outputs = [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"]
+    projections = [layer.query, layer.key, layer.value]
+    try:
+        spelled_out = _cut(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
+        inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + past]
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, None))
+        fused = _small_model(model, fused_nodes, inputs, outputs, tables)
+        _compare_steps(model, spelled_out, fused, layer, heads)
+    except FusionUnsupported:
+        raise
+    except Exception as exc:  # ORT refusing to build or run the fused node, e.g. a head size it lacks
+        raise FusionUnsupported(f"layer {layer.index}: GroupQueryAttention cannot run it here ({exc})") from exc
+
+
+def _compare_steps(model: object, spelled_out: object, fused: object, layer: _Layer, heads: _Heads) -> None:
+    """Feed both sessions the probe's steps; the fused one writes its cache in place, as the
+    engine does, the spelled-out one gets its own presents back as the next past."""
+    import onnxruntime as ort
+
+    past = [f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value"]
+    presents = [f"present.{layer.index}.key", f"present.{layer.index}.value"]
+    cache = [np.zeros((1, heads.kv, sum(_PROBE_STEPS), heads.size), heads.dtype) for _ in past]
+    cache_values = [ort.OrtValue.ortvalue_from_numpy(array) for array in cache]
+    state = [np.zeros((1, heads.kv, 0, heads.size), heads.dtype) for _ in past]
+    rng = np.random.default_rng(layer.index)
+    wanted = {value.name for value in spelled_out.get_inputs()}
+    for tokens in _PROBE_STEPS:
+        start, total = state[0].shape[2], state[0].shape[2] + tokens
+        feed = {
+            layer.query: rng.standard_normal((1, tokens, heads.query * heads.size)).astype(heads.dtype),
+            layer.key: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
+            layer.value: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64).reshape(1, -1),
+            "inputs_embeds": np.zeros((1, tokens, heads.hidden), heads.dtype),  # read for its shape only
+            **dict(zip(past, state, strict=True)),
+        }
+        for value in model.graph.input:  # other layers' past, read for its shape only
+            feed.setdefault(value.name, state[0])
+        expected = spelled_out.run(None, {name: feed[name] for name in wanted})
+        binding = fused.io_binding()
+        for name in (layer.query, layer.key, layer.value, "attention_mask"):
+            binding.bind_cpu_input(name, feed[name])
+        binding.bind_output(layer.output, "cpu")
+        for past_name, present_name, value in zip(past, presents, cache_values, strict=True):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        fused.run_with_iobinding(binding)
+        actual = [binding.get_outputs()[0].numpy(), *(array[:, :, :total] for array in cache)]
+        for name, want, got in zip([layer.output, *presents], expected, actual, strict=True):
+            _require_close(name, want, got, heads.dtype, f"layer {layer.index}, a {tokens}-token step")
+        state = expected[1:]
+
+
+def _require_close(name: str, want: np.ndarray, got: np.ndarray, dtype: type, where: str) -> None:
+    if want.shape != got.shape:
+        raise FusionUnsupported(f"{where}: fused attention's {name} has shape {got.shape}, not {want.shape}")
+    tolerance = (1e-2 if dtype == np.float16 else 1e-4) * max(1.0, float(np.abs(want).max()))
+    difference = float(np.abs(want.astype(np.float32) - got.astype(np.float32)).max())
+    if not difference <= tolerance:  # NaN fails too
+        raise FusionUnsupported(f"{where}: fused attention's {name} differs from the graph's by {difference:.3g}")
+
+
+def fuse_attention(model: object, context_length: int) -> int:
     """Rewrite `model` (an onnx ModelProto, in place) to use GroupQueryAttention in every
     layer; return the number of layers fused. Raises FusionUnsupported, leaving `model`
-    unchanged, when any layer's attention is not recognised."""
+    unchanged, when any layer's attention is not recognised or the fused kernel does not
+    compute what the graph did."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = _Graph(model.graph)
     layers = [_find_layer(graph, i) for i in range(_layer_count(model.graph))]
     if len({(layer.cos, layer.sin) for layer in layers}) != 1:
         raise FusionUnsupported("layers use different rotary tables")
-    kv_dims = _input_dims(model.graph, "past_key_values.0.key")
-    kv_heads, head_dim = kv_dims[1], kv_dims[3]
-    if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-        raise FusionUnsupported("the KV cache has no fixed head count or size")
-    cos_table, sin_table = _rotary_cache(model, layers[0].cos, layers[0].sin, max_positions)
-    if cos_table.shape[1] * 2 != head_dim:
+    heads = _heads(model, graph, layers[0])
+    cos_table, sin_table = _rotary_cache(model, graph, layers[0], context_length)
+    if cos_table.shape[1] * 2 != heads.size:
         raise FusionUnsupported("rotary covers part of each head only")
-    kv_type = model.graph.input[[v.name for v in model.graph.input].index("past_key_values.0.key")]
-    kv_dtype = helper.tensor_dtype_to_np_dtype(kv_type.type.tensor_type.elem_type)
-    num_heads = _query_heads(model, graph, layers[0], head_dim)
 
     prefix = "lumen_gqa_"
-    tables = {
-        f"{prefix}cos_cache": cos_table.astype(kv_dtype),
-        f"{prefix}sin_cache": sin_table.astype(kv_dtype),
-        f"{prefix}one": np.array(1, dtype=np.int64),
-        f"{prefix}axis_1": np.array([1], dtype=np.int64),
-    }
-    new_nodes = [
+    tables = [
+        numpy_helper.from_array(value, name)
+        for name, value in {
+            f"{prefix}cos_cache": cos_table.astype(heads.dtype),
+            f"{prefix}sin_cache": sin_table.astype(heads.dtype),
+            f"{prefix}one": np.array(1, dtype=np.int64),
+            f"{prefix}axis_1": np.array([1], dtype=np.int64),
+        }.items()
+    ]
+    mask_nodes = [
         # seqlens_k: each sequence's last position (mask sum - 1); total_sequence_length: the
         # mask's length. Both int32, as GroupQueryAttention requires.
         helper.make_node("ReduceSum", ["attention_mask", f"{prefix}axis_1"], [f"{prefix}mask_sum"], keepdims=0),
@@ -259,47 +368,42 @@ def fuse_attention(model: object, max_positions: int) -> int:
         helper.make_node("Gather", [f"{prefix}mask_shape", f"{prefix}one"], [f"{prefix}total_length_64"], axis=0),
         helper.make_node("Cast", [f"{prefix}total_length_64"], [f"{prefix}total_length"], to=TensorProto.INT32),
     ]
-    for layer in layers:
-        new_nodes.append(
-            helper.make_node(
-                "GroupQueryAttention",
-                [
-                    layer.query,
-                    layer.key,
-                    layer.value,
-                    f"past_key_values.{layer.index}.key",
-                    f"past_key_values.{layer.index}.value",
-                    f"{prefix}seqlens_k",
-                    f"{prefix}total_length",
-                    f"{prefix}cos_cache",
-                    f"{prefix}sin_cache",
-                ],
-                [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"],
-                name=f"{prefix}layer_{layer.index}",
-                domain=MS_DOMAIN,
-                num_heads=num_heads,
-                kv_num_heads=kv_heads,
-                do_rotary=1,
-            )
+    attention_nodes = [
+        helper.make_node(
+            "GroupQueryAttention",
+            [
+                layer.query,
+                layer.key,
+                layer.value,
+                f"past_key_values.{layer.index}.key",
+                f"past_key_values.{layer.index}.value",
+                f"{prefix}seqlens_k",
+                f"{prefix}total_length",
+                f"{prefix}cos_cache",
+                f"{prefix}sin_cache",
+            ],
+            [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"],
+            name=f"{prefix}layer_{layer.index}",
+            domain=MS_DOMAIN,
+            num_heads=heads.query,
+            kv_num_heads=heads.kv,
+            do_rotary=1,
         )
+        for layer in layers
+    ]
+    for layer, node in zip(layers, attention_nodes, strict=True):
+        _check_layer(model, graph, layer, [*mask_nodes, node], tables, heads)
+
     replaced = {layer.output for layer in layers} | {
         f"present.{layer.index}.{kind}" for layer in layers for kind in ("key", "value")
     }
     kept = [node for node in model.graph.node if not set(node.output) & replaced]
-    nodes = _topological(kept + new_nodes, model.graph)
-    model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in tables.items())
+    nodes = _topological(kept + mask_nodes + attention_nodes, model.graph)
+    model.graph.initializer.extend(tables)
     _replace_nodes(model, nodes)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(layers)
-
-
-def _query_heads(model: object, graph: _Graph, layer: _Layer, head_dim: int) -> int:
-    """Query heads: the query projection's width over the head size."""
-    width = _width(graph, layer.query)
-    if width is None or width % head_dim:
-        raise FusionUnsupported("cannot tell the query projection's width")
-    return width // head_dim
 
 
 def _width(graph: _Graph, name: str) -> int | None:

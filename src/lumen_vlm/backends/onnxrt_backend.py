@@ -106,11 +106,12 @@ def default_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
 @dataclass
 class OrtDecoderState(DecoderState):
-    """A request's KV cache, held as ORT values between steps (never copied to numpy).
+    """A request's KV cache, held as ORT values between steps.
 
     With a fused decoder the cache is allocated once, for `capacity` positions, and every
-    step writes its keys and values into it in place; the first `length` are filled.
-    Otherwise (capacity None) each step's outputs are the next step's inputs.
+    step writes its keys and values into it in place; the first `length` are filled. It is
+    copied only to start from a cached prefix or to grow. Otherwise (capacity None) each
+    step's outputs are the next step's inputs, never copied.
     """
 
     past: list[ort.OrtValue]
@@ -136,13 +137,13 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         optimized_graph_dir: Path | None = None,
     ) -> None:
         started = time.perf_counter()
-        # A cached prefix state is never handed out: requests continue from its ORT values
-        # (read-only inputs), so concurrent requests can share it.
+        # A cached prefix state is never handed out or written: requests continue from its
+        # ORT values (read-only inputs) or from a copy, so concurrent requests can share it.
         self.prefix_cache: ByteBudgetLRU[OrtDecoderState] = ByteBudgetLRU(prefix_cache_bytes, _state_bytes)
         self._providers = list(providers or select_providers("auto"))
         self._graph_cache = OptimizedGraphCache(optimized_graph_dir) if optimized_graph_dir else None
         # ORT's saved optimized graphs hold CPU-specific rewrites: reused with the CPU provider only.
-        self._reuse_optimized = provider_names(self._providers) == ["CPUExecutionProvider"]
+        self._cpu_only = provider_names(self._providers) == ["CPUExecutionProvider"]
         options = session_options or default_session_options()
         # The vision encoder's activations at 1024 px are hundreds of MB, needed once per new
         # photo: without an arena they are freed after each encode (measured: ~290 MB less
@@ -175,20 +176,19 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
-            "loaded %s (%s, %s) in %.0f ms; fused attention in %d of %d layers",
+            "loaded %s (%s, %s) in %.0f ms; attention %s",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
-            self.fused_attention_layers,
-            self._decoder_spec.num_layers,
+            "fused" if self.fused_attention_layers else "as exported",
         )
 
     # ------------------------------------------------------------------ loading
 
     def _open(self, path: Path, options: ort.SessionOptions, reuse_optimized: bool = True) -> ort.InferenceSession:
         try:
-            if self._graph_cache is not None and reuse_optimized and self._reuse_optimized:
+            if self._graph_cache is not None and reuse_optimized and self._cpu_only:
                 return self._graph_cache.open(path, options, self._providers)
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
@@ -211,9 +211,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def _derived_decoder(self, source: Path) -> DerivedDecoder | None:
         if self._graph_cache is None:
             return None
-        # GroupQueryAttention is ONNX Runtime's contrib kernel, checked here on the CPU
-        # provider; its rotary table needs the context length.
-        fuse = self._reuse_optimized and self._context_length is not None
+        # The fused attention is checked against the graph on the CPU provider when made, and
+        # is used there only. Its rotary table needs the context length.
+        fuse = self._cpu_only and bool(self._context_length)
         return self._graph_cache.derived_decoder(source, self._context_length if fuse else None)
 
     def _read_vision_spec(self) -> VisionSpec:
@@ -319,6 +319,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
         assert isinstance(state, OrtDecoderState)
         embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
+        if self._context_length and state.length >= self._context_length:
+            raise BackendInputError(f"the model's context of {self._context_length} tokens is full")
         if state.capacity is not None and state.length == state.capacity:  # more than the prefill reserved
             state.past, state.capacity = self._resized(state, state.capacity * 2), state.capacity * 2
         return self._advance(state, embeds).last_logits
@@ -379,7 +381,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         if state.capacity is None:
             state.past = list(binding.get_outputs()[1:])
         state.length = total
-        state.last_logits = logits[0, -1].astype(np.float32, copy=False)
+        # A copy of one row: a view would keep the whole [seq, vocab] block alive with the state.
+        state.last_logits = np.array(logits[0, -1], dtype=np.float32)
         return state
 
     def close(self) -> None:
@@ -396,7 +399,7 @@ def _dtype_of(values: Sequence[Any], name: str) -> type:
 
 
 def _state_bytes(state: OrtDecoderState) -> int:
-    return sum(value.tensor_size_in_bytes() for value in state.past)
+    return sum(value.tensor_size_in_bytes() for value in state.past) + state.last_logits.nbytes
 
 
 def _file_bytes(path: Path) -> int:

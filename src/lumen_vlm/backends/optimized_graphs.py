@@ -9,6 +9,10 @@ one copy, no transient, same kernels, same numbers.
 
 The saved graph may hold hardware-specific rewrites, so the cache key names the source file,
 the ORT version and the machine; it is used for the CPU provider only.
+
+The decoder is not saved that way (see FastVLMONNXBackend) but rewritten by this project:
+`derived_decoder` saves a copy that computes prefill's logits for the last position only and
+runs attention as one fused kernel per layer (attention_fusion), each where the graph allows.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ WEIGHTS_NAME = "model.onnx.data"
 UNSUPPORTED_NAME = "unsupported.txt"
 MANIFEST_NAME = "derived.json"
 DERIVED_SUFFIX = "-decoder"
+# Earlier versions' name for the derived decoder: such entries are removed as stale.
+LEGACY_DERIVED_SUFFIX = "-last-logits"
+# Part of the derived decoder's cache key: raise it when the rewrite changes.
+REWRITE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ class OptimizedGraphCache:
             shutil.rmtree(target, ignore_errors=True)
             return ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
-    def derived_decoder(self, source: Path, attention_positions: int | None) -> DerivedDecoder | None:
+    def derived_decoder(self, source: Path, context_length: int | None) -> DerivedDecoder | None:
         """A faster copy of the decoder graph, saved once; None when no rewrite applies.
 
         Two rewrites, each made where the graph allows it:
@@ -125,15 +133,18 @@ class OptimizedGraphCache:
           (measured: 22% of a q4 prefill). The copy slices the hidden states before the
           output projection; a decode step, one position anyway, is unchanged.
         - attention fused into GroupQueryAttention (see attention_fusion), when
-          `attention_positions` (the rotary table's length: the context) is given.
+          `context_length` (the rotary table's length: the context) is given.
         """
         path_id, version_id = source_ids(source)
-        fused = f"-gqa{attention_positions}" if attention_positions else ""
-        target = self.root / f"{path_id}-{version_id}{fused}{DERIVED_SUFFIX}"
+        # The rewrite is checked against the installed ORT when made: a new ORT, or a new
+        # version of the rewrite, makes (and checks) it again.
+        fused = f"-gqa{context_length}" if context_length else ""
+        rewrite_id = _digest([ort.__version__, str(REWRITE_VERSION), fused])
+        target = self.root / f"{path_id}-{version_id}-{rewrite_id}{DERIVED_SUFFIX}"
         if not target.is_dir():
             try:
                 self._write_staged(
-                    target, source.name, lambda staging: _save_derived_decoder(source, staging, attention_positions)
+                    target, source.name, lambda staging: _save_derived_decoder(source, staging, context_length)
                 )
             except Exception as exc:  # never a reason to fail a load
                 log.warning("using %s as it is (%s)", source.name, exc)
@@ -182,13 +193,17 @@ class OptimizedGraphCache:
         """Drop older entries of the same kind for the same source (another version of its
         files, of ORT, of the machine) and staging folders a killed process left, an hour old."""
         source_prefix = target.name.split("-", 1)[0] + "-"
-        kind = target.name.endswith(DERIVED_SUFFIX)
+        kind = _is_derived(target.name)
         hour_ago = time.time() - 3600
         for entry in self.root.iterdir():
             stale_staging = entry.name.startswith(".saving-") and entry.stat().st_mtime < hour_ago
-            same_kind = entry.name.startswith(source_prefix) and entry.name.endswith(DERIVED_SUFFIX) == kind
+            same_kind = entry.name.startswith(source_prefix) and _is_derived(entry.name) == kind
             if entry != target and (same_kind or stale_staging):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_derived(entry_name: str) -> bool:
+    return entry_name.endswith((DERIVED_SUFFIX, LEGACY_DERIVED_SUFFIX))
 
 
 def _logits_projection(graph: object) -> tuple[int, object] | None:
@@ -203,7 +218,7 @@ def _logits_projection(graph: object) -> tuple[int, object] | None:
     return found
 
 
-def _save_derived_decoder(source: Path, staging: Path, attention_positions: int | None) -> None:
+def _save_derived_decoder(source: Path, staging: Path, context_length: int | None) -> None:
     import onnx
 
     from .attention_fusion import FusionUnsupported, fuse_attention
@@ -211,11 +226,13 @@ def _save_derived_decoder(source: Path, staging: Path, attention_positions: int 
     model = onnx.load(str(source))  # with its external weights, if any
     last_position_logits = _slice_before_logits(model)
     fused_layers = 0
-    if attention_positions:
+    if context_length:
         try:
-            fused_layers = fuse_attention(model, attention_positions)
+            fused_layers = fuse_attention(model, context_length)
         except FusionUnsupported as exc:
             log.info("%s: attention kept as it is (%s)", source.name, exc)
+        except Exception as exc:  # a graph shape the rewrite did not foresee: still never fatal
+            log.warning("%s: attention kept as it is (unexpected: %r)", source.name, exc)
     if not (last_position_logits or fused_layers):
         (staging / UNSUPPORTED_NAME).write_text("neither rewrite applies to this graph\n")
         return
