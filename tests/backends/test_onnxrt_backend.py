@@ -195,6 +195,7 @@ def test_saved_optimized_graphs_give_the_same_tokens(
     assert saved.count("model.onnx") == 3 and saved.count("model.onnx.data") >= 1, saved
     assert first.backend.last_position_logits, "prefill computes the last position's logits only"
     assert first.backend.fused_attention_layers == first.backend.decoder_spec.num_layers
+    assert first.backend.fused_norms == 2 * first.backend.decoder_spec.num_layers + 1
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/*")}
     again = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*")} == stamps, "the second load reuses the saved graphs"
@@ -256,11 +257,11 @@ def test_a_graph_no_rewrite_applies_to_is_remembered(
     # int8's logits cannot be sliced, and without a context length attention is not fused.
     cache = OptimizedGraphCache(tmp_path)
     source = locate_model_files(quantized_model_dir, "int8").graphs["decoder"]
-    assert cache.derived_decoder(source, context_length=None) is None
+    assert cache.derived_decoder(source) is None
     assert len(list(tmp_path.glob("*/unsupported.txt"))) == 1
     # The finding is kept, so the (large) source is not parsed again at the next start.
     monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: pytest.fail("the source was parsed again"))
-    assert cache.derived_decoder(source, context_length=None) is None
+    assert cache.derived_decoder(source) is None
 
 
 def test_an_earlier_versions_decoder_copy_is_removed(tmp_path: Path, tiny_model_dir: Path) -> None:

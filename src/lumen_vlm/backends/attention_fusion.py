@@ -25,17 +25,24 @@ mask, and positions counting from 0 (GroupQueryAttention derives positions from 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-MS_DOMAIN = "com.microsoft"
+from .graph_rewrite import (
+    MS_DOMAIN,
+    FusionUnsupported,
+    GraphIndex,
+    allowed_error,
+    attribute,
+    cut_session,
+    replace_nodes,
+    rewrite_error,
+    single,
+    small_session,
+)
+
 _TO_BNSH = [0, 2, 1, 3]
-
-
-class FusionUnsupported(Exception):
-    """The graph's attention is not one this rewrite knows and reproduces."""
 
 
 @dataclass(frozen=True)
@@ -49,62 +56,16 @@ class _Layer:
     sin: str
 
 
-class _Graph:
-    """Who produces and who reads each value of an onnx GraphProto."""
-
-    def __init__(self, graph: object) -> None:
-        self.graph = graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.readers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.initializers = {init.name: init for init in graph.initializer}
-
-    def made_by(self, name: str, op_type: str) -> object:
-        node = self.producer.get(name)
-        if node is None or node.op_type != op_type:
-            raise FusionUnsupported(f"{name} is not made by a {op_type}")
-        return node
-
-    def upstream(self, names: Iterable[str], stop: set[str] = frozenset()) -> list:
-        """Nodes that `names` depend on, not looking past the values in `stop`."""
-        seen: dict[int, object] = {}
-        queue = deque(n for n in names if n not in stop)
-        while queue:
-            node = self.producer.get(queue.popleft())
-            if node is None or id(node) in seen:
-                continue
-            seen[id(node)] = node
-            queue.extend(n for n in node.input if n and n not in stop)
-        return list(seen.values())
-
-
-def _attribute(node: object, name: str) -> object:
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return None
-
-
-def _head_split(graph: _Graph, name: str) -> str | None:
+def _head_split(graph: GraphIndex, name: str) -> str | None:
     """The [batch, seq, heads * dim] tensor that `name` is a Reshape + BNSH Transpose of."""
     node = graph.producer.get(name)
-    if node is None or node.op_type != "Transpose" or list(_attribute(node, "perm") or []) != _TO_BNSH:
+    if node is None or node.op_type != "Transpose" or list(attribute(node, "perm") or []) != _TO_BNSH:
         return None
     reshape = graph.producer.get(node.input[0])
     return reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else None
 
 
-def _single(found: set[str], what: str) -> str:
-    if len(found) != 1:
-        raise FusionUnsupported(f"expected one {what}, found {len(found)}")
-    return next(iter(found))
-
-
-def _split_inputs(graph: _Graph, name: str, stop: set[str]) -> set[str]:
+def _split_inputs(graph: GraphIndex, name: str, stop: set[str]) -> set[str]:
     """Projection outputs, split into heads, that `name` is computed from; the walk ends at
     each split (the layers before are beyond it) and at the values in `stop`."""
     found: set[str] = set()
@@ -123,7 +84,7 @@ def _split_inputs(graph: _Graph, name: str, stop: set[str]) -> set[str]:
     return found
 
 
-def _find_layer(graph: _Graph, index: int) -> _Layer:
+def _find_layer(graph: GraphIndex, index: int) -> _Layer:
     past_key, past_value = f"past_key_values.{index}.key", f"past_key_values.{index}.value"
     key_concat = graph.made_by(f"present.{index}.key", "Concat")
     value_concat = graph.made_by(f"present.{index}.value", "Concat")
@@ -133,23 +94,23 @@ def _find_layer(graph: _Graph, index: int) -> _Layer:
     if value is None:
         raise FusionUnsupported(f"layer {index}: new values are not a projection split into heads")
     inputs = {past_key, past_value}
-    key = _single(_split_inputs(graph, key_concat.input[1], inputs), f"layer {index} key projection")
+    key = single(_split_inputs(graph, key_concat.input[1], inputs), f"layer {index} key projection")
     # The attention result: the MatMul that reads the values (through the KV-head repeat),
     # then Transpose back and Reshape to [batch, seq, hidden].
     weighted = _values_matmul(graph, value_concat.output[0], index)
     back = graph.readers.get(weighted.output[0], [])
-    if len(back) != 1 or back[0].op_type != "Transpose" or list(_attribute(back[0], "perm") or []) != _TO_BNSH:
+    if len(back) != 1 or back[0].op_type != "Transpose" or list(attribute(back[0], "perm") or []) != _TO_BNSH:
         raise FusionUnsupported(f"layer {index}: attention result is not transposed back")
     merge = graph.readers.get(back[0].output[0], [])
     if len(merge) != 1 or merge[0].op_type != "Reshape":
         raise FusionUnsupported(f"layer {index}: attention result is not merged back into one hidden axis")
     presents = {key_concat.output[0], value_concat.output[0]}
-    query = _single(_split_inputs(graph, weighted.input[0], presents | inputs) - {key}, f"layer {index} query")
+    query = single(_split_inputs(graph, weighted.input[0], presents | inputs) - {key}, f"layer {index} query")
     cos, sin = _rotary_tables(graph, key_concat.input[1], inputs, index)
     return _Layer(index, query, key, value, merge[0].output[0], cos, sin)
 
 
-def _values_matmul(graph: _Graph, present_value: str, index: int) -> object:
+def _values_matmul(graph: GraphIndex, present_value: str, index: int) -> object:
     """The MatMul whose second input is `present_value`, through shape-only ops."""
     queue = deque([present_value])
     while queue:
@@ -162,13 +123,13 @@ def _values_matmul(graph: _Graph, present_value: str, index: int) -> object:
     raise FusionUnsupported(f"layer {index}: no MatMul reads the values")
 
 
-def _rotary_tables(graph: _Graph, rotated_key: str, stop: set[str], index: int) -> tuple[str, str]:
+def _rotary_tables(graph: GraphIndex, rotated_key: str, stop: set[str], index: int) -> tuple[str, str]:
     """The outputs of the Cos and Sin nodes the key's rotary embedding is computed from
     (shared by all layers); whatever the graph does with them after is checked by running."""
     nodes = graph.upstream([rotated_key], stop)
     cos = {n.output[0] for n in nodes if n.op_type == "Cos"}
     sin = {n.output[0] for n in nodes if n.op_type == "Sin"}
-    return _single(cos, f"layer {index} rotary cos"), _single(sin, f"layer {index} rotary sin")
+    return single(cos, f"layer {index} rotary cos"), single(sin, f"layer {index} rotary sin")
 
 
 def _layer_count(graph: object) -> int:
@@ -181,42 +142,12 @@ def _layer_count(graph: object) -> int:
     return count
 
 
-def _small_model(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
-    """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    graph = helper.make_graph(
-        nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers
-    )
-    opsets = [*model.opset_import]
-    if not any(op.domain == MS_DOMAIN for op in opsets):
-        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a probe ORT refuses to run is an answer, not an error to log
-    probe = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _cut(model: object, graph: _Graph, outputs: list[str], boundary: dict[str, int]) -> object:
-    """A session computing `outputs` with `model`'s own nodes, fed at the `boundary` values
-    (name -> onnx element type) and the graph inputs those nodes read."""
-    from onnx import helper
-
-    nodes = graph.upstream(outputs, set(boundary))
-    made = {name for node in nodes for name in node.output}
-    read = {name for node in nodes for name in node.input if name and name not in made}
-    order = {id(node): i for i, node in enumerate(model.graph.node)}
-    inputs = [value for value in model.graph.input if value.name in read and value.name not in boundary]
-    inputs += [helper.make_tensor_value_info(name, kind, None) for name, kind in boundary.items()]
-    initializers = [graph.initializers[name] for name in sorted(read) if name in graph.initializers]
-    return _small_model(model, sorted(nodes, key=lambda n: order[id(n)]), inputs, outputs, initializers)
-
-
-def _rotary_cache(model: object, graph: _Graph, layer: _Layer, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+def _rotary_cache(
+    model: object, graph: GraphIndex, layer: _Layer, context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
     """[context_length, head_dim / 2] cos and sin tables, computed by the graph's own nodes for
     positions 0..context_length-1, so they hold exactly the numbers the original graph uses."""
-    session = _cut(model, graph, [layer.cos, layer.sin], {})
+    session = cut_session(model, graph, [layer.cos, layer.sin], {})
     if [value.name for value in session.get_inputs()] != ["position_ids"]:
         raise FusionUnsupported("the rotary tables depend on more than position_ids")
     positions = np.arange(context_length, dtype=np.int64).reshape(1, -1)
@@ -242,7 +173,7 @@ class _Heads:
     hidden: int  # the decoder's input width
 
 
-def _heads(model: object, graph: _Graph, layer: _Layer) -> _Heads:
+def _heads(model: object, graph: GraphIndex, layer: _Layer) -> _Heads:
     """Head counts and size, from the KV cache input and the query projection's width."""
     from onnx import helper
 
@@ -265,7 +196,9 @@ def _heads(model: object, graph: _Graph, layer: _Layer) -> _Heads:
 _PROBE_STEPS = (7, 3, 1)
 
 
-def _check_layer(model: object, graph: _Graph, layer: _Layer, fused_nodes: list, tables: list, heads: _Heads) -> None:
+def _check_layer(
+    model: object, graph: GraphIndex, layer: _Layer, fused_nodes: list, tables: list, heads: _Heads
+) -> None:
     """Run the layer's attention as the graph spells it out and as fused, on the same random
     projections, and raise FusionUnsupported if they differ. This catches what the pattern
     cannot see: another scale, scaled rotary tables, a head size or an onnxruntime version
@@ -276,10 +209,10 @@ def _check_layer(model: object, graph: _Graph, layer: _Layer, fused_nodes: list,
     outputs = [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"]
     projections = [layer.query, layer.key, layer.value]
     try:
-        spelled_out = _cut(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
+        spelled_out = cut_session(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
         inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + past]
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, None))
-        fused = _small_model(model, fused_nodes, inputs, outputs, tables)
+        fused = small_session(model, fused_nodes, inputs, outputs, tables)
         _compare_steps(model, spelled_out, fused, layer, heads)
     except FusionUnsupported:
         raise
@@ -328,12 +261,11 @@ def _compare_steps(model: object, spelled_out: object, fused: object, layer: _La
 
 
 def _require_close(name: str, want: np.ndarray, got: np.ndarray, dtype: type, where: str) -> None:
-    if want.shape != got.shape:
-        raise FusionUnsupported(f"{where}: fused attention's {name} has shape {got.shape}, not {want.shape}")
-    tolerance = (1e-2 if dtype == np.float16 else 1e-4) * max(1.0, float(np.abs(want).max()))
-    difference = float(np.abs(want.astype(np.float32) - got.astype(np.float32)).max())
-    if not difference <= tolerance:  # NaN fails too
-        raise FusionUnsupported(f"{where}: fused attention's {name} differs from the graph's by {difference:.3g}")
+    error = rewrite_error(want, got)
+    if not error <= allowed_error(dtype):  # NaN fails too
+        raise FusionUnsupported(
+            f"{where}: fused attention's {name} differs from the graph's (relative error {error:.3g})"
+        )
 
 
 def fuse_attention(model: object, context_length: int) -> int:
@@ -343,7 +275,7 @@ def fuse_attention(model: object, context_length: int) -> int:
     compute what the graph did."""
     from onnx import TensorProto, helper, numpy_helper
 
-    graph = _Graph(model.graph)
+    graph = GraphIndex(model.graph)
     layers = [_find_layer(graph, i) for i in range(_layer_count(model.graph))]
     if len({(layer.cos, layer.sin) for layer in layers}) != 1:
         raise FusionUnsupported("layers use different rotary tables")
@@ -402,15 +334,14 @@ def fuse_attention(model: object, context_length: int) -> int:
         f"present.{layer.index}.{kind}" for layer in layers for kind in ("key", "value")
     }
     kept = [node for node in model.graph.node if not set(node.output) & replaced]
-    nodes = _topological(kept + mask_nodes + attention_nodes, model.graph)
+    replace_nodes(model, kept + mask_nodes + attention_nodes)
     model.graph.initializer.extend(tables)
-    _replace_nodes(model, nodes)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return len(layers)
 
 
-def _width(graph: _Graph, name: str) -> int | None:
+def _width(graph: GraphIndex, name: str) -> int | None:
     """The last dimension of a projection's output, read from its bias or its weight (a
     MatMul's, a 4-bit MatMulNBits' N, or an 8-bit MatMulInteger's), looking through Mul/Add."""
     queue, seen = deque([name]), set()
@@ -420,7 +351,7 @@ def _width(graph: _Graph, name: str) -> int | None:
             continue
         seen.add(id(node))
         if node.op_type == "MatMulNBits":
-            return int(_attribute(node, "N"))
+            return int(attribute(node, "N"))
         if node.op_type in ("MatMul", "MatMulInteger") and node.input[1] in graph.initializers:
             return int(graph.initializers[node.input[1]].dims[-1])
         if node.op_type in ("Add", "Mul"):
@@ -430,43 +361,3 @@ def _width(graph: _Graph, name: str) -> int | None:
                     return int(init.dims[0])  # a per-channel bias or scale
             queue.extend(node.input)
     return None
-
-
-def _topological(nodes: list, graph: object) -> list:
-    """The nodes the graph's outputs need, each after the producers of its inputs."""
-    producer = {out: node for node in nodes for out in node.output}
-    needed: set[int] = set()
-    stack = [producer[o.name] for o in graph.output if o.name in producer]
-    while stack:
-        node = stack.pop()
-        if id(node) not in needed:
-            needed.add(id(node))
-            stack.extend(producer[i] for i in node.input if i in producer)
-    kept = [node for node in nodes if id(node) in needed]
-    waiting = {id(node): len({i for i in node.input if i in producer}) for node in kept}
-    readers: dict[str, list] = {}
-    for node in kept:
-        for name in {i for i in node.input if i in producer}:
-            readers.setdefault(name, []).append(node)
-    ready = deque(node for node in kept if waiting[id(node)] == 0)
-    order: list = []
-    while ready:
-        node = ready.popleft()
-        order.append(node)
-        for out in node.output:
-            for reader in readers.get(out, []):
-                waiting[id(reader)] -= 1
-                if waiting[id(reader)] == 0:
-                    ready.append(reader)
-    if len(order) != len(kept):
-        raise FusionUnsupported("the rewritten graph has a cycle")
-    return order
-
-
-def _replace_nodes(model: object, nodes: list) -> None:
-    used = {name for node in nodes for name in node.input}
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    unused = [init for init in model.graph.initializer if init.name not in used]
-    for init in unused:
-        model.graph.initializer.remove(init)

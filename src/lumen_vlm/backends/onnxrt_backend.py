@@ -154,6 +154,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # How many layers' attention runs as one fused kernel (0: as the graph spells it out);
         # with it, each request's KV cache is allocated once and written in place.
         self.fused_attention_layers = 0
+        self.fused_norms = 0  # RMS norms run as one kernel each
         # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
         # the GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
         # OptimizedGraphCache.derived_decoder) is used when one can be made.
@@ -176,12 +177,13 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
-            "loaded %s (%s, %s) in %.0f ms; attention %s",
+            "loaded %s (%s, %s) in %.0f ms; attention %s, %d RMS norms fused",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
             "fused" if self.fused_attention_layers else "as exported",
+            self.fused_norms,
         )
 
     # ------------------------------------------------------------------ loading
@@ -205,16 +207,16 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                 shutil.rmtree(derived.path.parent, ignore_errors=True)
             else:
                 self.fused_attention_layers = derived.fused_attention_layers
+                self.fused_norms = derived.fused_norms
                 return session, derived.last_position_logits
         return self._open(source, options, reuse_optimized=False), False
 
     def _derived_decoder(self, source: Path) -> DerivedDecoder | None:
         if self._graph_cache is None:
             return None
-        # The fused attention is checked against the graph on the CPU provider when made, and
-        # is used there only. Its rotary table needs the context length.
-        fuse = self._cpu_only and bool(self._context_length)
-        return self._graph_cache.derived_decoder(source, self._context_length if fuse else None)
+        # The fused kernels are checked against the graph on the CPU provider when made, and
+        # are used there only.
+        return self._graph_cache.derived_decoder(source, self._cpu_only, self._context_length)
 
     def _read_vision_spec(self) -> VisionSpec:
         (pixel_input,) = self._vision.get_inputs()

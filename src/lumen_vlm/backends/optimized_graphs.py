@@ -43,7 +43,7 @@ DERIVED_SUFFIX = "-decoder"
 # Earlier versions' name for the derived decoder: such entries are removed as stale.
 LEGACY_DERIVED_SUFFIX = "-last-logits"
 # Part of the derived decoder's cache key: raise it when the rewrite changes.
-REWRITE_VERSION = 1
+REWRITE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class DerivedDecoder:
     path: Path
     last_position_logits: bool  # prefill's logits cover the last position only
     fused_attention_layers: int  # layers whose attention is one GroupQueryAttention node
+    fused_norms: int = 0  # RMS norms that are one SimplifiedLayerNormalization node
 
 
 def copy_options(options: ort.SessionOptions, **changes: object) -> ort.SessionOptions:
@@ -124,27 +125,32 @@ class OptimizedGraphCache:
             shutil.rmtree(target, ignore_errors=True)
             return ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
-    def derived_decoder(self, source: Path, context_length: int | None) -> DerivedDecoder | None:
+    def derived_decoder(
+        self, source: Path, fuse_kernels: bool = False, context_length: int | None = None
+    ) -> DerivedDecoder | None:
         """A faster copy of the decoder graph, saved once; None when no rewrite applies.
 
-        Two rewrites, each made where the graph allows it:
+        Each rewrite is made where the graph allows it:
         - logits for the last position only: the public graphs compute them for every prompt
           position, a [seq, vocab] product that prefill throws away but for its last row
           (measured: 22% of a q4 prefill). The copy slices the hidden states before the
           output projection; a decode step, one position anyway, is unchanged.
-        - attention fused into GroupQueryAttention (see attention_fusion), when
-          `context_length` (the rotary table's length: the context) is given.
+        - with `fuse_kernels` (for ORT's CPU provider, where they are checked): attention as
+          one GroupQueryAttention node a layer (attention_fusion; its rotary table needs the
+          `context_length`), and RMS norms as SimplifiedLayerNormalization (norm_fusion).
         """
         path_id, version_id = source_ids(source)
-        # The rewrite is checked against the installed ORT when made: a new ORT, or a new
-        # version of the rewrite, makes (and checks) it again.
-        fused = f"-gqa{context_length}" if context_length else ""
+        # The fused kernels are checked against the installed ORT when made: a new ORT, or a
+        # new version of the rewrites, makes (and checks) them again.
+        fused = f"-fused{context_length}" if fuse_kernels else ""
         rewrite_id = _digest([ort.__version__, str(REWRITE_VERSION), fused])
         target = self.root / f"{path_id}-{version_id}-{rewrite_id}{DERIVED_SUFFIX}"
         if not target.is_dir():
             try:
                 self._write_staged(
-                    target, source.name, lambda staging: _save_derived_decoder(source, staging, context_length)
+                    target,
+                    source.name,
+                    lambda staging: _save_derived_decoder(source, staging, fuse_kernels, context_length),
                 )
             except Exception as exc:  # never a reason to fail a load
                 log.warning("using %s as it is (%s)", source.name, exc)
@@ -218,23 +224,24 @@ def _logits_projection(graph: object) -> tuple[int, object] | None:
     return found
 
 
-def _save_derived_decoder(source: Path, staging: Path, context_length: int | None) -> None:
+def _save_derived_decoder(source: Path, staging: Path, fuse_kernels: bool, context_length: int | None) -> None:
     import onnx
 
-    from .attention_fusion import FusionUnsupported, fuse_attention
+    from .attention_fusion import fuse_attention
+    from .norm_fusion import fuse_rms_norms
 
     model = onnx.load(str(source))  # with its external weights, if any
-    last_position_logits = _slice_before_logits(model)
-    fused_layers = 0
-    if context_length:
-        try:
-            fused_layers = fuse_attention(model, context_length)
-        except FusionUnsupported as exc:
-            log.info("%s: attention kept as it is (%s)", source.name, exc)
-        except Exception as exc:  # a graph shape the rewrite did not foresee: still never fatal
-            log.warning("%s: attention kept as it is (unexpected: %r)", source.name, exc)
-    if not (last_position_logits or fused_layers):
-        (staging / UNSUPPORTED_NAME).write_text("neither rewrite applies to this graph\n")
+    manifest = {
+        "last_position_logits": _slice_before_logits(model),
+        "fused_attention_layers": (
+            _rewrite(lambda: fuse_attention(model, context_length), "attention", source.name)
+            if fuse_kernels and context_length
+            else 0
+        ),
+        "fused_norms": _rewrite(lambda: fuse_rms_norms(model), "RMS norms", source.name) if fuse_kernels else 0,
+    }
+    if not any(manifest.values()):
+        (staging / UNSUPPORTED_NAME).write_text("no rewrite applies to this graph\n")
         return
     onnx.save(
         model,
@@ -244,8 +251,20 @@ def _save_derived_decoder(source: Path, staging: Path, context_length: int | Non
         location=WEIGHTS_NAME,
         size_threshold=1024,
     )
-    manifest = {"last_position_logits": last_position_logits, "fused_attention_layers": fused_layers}
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _rewrite(apply: Callable[[], int], what: str, graph_name: str) -> int:
+    """Run one rewrite; a graph it does not fit keeps that part as it is."""
+    from .graph_rewrite import FusionUnsupported
+
+    try:
+        return apply()
+    except FusionUnsupported as exc:
+        log.info("%s: %s kept as they are (%s)", graph_name, what, exc)
+    except Exception as exc:  # a graph shape the rewrite did not foresee: still never fatal
+        log.warning("%s: %s kept as they are (unexpected: %r)", graph_name, what, exc)
+    return 0
 
 
 def _slice_before_logits(model: object) -> bool:

@@ -1,0 +1,153 @@
+"""Small tools for rewriting an ONNX graph: who makes and reads each value, running a piece
+of a graph on its own, and putting a rewritten node list back in order."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+MS_DOMAIN = "com.microsoft"
+
+
+class FusionUnsupported(Exception):
+    """The graph is not one a rewrite knows and reproduces; it is kept as it is."""
+
+
+def rewrite_error(want: np.ndarray, got: np.ndarray) -> float:
+    """How far a rewrite's output is from the graph's, relative to the output's scale (taken
+    as at least 1); infinite when the shapes differ, NaN when either holds a NaN."""
+    if want.shape != got.shape:
+        return math.inf
+    scale = max(1.0, float(np.abs(want).max()))
+    return float(np.abs(want.astype(np.float32) - got.astype(np.float32)).max()) / scale
+
+
+def allowed_error(dtype: type) -> float:
+    """The rewrite_error a rewrite may make: float rounding, in the graph's precision."""
+    return 1e-2 if dtype == np.float16 else 1e-4
+
+
+class GraphIndex:
+    """Who produces and who reads each value of an onnx GraphProto."""
+
+    def __init__(self, graph: object) -> None:
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.readers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+
+    def made_by(self, name: str, op_type: str) -> object:
+        node = self.producer.get(name)
+        if node is None or node.op_type != op_type:
+            raise FusionUnsupported(f"{name} is not made by a {op_type}")
+        return node
+
+    def upstream(self, names: Iterable[str], stop: set[str] = frozenset()) -> list:
+        """Nodes that `names` depend on, not looking past the values in `stop`."""
+        seen: dict[int, object] = {}
+        queue = deque(n for n in names if n not in stop)
+        while queue:
+            node = self.producer.get(queue.popleft())
+            if node is None or id(node) in seen:
+                continue
+            seen[id(node)] = node
+            queue.extend(n for n in node.input if n and n not in stop)
+        return list(seen.values())
+
+
+def attribute(node: object, name: str) -> object:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return None
+
+
+def single(found: set[str], what: str) -> str:
+    if len(found) != 1:
+        raise FusionUnsupported(f"expected one {what}, found {len(found)}")
+    return next(iter(found))
+
+
+def small_session(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
+    """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider: for
+    computing tables with the graph's own nodes, and for checking a rewrite against them."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    graph = helper.make_graph(
+        nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers
+    )
+    opsets = [*model.opset_import]
+    if not any(op.domain == MS_DOMAIN for op in opsets):
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a probe ORT refuses to run is an answer, not an error to log
+    probe = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def cut_session(model: object, graph: GraphIndex, outputs: list[str], boundary: dict[str, int]) -> object:
+    """A session computing `outputs` with `model`'s own nodes, fed at the `boundary` values
+    (name -> onnx element type) and the graph inputs those nodes read."""
+    from onnx import helper
+
+    nodes = graph.upstream(outputs, set(boundary))
+    made = {name for node in nodes for name in node.output}
+    read = {name for node in nodes for name in node.input if name and name not in made}
+    order = {id(node): i for i, node in enumerate(model.graph.node)}
+    inputs = [value for value in model.graph.input if value.name in read and value.name not in boundary]
+    inputs += [helper.make_tensor_value_info(name, kind, None) for name, kind in boundary.items()]
+    initializers = [graph.initializers[name] for name in sorted(read) if name in graph.initializers]
+    return small_session(model, sorted(nodes, key=lambda n: order[id(n)]), inputs, outputs, initializers)
+
+
+def _topological(nodes: list, graph: object) -> list:
+    """The nodes the graph's outputs need, each after the producers of its inputs."""
+    producer = {out: node for node in nodes for out in node.output}
+    needed: set[int] = set()
+    stack = [producer[o.name] for o in graph.output if o.name in producer]
+    while stack:
+        node = stack.pop()
+        if id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(producer[i] for i in node.input if i in producer)
+    kept = [node for node in nodes if id(node) in needed]
+    waiting = {id(node): len({i for i in node.input if i in producer}) for node in kept}
+    readers: dict[str, list] = {}
+    for node in kept:
+        for name in {i for i in node.input if i in producer}:
+            readers.setdefault(name, []).append(node)
+    ready = deque(node for node in kept if waiting[id(node)] == 0)
+    order: list = []
+    while ready:
+        node = ready.popleft()
+        order.append(node)
+        for out in node.output:
+            for reader in readers.get(out, []):
+                waiting[id(reader)] -= 1
+                if waiting[id(reader)] == 0:
+                    ready.append(reader)
+    if len(order) != len(kept):
+        raise FusionUnsupported("the rewritten graph has a cycle")
+    return order
+
+
+def replace_nodes(model: object, nodes: list) -> None:
+    """Make `nodes` the graph's nodes: those its outputs need, each after the producers of its
+    inputs; initializers no node reads any more go. Raises before changing anything if the
+    nodes cannot be ordered."""
+    nodes = _topological(nodes, model.graph)
+    used = {name for node in nodes for name in node.input}
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    unused = [init for init in model.graph.initializer if init.name not in used]
+    for init in unused:
+        model.graph.initializer.remove(init)
