@@ -3,9 +3,9 @@
     python benchmarks/session_options.py [--model-dir DIR] [--precisions fp32 q4] [--steps 32]
 
 Each variant loads the decoder afresh, prefills the same ~300-token prompt and decodes the same
-tokens; the table gives medians of --repeats and each variant's speed relative to the engine's
-defaults (ORT's session defaults, and the rewritten decoder the server saves and uses). One
-variant runs the decoder graph as exported, without the GroupQueryAttention rewrite.
+tokens, the variants taking turns --repeats times; the table gives medians and each variant's
+speed relative to the engine's defaults: ORT's session defaults, and the rewritten decoder the
+server saves and uses. One variant runs the decoder graph as exported, without the rewrites.
 Uses the model run_benchmark.py builds (run it once first).
 """
 
@@ -47,29 +47,31 @@ def session_options(threads: int = 0, spinning: bool = True, arena: bool = True,
     return options
 
 
-def measure(
-    model_dir: Path, precision: str, options: object, rewritten: bool, steps: int, repeats: int
-) -> tuple[float, float]:
+def load(model_dir: Path, precision: str, knobs: dict[str, object]) -> FastVLMONNXBackend:
+    knobs = dict(knobs)
+    rewritten = bool(knobs.pop("rewritten", True))
     files = locate_model_files(model_dir, precision)
-    backend = FastVLMONNXBackend(
+    return FastVLMONNXBackend(
         files,
         providers=["CPUExecutionProvider"],
-        session_options=options,
+        session_options=session_options(**knobs),
         context_length=read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).context_length,
         # The server's cache of rewritten graphs, beside the model (run_benchmark.py fills it).
         optimized_graph_dir=model_dir.parent / "ort-optimized" if rewritten else None,
     )
+
+
+def measure_once(backend: FastVLMONNXBackend, steps: int) -> tuple[float, float]:
+    """(prefill ms, decode tok/s) after a warm-up prefill."""
     prompt = np.arange(1000, 1300, dtype=np.int64)
-    prefill, decode = [], []
-    for _ in range(repeats + 1):  # the first round warms up
-        start = time.perf_counter()
-        state = backend.prefill(prompt, None, -1, reserve=steps)
-        prefill.append((time.perf_counter() - start) * 1000.0)
-        start = time.perf_counter()
-        for step in range(steps):
-            backend.decode_step(state, 2000 + step)
-        decode.append(steps / (time.perf_counter() - start))
-    return statistics.median(prefill[1:]), statistics.median(decode[1:])
+    backend.prefill(prompt, None, -1)
+    start = time.perf_counter()
+    state = backend.prefill(prompt, None, -1, reserve=steps)
+    prefill_ms = (time.perf_counter() - start) * 1000.0
+    start = time.perf_counter()
+    for step in range(steps):
+        backend.decode_step(state, 2000 + step)
+    return prefill_ms, steps / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -82,12 +84,16 @@ def main() -> int:
     print("| precision | variant | prefill ms | decode tok/s | decode vs defaults |")
     print("|---|---|---|---|---|")
     for precision in args.precisions:
-        baseline = None
-        for name, knobs in variants().items():
-            rewritten = bool(knobs.pop("rewritten", True))
-            options = session_options(**knobs)
-            prefill_ms, tok_s = measure(args.model_dir, precision, options, rewritten, args.steps, args.repeats)
-            baseline = baseline or tok_s
+        # Round-robin: each repeat loads and measures every variant in turn, so the machine's
+        # drift (its memory bandwidth moves with the neighbours) falls on all of them alike.
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants()}
+        for _ in range(args.repeats):
+            for name, knobs in variants().items():
+                samples[name].append(measure_once(load(args.model_dir, precision, knobs), args.steps))
+        baseline = statistics.median(tok_s for _, tok_s in samples["defaults"])
+        for name, runs in samples.items():
+            prefill_ms = statistics.median(ms for ms, _ in runs)
+            tok_s = statistics.median(t for _, t in runs)
             print(f"| {precision} | {name} | {prefill_ms:.0f} | {tok_s:.1f} | {tok_s / baseline:.2f}x |", flush=True)
     return 0
 
