@@ -155,7 +155,7 @@ class OptimizedGraphCache:
             except Exception as exc:  # never a reason to fail a load
                 log.warning("using %s as it is (%s)", source.name, exc)
                 return None
-        # An entry without a graph records that neither rewrite applies to this source, so the
+        # An entry without a graph records that no rewrite applies to this source, so the
         # (large) source is not parsed again at every start.
         if not (target / GRAPH_NAME).is_file():
             return None
