@@ -51,13 +51,16 @@ def load(model_dir: Path, precision: str, knobs: dict[str, object]) -> FastVLMON
     knobs = dict(knobs)
     rewritten = bool(knobs.pop("rewritten", True))
     files = locate_model_files(model_dir, precision)
+    # The server's cache of rewritten graphs, beside the model (run_benchmark.py fills it). A
+    # variant with another optimization level gets a cache of its own: ORT's saved graphs
+    # depend on the level, and would otherwise replace the server's.
+    cache = model_dir.parent / ("ort-optimized" if "level" not in knobs else "ort-optimized-other-level")
     return FastVLMONNXBackend(
         files,
         providers=["CPUExecutionProvider"],
         session_options=session_options(**knobs),
         context_length=read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).context_length,
-        # The server's cache of rewritten graphs, beside the model (run_benchmark.py fills it).
-        optimized_graph_dir=model_dir.parent / "ort-optimized" if rewritten else None,
+        optimized_graph_dir=cache if rewritten else None,
     )
 
 

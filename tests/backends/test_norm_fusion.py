@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
+from lumen_vlm.backends import norm_fusion
 from lumen_vlm.backends.norm_fusion import fuse_rms_norms
 from lumen_vlm.resources.model_files import locate_model_files
 
@@ -57,3 +61,75 @@ def test_a_norm_it_does_not_reproduce_is_kept(tiny_model_dir: Path) -> None:
     assert any(mean.output[0] in node.output for node in model.graph.node), "the odd norm's nodes are kept"
     for want, got in zip(expected, prefill_outputs(model), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_a_norm_whose_inner_value_is_a_graph_output_is_kept(tiny_model_dir: Path) -> None:
+    model = decoder(tiny_model_dir)
+    mean = next(node for node in model.graph.node if node.op_type == "ReduceMean")
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(mean.output[0]))
+    layers = sum(value.name.endswith(".key") for value in model.graph.input)
+    assert fuse_rms_norms(model) == 2 * layers
+    prefill_outputs(model)  # still a graph ORT runs: the output's producer is there
+
+
+def test_the_check_sees_a_wrong_epsilon(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_node = norm_fusion._fused_node
+
+    def tenfold_epsilon(norm: Any, index: int) -> onnx.NodeProto:
+        return make_node(dataclasses.replace(norm, epsilon=norm.epsilon * 10), index)
+
+    monkeypatch.setattr(norm_fusion, "_fused_node", tenfold_epsilon)
+    assert fuse_rms_norms(decoder(tiny_model_dir)) == 0
+
+
+def test_values_read_inside_a_subgraph_are_kept() -> None:
+    """An If branch reading an outer node's output and an outer initializer: neither may go
+    when the norm before it is rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = 16
+    consts = {
+        "two": np.array(2.0, np.float32),
+        "axes": np.array([-1], np.int64),
+        "eps": np.array(1e-6, np.float32),
+        "weight": np.linspace(0.5, 1.5, width, dtype=np.float32),
+        "outer_bias": np.full(width, 3.0, np.float32),
+        "flag": np.array(True),
+    }
+    norm = [
+        helper.make_node("Pow", ["x", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], keepdims=1),
+        helper.make_node("Add", ["mean", "eps"], ["var"]),
+        helper.make_node("Sqrt", ["var"], ["std"]),
+        helper.make_node("Reciprocal", ["std"], ["inv"]),
+        helper.make_node("Mul", ["x", "inv"], ["normed"]),
+        helper.make_node("Mul", ["weight", "normed"], ["y"]),
+    ]
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["negated", "outer_bias"], ["branch_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        *norm,
+        helper.make_node("Neg", ["y"], ["negated"]),
+        helper.make_node("If", ["flag"], ["out"], then_branch=branch, else_branch=branch),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "norm_then_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, width])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in consts.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(1).standard_normal((1, 3, width)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    expected = run(model)
+    assert fuse_rms_norms(model) == 1
+    np.testing.assert_allclose(run(model), expected, atol=1e-5, rtol=0)

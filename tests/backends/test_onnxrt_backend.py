@@ -271,3 +271,29 @@ def test_an_earlier_versions_decoder_copy_is_removed(tmp_path: Path, tiny_model_
     earlier.mkdir(parents=True)
     FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=cache)
     assert not earlier.exists()
+
+
+def test_a_state_keeps_one_row_of_logits(manager: FastVLMModelManager) -> None:
+    # The graph computes logits for every prompt position here: a view of the last row would
+    # keep the whole [seq, vocab] block alive in a cached prefix, unaccounted.
+    state = manager.backend.prefill(np.arange(10, 60, dtype=np.int64), None, -1)
+    assert not manager.backend.last_position_logits
+    assert state.logits.base is None and state.logits.shape == (manager.backend.decoder_spec.vocab_size,)
+
+
+def test_a_rewritten_copy_that_does_not_load_is_remembered(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lumen_vlm.backends import optimized_graphs
+
+    def broken_copy(source: Path, target: Path, *args: Any) -> dict[str, Any]:
+        target.write_bytes(b"not an onnx graph")
+        return {"last_position_logits": True, "fused_attention_layers": 0, "fused_norms": 0}
+
+    monkeypatch.setattr(optimized_graphs, "_write_rewritten", broken_copy)
+    cache = OptimizedGraphCache(tmp_path)
+    source = locate_model_files(tiny_model_dir).graphs["decoder"]
+    assert cache.derived_decoder(source, fuse_kernels=True, context_length=1024) is None
+    assert [p.name for p in tmp_path.glob("*/*")] == ["unsupported.txt"]
+    monkeypatch.setattr(optimized_graphs, "_write_rewritten", lambda *a: pytest.fail("rewritten again"))
+    assert cache.derived_decoder(source, fuse_kernels=True, context_length=1024) is None

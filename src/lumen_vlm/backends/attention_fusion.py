@@ -333,7 +333,7 @@ def fuse_attention(model: object, context_length: int) -> int:
     replaced = {layer.output for layer in layers} | {
         f"present.{layer.index}.{kind}" for layer in layers for kind in ("key", "value")
     }
-    kept = [node for node in model.graph.node if not set(node.output) & replaced]
+    kept = [node for node in graph.nodes if not set(node.output) & replaced]
     replace_nodes(model, kept + mask_nodes + attention_nodes)
     model.graph.initializer.extend(tables)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):

@@ -30,17 +30,39 @@ def allowed_error(dtype: type) -> float:
     return 1e-2 if dtype == np.float16 else 1e-4
 
 
+def reads(node: object) -> set[str]:
+    """The values `node` reads: its inputs, and those its subgraphs (If, Loop, Scan bodies)
+    take from outside. Empty names (absent optional inputs) are not values."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = {out for inner_node in graph.node for out in inner_node.output}
+            inner |= {value.name for value in graph.input} | {init.name for init in graph.initializer}
+            names |= {name for inner_node in graph.node for name in reads(inner_node) if name not in inner}
+    return names
+
+
 class GraphIndex:
-    """Who produces and who reads each value of an onnx GraphProto."""
+    """Who produces and who reads each value of an onnx GraphProto. Graph outputs count as
+    read. Holds every node's wrapper, so id(node) is stable while the index lives."""
 
     def __init__(self, graph: object) -> None:
         self.graph = graph
-        self.producer = {out: node for node in graph.node for out in node.output}
+        self.nodes = list(graph.node)
+        self.producer = {out: node for node in self.nodes for out in node.output if out}
         self.readers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
+        for node in self.nodes:
+            for name in reads(node):
                 self.readers.setdefault(name, []).append(node)
+        self.outputs = {value.name for value in graph.output}
         self.initializers = {init.name: init for init in graph.initializer}
+
+    def read_only_by(self, name: str, op_type: str) -> object | None:
+        """The one node reading `name`, if it is an `op_type` and `name` is no graph output."""
+        readers = self.readers.get(name, [])
+        if name in self.outputs or len(readers) != 1 or readers[0].op_type != op_type:
+            return None
+        return readers[0]
 
     def made_by(self, name: str, op_type: str) -> object:
         node = self.producer.get(name)
@@ -101,8 +123,8 @@ def cut_session(model: object, graph: GraphIndex, outputs: list[str], boundary: 
 
     nodes = graph.upstream(outputs, set(boundary))
     made = {name for node in nodes for name in node.output}
-    read = {name for node in nodes for name in node.input if name and name not in made}
-    order = {id(node): i for i, node in enumerate(model.graph.node)}
+    read = {name for node in nodes for name in reads(node) if name not in made}
+    order = {id(node): i for i, node in enumerate(graph.nodes)}
     inputs = [value for value in model.graph.input if value.name in read and value.name not in boundary]
     inputs += [helper.make_tensor_value_info(name, kind, None) for name, kind in boundary.items()]
     initializers = [graph.initializers[name] for name in sorted(read) if name in graph.initializers]
@@ -110,20 +132,21 @@ def cut_session(model: object, graph: GraphIndex, outputs: list[str], boundary: 
 
 
 def _topological(nodes: list, graph: object) -> list:
-    """The nodes the graph's outputs need, each after the producers of its inputs."""
-    producer = {out: node for node in nodes for out in node.output}
+    """The nodes the graph's outputs need, each after the producers of what it reads."""
+    producer = {out: node for node in nodes for out in node.output if out}
+    needs = {id(node): {name for name in reads(node) if name in producer} for node in nodes}
     needed: set[int] = set()
     stack = [producer[o.name] for o in graph.output if o.name in producer]
     while stack:
         node = stack.pop()
         if id(node) not in needed:
             needed.add(id(node))
-            stack.extend(producer[i] for i in node.input if i in producer)
+            stack.extend(producer[name] for name in needs[id(node)])
     kept = [node for node in nodes if id(node) in needed]
-    waiting = {id(node): len({i for i in node.input if i in producer}) for node in kept}
+    waiting = {id(node): len(needs[id(node)]) for node in kept}
     readers: dict[str, list] = {}
     for node in kept:
-        for name in {i for i in node.input if i in producer}:
+        for name in needs[id(node)]:
             readers.setdefault(name, []).append(node)
     ready = deque(node for node in kept if waiting[id(node)] == 0)
     order: list = []
@@ -131,7 +154,7 @@ def _topological(nodes: list, graph: object) -> list:
         node = ready.popleft()
         order.append(node)
         for out in node.output:
-            for reader in readers.get(out, []):
+            for reader in readers.get(out, []) if out else []:
                 waiting[id(reader)] -= 1
                 if waiting[id(reader)] == 0:
                     ready.append(reader)
@@ -141,13 +164,14 @@ def _topological(nodes: list, graph: object) -> list:
 
 
 def replace_nodes(model: object, nodes: list) -> None:
-    """Make `nodes` the graph's nodes: those its outputs need, each after the producers of its
-    inputs; initializers no node reads any more go. Raises before changing anything if the
-    nodes cannot be ordered."""
+    """Make `nodes` the graph's nodes: those its outputs need, each after the producers of what
+    it reads; initializers no node reads any more go (with their graph input, if declared as
+    one). Raises before changing anything if the nodes cannot be ordered."""
     nodes = _topological(nodes, model.graph)
-    used = {name for node in nodes for name in node.input}
+    used = {name for node in nodes for name in reads(node)} | {value.name for value in model.graph.output}
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    unused = [init for init in model.graph.initializer if init.name not in used]
-    for init in unused:
-        model.graph.initializer.remove(init)
+    unused = {init.name for init in model.graph.initializer if init.name not in used}
+    for container in (model.graph.initializer, model.graph.input):
+        for item in [item for item in container if item.name in unused]:
+            container.remove(item)

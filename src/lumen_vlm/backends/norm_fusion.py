@@ -2,9 +2,8 @@
 
 transformers' Qwen2RMSNorm, ``weight * x * rsqrt(mean(x**2) + eps)``, exports as seven nodes
 (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) that ORT's own fusion does not recognise,
-since it looks for a Div. Two such norms per layer cost FastVLM-0.5B about a millisecond a
-decode step. As one SimplifiedLayerNormalization node each, ORT then also fuses the residual
-Add before a norm into SkipSimplifiedLayerNormalization.
+since it looks for a Div. As one SimplifiedLayerNormalization node each, FastVLM-0.5B's 49
+norms save about 3% of a q4 decode step.
 
 Each norm found is run both ways on random input before anything changes; a norm that does
 not match, or does not compute the same numbers, is left as it is.
@@ -46,11 +45,6 @@ def _scalar(graph: GraphIndex, name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
-def _only_reader(graph: GraphIndex, name: str, op_type: str) -> object | None:
-    readers = graph.readers.get(name, [])
-    return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
-
-
 def _other(node: object, name: str) -> str | None:
     """The input of a two-input node that is not `name`."""
     inputs = list(node.input)
@@ -63,17 +57,17 @@ def _norm_at(graph: GraphIndex, mean: object) -> _Norm | None:
     if square is None or square.op_type != "Pow" or _scalar(graph, square.input[1]) != 2.0:
         return None
     source = square.input[0]
-    add = _only_reader(graph, mean.output[0], "Add")
+    add = graph.read_only_by(mean.output[0], "Add")
     epsilon = _scalar(graph, _other(add, mean.output[0])) if add is not None else None
-    sqrt = _only_reader(graph, add.output[0], "Sqrt") if epsilon is not None else None
-    reciprocal = _only_reader(graph, sqrt.output[0], "Reciprocal") if sqrt is not None else None
-    normalize = _only_reader(graph, reciprocal.output[0], "Mul") if reciprocal is not None else None
+    sqrt = graph.read_only_by(add.output[0], "Sqrt") if epsilon is not None else None
+    reciprocal = graph.read_only_by(sqrt.output[0], "Reciprocal") if sqrt is not None else None
+    normalize = graph.read_only_by(reciprocal.output[0], "Mul") if reciprocal is not None else None
     if normalize is None or _other(normalize, reciprocal.output[0]) != source:
         return None
-    scale = _only_reader(graph, normalize.output[0], "Mul")
+    scale = graph.read_only_by(normalize.output[0], "Mul")
     weight = _other(scale, normalize.output[0]) if scale is not None else None
     init = graph.initializers.get(weight or "")
-    if init is None or len(init.dims) != 1 or len(graph.readers.get(square.output[0], [])) != 1:
+    if init is None or len(init.dims) != 1 or graph.read_only_by(square.output[0], "ReduceMean") is not mean:
         return None
     nodes = (square, mean, add, sqrt, reciprocal, normalize, scale)
     return _Norm(source, weight, epsilon, scale.output[0], nodes)
@@ -100,7 +94,9 @@ def _reproduces(model: object, graph: GraphIndex, norm: _Norm, fused: object) ->
     width = int(graph.initializers[norm.weight].dims[0])
     elem_type = graph.initializers[norm.weight].data_type
     dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-    x = np.random.default_rng(0).standard_normal((1, 5, width)).astype(dtype)
+    # Rows of ordinary scale, and one so small that epsilon decides its result.
+    x = np.random.default_rng(0).standard_normal((1, 5, width)) * np.array([1, 1, 1, 10, 1e-4])[None, :, None]
+    x = x.astype(dtype)
     try:
         spelled_out = cut_session(model, graph, [norm.output], {norm.source: elem_type})
         inputs = [helper.make_tensor_value_info(norm.source, elem_type, None)]
@@ -117,7 +113,7 @@ def fuse_rms_norms(model: object) -> int:
     reproduces is one SimplifiedLayerNormalization node; return how many."""
     graph = GraphIndex(model.graph)
     fused: list[tuple[_Norm, object]] = []
-    for mean in [node for node in model.graph.node if node.op_type == "ReduceMean"]:
+    for mean in [node for node in graph.nodes if node.op_type == "ReduceMean"]:
         norm = _norm_at(graph, mean)
         if norm is None:
             continue
@@ -127,7 +123,7 @@ def fuse_rms_norms(model: object) -> int:
     if not fused:
         return 0
     replaced = {id(node) for norm, _ in fused for node in norm.nodes}
-    kept = [node for node in model.graph.node if id(node) not in replaced]
+    kept = [node for node in graph.nodes if id(node) not in replaced]
     try:
         replace_nodes(model, kept + [node for _, node in fused])
     except FusionUnsupported:

@@ -324,7 +324,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         if self._context_length and state.length >= self._context_length:
             raise BackendInputError(f"the model's context of {self._context_length} tokens is full")
         if state.capacity is not None and state.length == state.capacity:  # more than the prefill reserved
-            state.past, state.capacity = self._resized(state, state.capacity * 2), state.capacity * 2
+            capacity = min(state.capacity * 2, self._context_length or state.capacity * 2)
+            state.past, state.capacity = self._resized(state, capacity), capacity
         return self._advance(state, embeds).last_logits
 
     # ------------------------------------------------------------------ the KV cache

@@ -43,7 +43,7 @@ DERIVED_SUFFIX = "-decoder"
 # Earlier versions' name for the derived decoder: such entries are removed as stale.
 LEGACY_DERIVED_SUFFIX = "-last-logits"
 # Part of the derived decoder's cache key: raise it when the rewrite changes.
-REWRITE_VERSION = 2
+REWRITE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,26 @@ def _logits_projection(graph: object) -> tuple[int, object] | None:
 
 
 def _save_derived_decoder(source: Path, staging: Path, fuse_kernels: bool, context_length: int | None) -> None:
+    manifest = _write_rewritten(source, staging / GRAPH_NAME, fuse_kernels, context_length)
+    if manifest is None:
+        (staging / UNSUPPORTED_NAME).write_text("no rewrite applies to this graph\n")
+        return
+    try:  # a copy ORT cannot load is recorded as such, not rebuilt at every start
+        ort.InferenceSession(str(staging / GRAPH_NAME), _trial_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        log.warning("%s: the rewritten copy does not load (%s); using the graph as it is", source.name, exc)
+        for path in (staging / GRAPH_NAME, staging / WEIGHTS_NAME):
+            path.unlink(missing_ok=True)
+        (staging / UNSUPPORTED_NAME).write_text(f"the rewritten copy did not load: {exc}\n")
+        return
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _write_rewritten(
+    source: Path, target: Path, fuse_kernels: bool, context_length: int | None
+) -> dict[str, int | bool] | None:
+    """Write `source` with every rewrite that applies to `target`; what was done, or None
+    (nothing written) when none applies."""
     import onnx
 
     from .attention_fusion import fuse_attention
@@ -241,17 +261,23 @@ def _save_derived_decoder(source: Path, staging: Path, fuse_kernels: bool, conte
         "fused_norms": _rewrite(lambda: fuse_rms_norms(model), "RMS norms", source.name) if fuse_kernels else 0,
     }
     if not any(manifest.values()):
-        (staging / UNSUPPORTED_NAME).write_text("no rewrite applies to this graph\n")
-        return
+        return None
     onnx.save(
         model,
-        str(staging / GRAPH_NAME),
+        str(target),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
         location=WEIGHTS_NAME,
         size_threshold=1024,
     )
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return manifest
+
+
+def _trial_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    return options
 
 
 def _rewrite(apply: Callable[[], int], what: str, graph_name: str) -> int:
