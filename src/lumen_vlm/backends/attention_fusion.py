@@ -36,6 +36,7 @@ from .graph_rewrite import (
     allowed_error,
     attribute,
     cut_session,
+    ms_opset_if_missing,
     replace_nodes,
     rewrite_error,
     single,
@@ -56,10 +57,15 @@ class _Layer:
     sin: str
 
 
+def _swaps_heads_and_sequence(node: object | None) -> bool:
+    """Whether `node` is the Transpose between [batch, seq, heads, dim] and [batch, heads, seq, dim]."""
+    return node is not None and node.op_type == "Transpose" and list(attribute(node, "perm") or []) == _TO_BNSH
+
+
 def _head_split(graph: GraphIndex, name: str) -> str | None:
     """The [batch, seq, heads * dim] tensor that `name` is a Reshape + BNSH Transpose of."""
     node = graph.producer.get(name)
-    if node is None or node.op_type != "Transpose" or list(attribute(node, "perm") or []) != _TO_BNSH:
+    if not _swaps_heads_and_sequence(node):
         return None
     reshape = graph.producer.get(node.input[0])
     return reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else None
@@ -99,7 +105,7 @@ def _find_layer(graph: GraphIndex, index: int) -> _Layer:
     # then Transpose back and Reshape to [batch, seq, hidden].
     weighted = _values_matmul(graph, value_concat.output[0], index)
     back = graph.readers.get(weighted.output[0], [])
-    if len(back) != 1 or back[0].op_type != "Transpose" or list(attribute(back[0], "perm") or []) != _TO_BNSH:
+    if len(back) != 1 or not _swaps_heads_and_sequence(back[0]):
         raise FusionUnsupported(f"layer {index}: attention result is not transposed back")
     merge = graph.readers.get(back[0].output[0], [])
     if len(merge) != 1 or merge[0].op_type != "Reshape":
@@ -336,8 +342,7 @@ def fuse_attention(model: object, context_length: int) -> int:
     kept = [node for node in graph.nodes if not set(node.output) & replaced]
     replace_nodes(model, kept + mask_nodes + attention_nodes)
     model.graph.initializer.extend(tables)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model.opset_import.extend(ms_opset_if_missing(model.opset_import))
     return len(layers)
 
 

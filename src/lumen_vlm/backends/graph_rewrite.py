@@ -79,7 +79,7 @@ class GraphIndex:
             if node is None or id(node) in seen:
                 continue
             seen[id(node)] = node
-            queue.extend(n for n in node.input if n and n not in stop)
+            queue.extend(n for n in reads(node) if n not in stop)
         return list(seen.values())
 
 
@@ -98,6 +98,13 @@ def single(found: set[str], what: str) -> str:
     return next(iter(found))
 
 
+def ms_opset_if_missing(opsets: Iterable) -> list:
+    """The com.microsoft opset import that `opsets` lacks for contrib ops, or nothing."""
+    from onnx import helper
+
+    return [] if any(op.domain == MS_DOMAIN for op in opsets) else [helper.make_opsetid(MS_DOMAIN, 1)]
+
+
 def small_session(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
     """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider: for
     computing tables with the graph's own nodes, and for checking a rewrite against them."""
@@ -107,9 +114,7 @@ def small_session(model: object, nodes: list, inputs: list, outputs: list[str], 
     graph = helper.make_graph(
         nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers
     )
-    opsets = [*model.opset_import]
-    if not any(op.domain == MS_DOMAIN for op in opsets):
-        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    opsets = [*model.opset_import, *ms_opset_if_missing(model.opset_import)]
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a probe ORT refuses to run is an answer, not an error to log
     probe = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)

@@ -320,9 +320,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
 
     def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
         assert isinstance(state, OrtDecoderState)
-        embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
         if self._context_length and state.length >= self._context_length:
             raise BackendInputError(f"the model's context of {self._context_length} tokens is full")
+        embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
         if state.capacity is not None and state.length == state.capacity:  # more than the prefill reserved
             capacity = min(state.capacity * 2, self._context_length or state.capacity * 2)
             state.past, state.capacity = self._resized(state, capacity), capacity
@@ -334,16 +334,19 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         """An empty cache; preallocated for `capacity` positions when the decoder writes in place."""
         in_place = self.fused_attention_layers > 0
         return OrtDecoderState(
-            past=[self._kv_buffer(capacity if in_place else 0) for _ in self._past_names],
+            past=[self._as_ort(self._kv_array(capacity if in_place else 0)) for _ in self._past_names],
             length=0,
             last_logits=np.empty(0, dtype=np.float32),
             capacity=capacity if in_place else None,
         )
 
-    def _kv_buffer(self, positions: int) -> ort.OrtValue:
+    def _kv_array(self, positions: int) -> np.ndarray:
+        """One layer's keys or values for `positions` positions, zeroed."""
         spec = self._decoder_spec
-        zeros = np.zeros((1, spec.num_kv_heads, positions, spec.head_dim), dtype=self._kv_dtype)
-        return ort.OrtValue.ortvalue_from_numpy(zeros, self._device, 0)
+        return np.zeros((1, spec.num_kv_heads, positions, spec.head_dim), dtype=self._kv_dtype)
+
+    def _as_ort(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
 
     def _continue(self, prefix: OrtDecoderState, capacity: int) -> OrtDecoderState:
         """A new request's cache starting from a cached prefix, which stays unchanged."""
@@ -355,9 +358,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         """`state`'s filled positions copied into new caches of `capacity` positions."""
         past = []
         for value in state.past:
-            buffer = np.zeros((*value.shape()[:2], capacity, value.shape()[3]), dtype=self._kv_dtype)
+            buffer = self._kv_array(capacity)
             buffer[:, :, : state.length] = value.numpy()[:, :, : state.length]
-            past.append(ort.OrtValue.ortvalue_from_numpy(buffer, self._device, 0))
+            past.append(self._as_ort(buffer))
         return past
 
     def _advance(self, state: OrtDecoderState, embeds: np.ndarray) -> OrtDecoderState:
