@@ -14,10 +14,9 @@ import itertools
 import logging
 import signal
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -132,10 +131,10 @@ class VLMServer:
             self._mdns = advertise_mdns(self.settings, self.port)
         log.info("listening on %s", self.address)
 
-    def shutdown(self, force: threading.Event | None = None) -> None:
+    def shutdown(self, forced: Callable[[], bool] = lambda: False) -> None:
         """Stop admitting, let in-flight work finish within the grace period, cancel the rest.
 
-        `force` (a second SIGINT/SIGTERM) cuts the grace period short.
+        `forced()` turning true (a second SIGINT/SIGTERM) cuts the grace period short.
         """
         grace = self.settings.admission.shutdown_grace_s
         log.info("shutting down: in-flight generations have %.0f s to finish", grace)
@@ -143,7 +142,7 @@ class VLMServer:
         self._withdraw_mdns()
         if self.service is not None:
             self.service.begin_shutdown()
-            if not self._drain(grace, force):
+            if not self._drain(grace, forced):
                 log.warning("grace period over: cancelling the generations still running")
                 self.service.cancel_all()
                 self.service.wait_idle(5.0)
@@ -152,13 +151,13 @@ class VLMServer:
             self.service.close()
         log.info("stopped")
 
-    def _drain(self, grace: float, force: threading.Event | None) -> bool:
+    def _drain(self, grace: float, forced: Callable[[], bool]) -> bool:
         """Wait for in-flight generations; False when the grace period ran out or was cut short."""
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             if self.service.wait_idle(min(0.2, max(0.0, deadline - time.monotonic()))):
                 return True
-            if force is not None and force.is_set():
+            if forced():
                 return False
         return self.service.wait_idle(0)
 
@@ -252,6 +251,33 @@ def advertise_mdns(settings: VLMSettings, port: int) -> MdnsAdvertisement | None
     return MdnsAdvertisement(zeroconf, info)
 
 
+class ShutdownSignals:
+    """Counts SIGINT/SIGTERM, and lets the main thread wait for the first one.
+
+    Python runs a signal handler in the main thread, between any two of its bytecodes, and only
+    once the main thread runs: a signal the kernel hands to one of grpc's or ORT's threads does
+    not wake a main thread blocked on a lock. So the main thread never blocks without a timeout,
+    and the handler takes no lock (an Event's set() could deadlock on the lock that the main
+    thread's own Event.wait() holds at that moment): it only counts.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, *_: Any) -> None:
+        self.count += 1
+
+    def wait_for_first(self) -> None:
+        while self.count == 0:
+            time.sleep(self.POLL_S)
+
+    def forced(self) -> bool:
+        """A second signal: stop waiting for the generations still running."""
+        return self.count > 1
+
+
 def run(settings: VLMSettings, model_dir: Path) -> int:
     """Serve `model_dir` until SIGINT/SIGTERM; returns the process exit code.
 
@@ -259,17 +285,13 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
     """
     from .fastvlm.fastvlm_service import FastVLMService
 
-    stop, force = threading.Event(), threading.Event()
-
-    def on_signal(*_: Any) -> None:
-        (force if stop.is_set() else stop).set()
-
+    signals = ShutdownSignals()
     try:
         server = VLMServer(settings)
     except OSError as exc:
         log.error("%s", exc)
         return 1
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         log.info("port %d open; loading %s (health NOT_SERVING until ready)", server.port, model_dir)
@@ -278,8 +300,8 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
         except Exception:
             server.close()
             raise
-        stop.wait()
-        server.shutdown(force)
+        signals.wait_for_first()
+        server.shutdown(signals.forced)
         return 0
     finally:
         for sig, handler in previous.items():

@@ -25,6 +25,7 @@ from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from ..conftest import GOLDEN, TINY_MODEL
 
 START_TIMEOUT_S = 120.0
+SLOW_DECODING_SERVER = Path(__file__).with_name("slow_decoding_server.py")
 
 
 def free_port() -> int:
@@ -55,7 +56,8 @@ class ServerProcess:
     """A server subprocess whose log lines are collected as they come."""
 
     def __init__(self, command: list[str]) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # faulthandler: a server that hangs is made to print every thread's stack (exit_code).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -75,6 +77,16 @@ class ServerProcess:
                 break
             time.sleep(0.05)
         raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.lines)}")
+
+    def exit_code(self, timeout: float) -> int:
+        """The exit code; a process still running after `timeout` fails with its log and stacks."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            self.process.wait(timeout=30)
+            self._reader.join(timeout=5)
+            raise AssertionError(f"no exit within {timeout:g} s; output:\n{''.join(self.lines)}") from None
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -135,27 +147,41 @@ def test_the_seed_command_serves_health_reflection_and_capabilities(server: tupl
         assert {inference, "grpc.health.v1.Health"} <= names
 
 
-def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(server: tuple[ServerProcess, int]) -> None:
-    proc, port = server
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = ml_service_pb2_grpc.InferenceStub(channel)
-        responses = stub.Infer(iter([stream_request(max_new_tokens=300)]), timeout=120)
-        first = next(responses)
-        assert not first.is_final
-        proc.process.send_signal(signal.SIGTERM)
-        rest = list(responses)
-    final = rest[-1]
-    assert final.is_final and not final.HasField("error"), final
-    result = json.loads(final.result)
-    assert result["generated_tokens"] > 1
-    assert proc.process.wait(timeout=60) == 0
-    assert any("shutting down" in line for line in proc.lines)
+def slow_decoding_server(config: Path) -> ServerProcess:
+    """The real server, each decode step slowed, so that a generation is still running when signalled."""
+    return ServerProcess([sys.executable, str(SLOW_DECODING_SERVER), "--config", str(config)])
+
+
+def index_of(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -> None:
+    port = free_port()
+    proc = slow_decoding_server(write_config(tmp_path / "config.yaml", port))
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ml_service_pb2_grpc.InferenceStub(channel)
+            responses = stub.Infer(iter([stream_request(max_new_tokens=300)]), timeout=120)
+            first = next(responses)
+            assert not first.is_final
+            proc.process.send_signal(signal.SIGTERM)
+            rest = list(responses)
+        final = rest[-1]
+        assert final.is_final and not final.HasField("error"), final
+        assert json.loads(final.result)["generated_tokens"] == 300
+        assert proc.exit_code(timeout=60) == 0
+        # The generation was still running when the server began shutting down.
+        assert index_of(proc.lines, "shutting down") < index_of(proc.lines, "correlation_id=long")
+    finally:
+        if proc.process.poll() is None:
+            proc.process.kill()
 
 
 def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path) -> None:
     port = free_port()
-    config = write_config(tmp_path / "config.yaml", port, shutdown_grace_s=30.0)
-    proc = ServerProcess([sys.executable, "-m", "lumen_vlm", "--config", str(config)])
+    proc = slow_decoding_server(write_config(tmp_path / "config.yaml", port, shutdown_grace_s=30.0))
     try:
         proc.wait_for(f"listening on 127.0.0.1:{port}")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -167,8 +193,10 @@ def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path)
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            list(responses)
-        assert proc.process.wait(timeout=60) == 0
+            assert not any("correlation_id=long" in line for line in proc.lines)  # still generating
+            final = list(responses)[-1]
+        assert final.is_final and not final.HasField("error"), final
+        assert proc.exit_code(timeout=60) == 0
     finally:
         if proc.process.poll() is None:
             proc.process.kill()
@@ -287,7 +315,7 @@ def test_cli_port_and_host_override_the_config_and_sigint_stops_with_0(tmp_path:
         with grpc.insecure_channel(f"127.0.0.1:{cli_port}") as channel:
             ml_service_pb2_grpc.InferenceStub(channel).Health(empty_pb2.Empty(), timeout=10)
         proc.process.send_signal(signal.SIGINT)
-        assert proc.process.wait(timeout=60) == 0
+        assert proc.exit_code(timeout=60) == 0
     finally:
         if proc.process.poll() is None:
             proc.process.kill()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from lumen_vlm.resources.settings import ServerSettings
-from lumen_vlm.server import VLMServer
+from lumen_vlm.server import ShutdownSignals, VLMServer
 
 from ..service.conftest import ThrottledManager, make_request, make_settings, wait_until
 
@@ -79,3 +81,26 @@ def test_generations_past_the_grace_period_are_cancelled(manager: Any, tiny_mode
     channel.close()
     assert not stopper.is_alive()
     assert held.running == 0 and held.finished, "the held generation was stopped"
+
+
+def test_a_signal_caught_by_another_thread_still_ends_the_wait_for_it() -> None:
+    """The kernel may hand SIGTERM to any of grpc's or ORT's threads; Python then runs the handler
+    only when the main thread next runs bytecode, which a main thread blocked on a lock never does."""
+    signals = ShutdownSignals()
+    previous = signal.signal(signal.SIGUSR1, signals)
+    main_thread = threading.get_ident()
+    # Half a second into the wait, a timer thread takes the signal itself.
+    sender = threading.Timer(0.5, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGUSR1))
+    # Should the wait block for good, this wakes it after 20 s, so that the test fails, not hangs.
+    rescue = threading.Timer(20.0, signal.pthread_kill, (main_thread, signal.SIGUSR1))
+    try:
+        sender.start()
+        rescue.start()
+        started = time.monotonic()
+        signals.wait_for_first()
+        assert time.monotonic() - started < 10.0
+        assert signals.count == 1 and not signals.forced()
+    finally:
+        sender.cancel()
+        rescue.cancel()
+        signal.signal(signal.SIGUSR1, previous)
