@@ -46,6 +46,16 @@ from .graph_rewrite import (
 _TO_BNSH = [0, 2, 1, 3]
 
 
+def _past_names(index: int) -> list[str]:
+    """Layer `index`'s KV cache inputs, keys then values."""
+    return [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
+
+
+def _present_names(index: int) -> list[str]:
+    """Layer `index`'s KV cache outputs, keys then values."""
+    return [f"present.{index}.key", f"present.{index}.value"]
+
+
 @dataclass(frozen=True)
 class _Layer:
     index: int
@@ -55,6 +65,14 @@ class _Layer:
     output: str  # attention result, [batch, seq, heads * head_dim], read by the output projection
     cos: str  # the graph's rotary tables, [batch, seq, head_dim]
     sin: str
+
+    @property
+    def past(self) -> list[str]:
+        return _past_names(self.index)
+
+    @property
+    def presents(self) -> list[str]:
+        return _present_names(self.index)
 
 
 def _swaps_heads_and_sequence(node: object | None) -> bool:
@@ -91,9 +109,10 @@ def _split_inputs(graph: GraphIndex, name: str, stop: set[str]) -> set[str]:
 
 
 def _find_layer(graph: GraphIndex, index: int) -> _Layer:
-    past_key, past_value = f"past_key_values.{index}.key", f"past_key_values.{index}.value"
-    key_concat = graph.made_by(f"present.{index}.key", "Concat")
-    value_concat = graph.made_by(f"present.{index}.value", "Concat")
+    past_key, past_value = _past_names(index)
+    present_key, present_value = _present_names(index)
+    key_concat = graph.made_by(present_key, "Concat")
+    value_concat = graph.made_by(present_value, "Concat")
     if list(key_concat.input)[:1] != [past_key] or list(value_concat.input)[:1] != [past_value]:
         raise FusionUnsupported(f"layer {index}: present is not Concat(past, new)")
     value = _head_split(graph, value_concat.input[1])
@@ -141,7 +160,7 @@ def _rotary_tables(graph: GraphIndex, rotated_key: str, stop: set[str], index: i
 def _layer_count(graph: object) -> int:
     names = {value.name for value in graph.input}
     count = 0
-    while f"past_key_values.{count}.key" in names:
+    while _past_names(count)[0] in names:
         count += 1
     if count == 0:
         raise FusionUnsupported("no past_key_values.0.key input")
@@ -183,7 +202,7 @@ def _heads(model: object, graph: GraphIndex, layer: _Layer) -> _Heads:
     """Head counts and size, from the KV cache input and the query projection's width."""
     from onnx import helper
 
-    kv_input = next(value for value in model.graph.input if value.name == "past_key_values.0.key")
+    kv_input = next(value for value in model.graph.input if value.name == layer.past[0])
     dims = [d.dim_value if d.HasField("dim_value") else None for d in kv_input.type.tensor_type.shape.dim]
     if len(dims) != 4 or not dims[1] or not dims[3]:
         raise FusionUnsupported("the KV cache is not [batch, heads, positions, head size] with fixed heads")
@@ -211,12 +230,11 @@ def _check_layer(
     the kernel mishandles."""
     from onnx import TensorProto, helper
 
-    past = [f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value"]
-    outputs = [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"]
+    outputs = [layer.output, *layer.presents]
     projections = [layer.query, layer.key, layer.value]
     try:
         spelled_out = cut_session(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
-        inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + past]
+        inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + layer.past]
         inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, None))
         fused = small_session(model, fused_nodes, inputs, outputs, tables)
         _compare_steps(model, spelled_out, fused, layer, heads)
@@ -231,8 +249,7 @@ def _compare_steps(model: object, spelled_out: object, fused: object, layer: _La
     engine does, the spelled-out one gets its own presents back as the next past."""
     import onnxruntime as ort
 
-    past = [f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value"]
-    presents = [f"present.{layer.index}.key", f"present.{layer.index}.value"]
+    past, presents = layer.past, layer.presents
     cache = [np.zeros((1, heads.kv, sum(_PROBE_STEPS), heads.size), heads.dtype) for _ in past]
     cache_values = [ort.OrtValue.ortvalue_from_numpy(array) for array in cache]
     state = [np.zeros((1, heads.kv, 0, heads.size), heads.dtype) for _ in past]
@@ -317,14 +334,13 @@ def fuse_attention(model: object, context_length: int) -> int:
                 layer.query,
                 layer.key,
                 layer.value,
-                f"past_key_values.{layer.index}.key",
-                f"past_key_values.{layer.index}.value",
+                *layer.past,
                 f"{prefix}seqlens_k",
                 f"{prefix}total_length",
                 f"{prefix}cos_cache",
                 f"{prefix}sin_cache",
             ],
-            [layer.output, f"present.{layer.index}.key", f"present.{layer.index}.value"],
+            [layer.output, *layer.presents],
             name=f"{prefix}layer_{layer.index}",
             domain=MS_DOMAIN,
             num_heads=heads.query,
@@ -336,9 +352,7 @@ def fuse_attention(model: object, context_length: int) -> int:
     for layer, node in zip(layers, attention_nodes, strict=True):
         _check_layer(model, graph, layer, [*mask_nodes, node], tables, heads)
 
-    replaced = {layer.output for layer in layers} | {
-        f"present.{layer.index}.{kind}" for layer in layers for kind in ("key", "value")
-    }
+    replaced = {name for layer in layers for name in (layer.output, *layer.presents)}
     kept = [node for node in graph.nodes if not set(node.output) & replaced]
     replace_nodes(model, kept + mask_nodes + attention_nodes)
     model.graph.initializer.extend(tables)
