@@ -144,6 +144,11 @@ class Admission:
         finally:
             self._release()
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
     def close(self) -> None:
         """Refuse new requests and wake the waiting ones, which then give up."""
         with self._cond:

@@ -74,11 +74,15 @@ def error_code_for(exc: BaseException) -> int:
     """The one place where exceptions become error codes."""
     if isinstance(exc, InputError | UnknownTaskError):  # RequestError is an InputError
         return ErrorCode.ERROR_CODE_INVALID_ARGUMENT
-    if isinstance(exc, UploadsBusy):
-        return ErrorCode.ERROR_CODE_UNAVAILABLE
     if isinstance(exc, ServiceError):
         return exc.code
     return ErrorCode.ERROR_CODE_INTERNAL
+
+
+def _log_refusal(correlation_id: str, task: str, exc: BaseException) -> None:
+    """One line for a request answered with an error the client caused or may retry."""
+    name = ErrorCode.Name(error_code_for(exc)).removeprefix("ERROR_CODE_")
+    log.info("correlation_id=%s task=%s error=%s %s", correlation_id, shown(task), name, exc)
 
 
 # --------------------------------------------------------------------------- responses
@@ -194,7 +198,6 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         self._registry = self._build_registry()
         self._controls: set[CallControl] = set()
         self._controls_lock = threading.Lock()
-        self._shutting_down = threading.Event()
         self._closed = False
         self._capability: ml_service_pb2.Capability | None = None
 
@@ -263,13 +266,8 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     def queued(self) -> int:
         return self._admission.waiting
 
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down.is_set()
-
     def begin_shutdown(self) -> None:
         """New requests (and those waiting for a slot) get UNAVAILABLE; running ones go on."""
-        self._shutting_down.set()
         self._admission.close()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -309,9 +307,10 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         try:
             for request in _requests_until_gone(request_iterator):
                 yield from self._on_request(request, assembler, CallControl(context, terminated))
-            abandoned = assembler.abandon()
         finally:
-            assembler.abandon()  # a stream cut short (client gone, server stopping) frees its uploads too
+            # However the stream ends (client gone, server stopping too), its uploads are freed;
+            # those of a stream that ended normally are answered below.
+            abandoned = assembler.abandon()
         for correlation_id, exc in abandoned:
             log.info("correlation_id=%s error=INVALID_ARGUMENT %s", correlation_id, exc)
             yield error_response(correlation_id, exc)
@@ -323,8 +322,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         try:
             complete = assembler.feed(request, correlation_id)
         except (InputError, UploadsBusy) as exc:
-            name = ErrorCode.Name(error_code_for(exc)).removeprefix("ERROR_CODE_")
-            log.info("correlation_id=%s task=%s error=%s %s", correlation_id, shown(request.task), name, exc)
+            _log_refusal(correlation_id, request.task, exc)
             yield error_response(correlation_id, exc)
             return
         if complete is not None:
@@ -337,7 +335,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         with self._controls_lock:
             self._controls.add(control)
         try:
-            if self._shutting_down.is_set():
+            if self._admission.closed:
                 raise Unavailable("the server is shutting down")
             task = self._registry.get(request.task)
             yield from task.handler(request, control, started)
@@ -355,14 +353,12 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     def _failure(self, request: CompleteRequest, exc: Exception, started: float) -> ml_service_pb2.InferResponse:
         lat_ms = (time.perf_counter() - started) * 1000.0
-        code = error_code_for(exc)
-        name = ErrorCode.Name(code).removeprefix("ERROR_CODE_")
-        if code == ErrorCode.ERROR_CODE_INTERNAL:
+        if error_code_for(exc) == ErrorCode.ERROR_CODE_INTERNAL:
             log.exception(
                 "correlation_id=%s task=%s failed with an internal error", request.correlation_id, shown(request.task)
             )
         else:
-            log.info("correlation_id=%s task=%s error=%s %s", request.correlation_id, shown(request.task), name, exc)
+            _log_refusal(request.correlation_id, request.task, exc)
         return error_response(request.correlation_id, exc, lat_ms)
 
     # ------------------------------------------------------------------ the generation tasks
@@ -446,7 +442,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     def Health(self, request: Any, context: Any) -> empty_pb2.Empty:
         """Empty while serving; UNAVAILABLE once shutdown began."""
-        if self._shutting_down.is_set():
+        if self._admission.closed:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return empty_pb2.Empty()
 
@@ -467,7 +463,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_image_pixels": limits.max_image_pixels,
             "max_new_tokens": limits.max_new_tokens,
             "default_max_new_tokens": limits.request_default_max_new_tokens,
-            "context_length": self.manager.describe()["context_length"],
+            "context_length": self.manager.context_length,
             "max_concurrency": self._admission.max_concurrency,
             "max_queue": self._admission.max_queue,
             "max_stop_sequences": limits.max_stop_sequences,

@@ -63,8 +63,6 @@ def image_limits(limits: GenerationLimits) -> ImageLimits:
     return ImageLimits(max_bytes=limits.max_payload_bytes, max_pixels=limits.max_image_pixels)
 
 
-IMAGE_MIMES = ("image/jpeg", "image/png", "image/webp")
-
 # MIME type -> the formats PIL may report for it. Pillow opens a JPEG that carries a
 # multi-picture index (common from phone cameras) as "MPO"; its first frame is the JPEG.
 _PIL_FORMATS: dict[str, frozenset[str]] = {
@@ -72,6 +70,7 @@ _PIL_FORMATS: dict[str, frozenset[str]] = {
     "image/png": frozenset({"PNG"}),
     "image/webp": frozenset({"WEBP"}),
 }
+IMAGE_MIMES = tuple(_PIL_FORMATS)  # what requests may send, and capabilities advertise
 # The plugins Image.open may try; MPO is reached through the JPEG plugin.
 _OPEN_FORMATS = ("JPEG", "PNG", "WEBP")
 

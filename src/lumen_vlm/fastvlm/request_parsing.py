@@ -29,6 +29,7 @@ from ..generation import SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
 from ..text import invalid_text, shown
+from .admission import Unavailable
 from .exceptions import InputError
 from .fastvlm_model import GenerationParams, GenerationRequest
 from .image import IMAGE_MIMES, ImageLimits, check_image_bytes, image_limits
@@ -74,8 +75,8 @@ class RequestError(InputError):
     """The request is malformed: INVALID_ARGUMENT, the client can fix it."""
 
 
-class UploadsBusy(Exception):
-    """The service holds as many unfinished chunked upload bytes as it may: UNAVAILABLE, retry later."""
+class UploadsBusy(Unavailable):
+    """The service holds as many unfinished chunked upload bytes as it may: retry later."""
 
 
 # --------------------------------------------------------------------------- scalar values
