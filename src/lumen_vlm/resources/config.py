@@ -45,7 +45,7 @@ from typing import Annotated, Any
 
 import yaml
 from lumen_resources.lumen_config import BackendSettings as LumenBackendSettings
-from lumen_resources.lumen_config import LumenConfig, ModelConfig, Server, Services
+from lumen_resources.lumen_config import LumenConfig, Mdns, ModelConfig, Server, Services
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .exceptions import ConfigError
@@ -113,7 +113,7 @@ _SERVICE_KEYS = (*Services.model_fields, "vlm_settings")
 _SHORT_TOP_KEYS = ("cache_dir", "server", "services")
 _SHORT_SERVICE_KEYS = ("models", "backend_settings", "vlm_settings")
 _SERVER_KEYS = tuple(Server.model_fields)
-_MDNS_KEYS = ("enabled", "service_name")
+_MDNS_KEYS = tuple(Mdns.model_fields)
 _HINTS = {
     "prefer_fp16": "choose the model's precision instead: models.<alias>.precision: fp16",
     "import": "lumen-resources names this block import_info",
@@ -216,12 +216,20 @@ def _expand_short_form(data: Mapping[str, Any], service: str) -> dict[str, Any]:
     server = data.get("server") or {}
     if not isinstance(server, Mapping):
         raise ConfigError("server: must be a mapping with port and host")
+    return single_service_config(service, cache_dir, "other", {"port": DEFAULT_PORT, **server}, block)
+
+
+def single_service_config(
+    service: str, cache_dir: Any, region: str, server: Mapping[str, Any], entry: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A full Lumen config, as a dict, deploying this package as `service` alone; `entry` holds
+    the service entry's own keys (models, backend_settings, ...)."""
     return {
-        "metadata": {"version": "1.0.0", "region": "other", "cache_dir": cache_dir},
+        "metadata": {"version": "1.0.0", "region": region, "cache_dir": cache_dir},
         "deployment": {"mode": "single", "service": service},
-        "server": {"port": DEFAULT_PORT, **server},
+        "server": dict(server),
         "services": {
-            service: {"enabled": True, "package": LUMEN_PACKAGE, "import_info": dict(LUMEN_IMPORT_INFO), **block}
+            service: {"enabled": True, "package": LUMEN_PACKAGE, "import_info": dict(LUMEN_IMPORT_INFO), **entry}
         },
     }
 

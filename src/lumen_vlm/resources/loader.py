@@ -57,7 +57,7 @@ from lumen_resources import downloader as lumen_downloader
 from lumen_resources.lumen_config import LumenConfig
 from tqdm.auto import tqdm
 
-from .config import LUMEN_IMPORT_INFO, LUMEN_PACKAGE
+from .config import single_service_config
 from .exceptions import ModelFilesError, ModelNotFoundError
 from .model_files import GRAPHS, declared_model_name, graph_file, locate_model_files
 from .settings import VLMSettings
@@ -118,7 +118,7 @@ def resolve_model(settings: VLMSettings, download: bool = True, progress: bool =
     else:
         return _unknown_name(name, cache_target(models_root, name, key), settings.model.precision, key)
     target = cache_target(models_root, source.dirname, key)
-    return _resolve_cached(source, target, settings, download, progress)
+    return _resolve_cached(source, target, settings, key, download, progress)
 
 
 def served_model_id(settings: VLMSettings, model_dir: Path | str) -> str:
@@ -197,9 +197,11 @@ def _unknown_name(name: str, target: Path, precision: str, key: str) -> Path:
 # --------------------------------------------------------------------------- the cache directory
 
 
-def _resolve_cached(source: ModelSource, target: Path, settings: VLMSettings, download: bool, progress: bool) -> Path:
+def _resolve_cached(
+    source: ModelSource, target: Path, settings: VLMSettings, key: str, download: bool, progress: bool
+) -> Path:
+    """`key` names the config entry in errors."""
     precision = settings.model.precision
-    key = f"services.{settings.service_name}.models.{settings.model.alias}.model"
     if (target.exists() or target.is_symlink()) and not _owns(target):
         return _use_foreign(target, precision, key)
     if _owns(target) and _is_complete(target, precision):
@@ -345,25 +347,12 @@ def _download_lumen(source: ModelSource, target: Path, settings: VLMSettings, pr
 
 def _lumen_download_config(source: ModelSource, settings: VLMSettings) -> LumenConfig:
     """The smallest LumenConfig that makes lumen-resources fetch exactly this one model."""
-    service = settings.service_name
-    return LumenConfig.model_validate(
-        {
-            "metadata": {"version": "1.0.0", "region": settings.region, "cache_dir": str(settings.cache_dir)},
-            "deployment": {"mode": "single", "service": service},
-            "server": {"port": settings.server.port},
-            "services": {
-                service: {
-                    "enabled": True,
-                    "package": LUMEN_PACKAGE,
-                    "import_info": LUMEN_IMPORT_INFO,
-                    "models": {
-                        settings.model.alias: {
-                            "model": source.repo,
-                            "runtime": "onnx",
-                            "precision": settings.model.precision,
-                        }
-                    },
-                }
-            },
-        }
+    model = {"model": source.repo, "runtime": "onnx", "precision": settings.model.precision}
+    config = single_service_config(
+        settings.service_name,
+        str(settings.cache_dir),
+        settings.region,
+        {"port": settings.server.port},
+        {"models": {settings.model.alias: model}},
     )
+    return LumenConfig.model_validate(config)
