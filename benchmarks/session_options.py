@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from run_benchmark import CACHE  # the sibling script (benchmarks/ is on sys.path)
 from tokenizers import Tokenizer
 
-from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend
+from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend, default_session_options
 from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
 
-DEFAULT_MODEL = Path("~/.cache/lumen-vlm/bench/fastvlm-0.5b-random").expanduser()
+DEFAULT_MODEL = CACHE / "fastvlm-0.5b-random"
 
 
 def variants() -> dict[str, dict[str, object]]:
@@ -38,12 +39,12 @@ def variants() -> dict[str, dict[str, object]]:
 
 
 def session_options(threads: int = 0, spinning: bool = True, arena: bool = True, level: object = None) -> object:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    """The engine's defaults with one knob turned."""
+    options = default_session_options(threads)
+    if level is not None:
+        options.graph_optimization_level = level
     options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.log_severity_level = 3
     return options
 
 
