@@ -14,28 +14,19 @@ import pytest
 
 from lumen_vlm.backends import norm_fusion
 from lumen_vlm.backends.norm_fusion import fuse_rms_norms
-from lumen_vlm.resources.model_files import locate_model_files
+
+from .decoders import Decoder, decoder_path, session
 
 
 def decoder(model_dir: Path) -> onnx.ModelProto:
-    return onnx.load(str(locate_model_files(model_dir).graphs["decoder"]))
+    return onnx.load(str(decoder_path(model_dir)))
 
 
 def prefill_outputs(model: onnx.ModelProto) -> list[np.ndarray]:
     """Logits and KV cache for a 6-token prompt of random embeddings."""
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in sess.get_inputs()}
-    kv = inputs["past_key_values.0.key"].shape
-    feed = {
-        "inputs_embeds": np.random.default_rng(0).standard_normal((1, 6, inputs["inputs_embeds"].shape[2])),
-        "attention_mask": np.ones((1, 6), np.int64),
-        "position_ids": np.arange(6, dtype=np.int64).reshape(1, -1),
-    }
-    feed["inputs_embeds"] = feed["inputs_embeds"].astype(np.float32)
-    for name in inputs:
-        if name.startswith("past_key_values."):
-            feed[name] = np.zeros((1, kv[1], 0, kv[3]), np.float32)
-    return sess.run(None, feed)
+    runner = Decoder(session(model))
+    embeds = np.random.default_rng(0).standard_normal((1, 6, runner.hidden)).astype(runner.dtype)
+    return runner.outputs(embeds, runner.empty_past())
 
 
 def test_every_rms_norm_becomes_one_node_with_the_same_numbers(tiny_model_dir: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -79,39 +80,47 @@ class ServerProcess:
         raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.lines)}")
 
     def exit_code(self, timeout: float) -> int:
-        """The exit code; a process still running after `timeout` fails with its log and stacks."""
+        """The exit code, with every line read; a process still running after `timeout` fails
+        with its log and stacks."""
         try:
-            return self.process.wait(timeout=timeout)
+            code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
             self.process.wait(timeout=30)
             self._reader.join(timeout=5)
             raise AssertionError(f"no exit within {timeout:g} s; output:\n{''.join(self.lines)}") from None
+        self._reader.join(timeout=5)
+        return code
 
     def stop(self) -> int:
+        """SIGTERM, then the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        return self.exit_code(timeout=60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
             self.process.kill()
-            raise
-        finally:
-            self._reader.join(timeout=5)
+            self.process.wait(timeout=30)
+
+
+@contextmanager
+def serving(command: list[str], port: int) -> Iterator[ServerProcess]:
+    """The server `command` starts, once it listens on `port`; killed at the end if still running."""
+    proc = ServerProcess(command)
+    try:
+        proc.wait_for(f"listening on 127.0.0.1:{port}")
+        yield proc
+    finally:
+        proc.kill()
 
 
 @pytest.fixture()
 def server(tmp_path: Path) -> Iterator[tuple[ServerProcess, int]]:
     port = free_port()
     config = write_config(tmp_path / "config.yaml", port)
-    proc = ServerProcess([sys.executable, "-m", "lumen_vlm.server", str(config), str(port)])
-    try:
-        proc.wait_for(f"listening on 127.0.0.1:{port}")
+    with serving([sys.executable, "-m", "lumen_vlm.server", str(config), str(port)], port) as proc:
         yield proc, port
-    finally:
-        if proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait(timeout=30)
 
 
 def stream_request(max_new_tokens: int) -> ml_service_pb2.InferRequest:
@@ -147,9 +156,9 @@ def test_the_seed_command_serves_health_reflection_and_capabilities(server: tupl
         assert {inference, "grpc.health.v1.Health"} <= names
 
 
-def slow_decoding_server(config: Path) -> ServerProcess:
+def slow_decoding_server(config: Path) -> list[str]:
     """The real server, each decode step slowed, so that a generation is still running when signalled."""
-    return ServerProcess([sys.executable, str(SLOW_DECODING_SERVER), "--config", str(config)])
+    return [sys.executable, str(SLOW_DECODING_SERVER), "--config", str(config)]
 
 
 def index_of(lines: list[str], text: str) -> int:
@@ -158,9 +167,7 @@ def index_of(lines: list[str], text: str) -> int:
 
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -> None:
     port = free_port()
-    proc = slow_decoding_server(write_config(tmp_path / "config.yaml", port))
-    try:
-        proc.wait_for(f"listening on 127.0.0.1:{port}")
+    with serving(slow_decoding_server(write_config(tmp_path / "config.yaml", port)), port) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ml_service_pb2_grpc.InferenceStub(channel)
             responses = stub.Infer(iter([stream_request(max_new_tokens=300)]), timeout=120)
@@ -174,16 +181,12 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -
         assert proc.exit_code(timeout=60) == 0
         # The generation was still running when the server began shutting down.
         assert index_of(proc.lines, "shutting down") < index_of(proc.lines, "correlation_id=long")
-    finally:
-        if proc.process.poll() is None:
-            proc.process.kill()
 
 
 def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path) -> None:
     port = free_port()
-    proc = slow_decoding_server(write_config(tmp_path / "config.yaml", port, shutdown_grace_s=30.0))
-    try:
-        proc.wait_for(f"listening on 127.0.0.1:{port}")
+    command = slow_decoding_server(write_config(tmp_path / "config.yaml", port, shutdown_grace_s=30.0))
+    with serving(command, port) as proc:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ml_service_pb2_grpc.InferenceStub(channel)
             responses = stub.Infer(iter([stream_request(max_new_tokens=600)]), timeout=120)
@@ -197,9 +200,6 @@ def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path)
             final = list(responses)[-1]
         assert final.is_final and not final.HasField("error"), final
         assert proc.exit_code(timeout=60) == 0
-    finally:
-        if proc.process.poll() is None:
-            proc.process.kill()
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -277,9 +277,7 @@ def test_mdns_announces_while_serving_and_withdraws_on_shutdown(tmp_path: Path) 
     data["server"]["mdns"] = {"enabled": True, "service_name": "lumen-vlm-test"}
     config.write_text(yaml.safe_dump(data))
     name = "lumen-vlm-test._lumen._tcp.local."
-    proc = ServerProcess([sys.executable, "-m", "lumen_vlm", "--config", str(config)])
-    try:
-        proc.wait_for(f"listening on 127.0.0.1:{port}")
+    with serving([sys.executable, "-m", "lumen_vlm", "--config", str(config)], port) as proc:
         browser = Zeroconf(interfaces=["127.0.0.1"])
         try:
             info = browser.get_service_info("_lumen._tcp.local.", name, timeout=10_000)
@@ -296,9 +294,6 @@ def test_mdns_announces_while_serving_and_withdraws_on_shutdown(tmp_path: Path) 
             assert browser.get_service_info("_lumen._tcp.local.", name, timeout=2_000) is None
         finally:
             browser.close()
-    finally:
-        if proc.process.poll() is None:
-            proc.process.kill()
 
 
 def test_cli_port_and_host_override_the_config_and_sigint_stops_with_0(tmp_path: Path) -> None:
@@ -308,17 +303,12 @@ def test_cli_port_and_host_override_the_config_and_sigint_stops_with_0(tmp_path:
     data["server"]["host"] = "0.0.0.0"
     config.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "lumen_vlm", "--config", str(config), "--port", str(cli_port)]
-    proc = ServerProcess([*command, "--host", "127.0.0.1", "--log-level", "DEBUG"])
-    try:
-        proc.wait_for(f"listening on 127.0.0.1:{cli_port}")
+    with serving([*command, "--host", "127.0.0.1", "--log-level", "DEBUG"], cli_port) as proc:
         assert any("DEBUG" in line for line in proc.lines)
         with grpc.insecure_channel(f"127.0.0.1:{cli_port}") as channel:
             ml_service_pb2_grpc.InferenceStub(channel).Health(empty_pb2.Empty(), timeout=10)
         proc.process.send_signal(signal.SIGINT)
         assert proc.exit_code(timeout=60) == 0
-    finally:
-        if proc.process.poll() is None:
-            proc.process.kill()
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from lumen_vlm.resources.settings import ServerSettings
 from lumen_vlm.server import ShutdownSignals, VLMServer
 
-from ..service.conftest import ThrottledManager, make_request, make_settings, wait_until
+from ..service.conftest import ThrottledManager, long_stream, make_settings, wait_until
 
 
 def start(manager: Any, tiny_model_dir: Path, grace_s: float) -> VLMServer:
@@ -30,18 +30,13 @@ def start(manager: Any, tiny_model_dir: Path, grace_s: float) -> VLMServer:
     return server
 
 
-def long_stream(stub: ml_service_pb2_grpc.InferenceStub) -> Any:
-    request = make_request("vlm_generate_stream", correlation_id="long", meta={"max_new_tokens": "400"})
-    return stub.Infer(iter([request]), timeout=120)
-
-
 def shut_down_while_streaming(
     manager: Any, tiny_model_dir: Path, grace_s: float
 ) -> tuple[grpc.Channel, Any, threading.Thread]:
     """Start a long streaming generation, wait for its first partial, then begin shutdown."""
     server = start(manager, tiny_model_dir, grace_s=grace_s)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    responses = long_stream(ml_service_pb2_grpc.InferenceStub(channel))
+    responses = ml_service_pb2_grpc.InferenceStub(channel).Infer(iter([long_stream()]), timeout=120)
     assert not next(responses).is_final
     stopper = threading.Thread(target=server.shutdown)
     stopper.start()

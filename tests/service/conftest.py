@@ -34,6 +34,8 @@ from lumen_vlm.fastvlm.fastvlm_service import (
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from lumen_vlm.resources.settings import AdmissionSettings, GenerationLimits, ModelSettings, VLMSettings
 
+from ..conftest import GOLDEN
+
 MIB = 1024 * 1024
 CALL_TIMEOUT = 60.0  # generous: the machine may be slow and noisy
 MESSAGE_LIMIT = 32 * MIB
@@ -41,7 +43,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
 ]
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
+# What the protocol names the two result types (written out: the tests check the wire).
+JSON_MIME = "application/json;schema=text_generation_v1"
+TEXT_MIME = "text/plain;charset=utf-8"
 # Settings' cache (saved ORT graphs, node uuid) goes to a temporary directory, never the source tree.
 CACHE_DIR = Path(tempfile.mkdtemp(prefix="lumen-vlm-test-cache-"))
 atexit.register(shutil.rmtree, CACHE_DIR, True)
@@ -72,10 +76,6 @@ class Served:
     channel: grpc.Channel
     stub: ml_service_pb2_grpc.InferenceStub
     port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.service.begin_shutdown()
@@ -186,7 +186,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0, interval: f
 
 
 def image_bytes(name: str = "landscape.png") -> bytes:
-    return (GOLDEN_DIR / name).read_bytes()
+    return (GOLDEN / name).read_bytes()
 
 
 def make_request(
@@ -199,6 +199,7 @@ def make_request(
     **meta: Any,
 ) -> ml_service_pb2.InferRequest:
     """An InferRequest; meta values are turned into strings, `messages` into JSON."""
+    assert "meta" not in meta, "meta keys are keyword arguments of their own"
     wire_meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in meta.items()}
     if messages is not None:
         wire_meta["messages"] = messages if isinstance(messages, str) else json.dumps(messages)
@@ -211,6 +212,13 @@ def make_request(
         payload_mime=mime if mime is not None else ("image/png" if image else ""),
         meta=wire_meta,
     )
+
+
+LONG = "400"  # tokens; the tiny model's context is 1024
+
+
+def long_stream(correlation_id: str = "long") -> ml_service_pb2.InferRequest:
+    return make_request("vlm_generate_stream", image=image_bytes(), correlation_id=correlation_id, max_new_tokens=LONG)
 
 
 def good_request(correlation_id: str = "good") -> ml_service_pb2.InferRequest:

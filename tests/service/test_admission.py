@@ -15,15 +15,21 @@ from google.protobuf import empty_pb2
 
 from lumen_vlm.proto import ml_service_pb2
 
-from .conftest import CALL_TIMEOUT, Served, ThrottledManager, image_bytes, infer, make_request, result_of, wait_until
+from .conftest import (
+    CALL_TIMEOUT,
+    LONG,
+    Served,
+    ThrottledManager,
+    image_bytes,
+    infer,
+    long_stream,
+    make_request,
+    result_of,
+    wait_until,
+)
 
 UNAVAILABLE = ml_service_pb2.ERROR_CODE_UNAVAILABLE
 DEADLINE = ml_service_pb2.ERROR_CODE_DEADLINE_EXCEEDED
-LONG = "400"  # tokens; the tiny model's context is 1024
-
-
-def long_stream(correlation_id: str = "long") -> ml_service_pb2.InferRequest:
-    return make_request("vlm_generate_stream", image=image_bytes(), correlation_id=correlation_id, max_new_tokens=LONG)
 
 
 def short(correlation_id: str = "short") -> ml_service_pb2.InferRequest:

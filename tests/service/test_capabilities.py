@@ -11,10 +11,8 @@ import lumen_vlm
 from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
 from lumen_vlm.fastvlm.image import image_limits
 
-from .conftest import CALL_TIMEOUT, Served, make_settings
+from .conftest import CALL_TIMEOUT, JSON_MIME, TEXT_MIME, Served, make_settings
 
-JSON_MIME = "application/json;schema=text_generation_v1"
-TEXT_MIME = "text/plain;charset=utf-8"
 IMAGE_MIMES = ["image/jpeg", "image/png", "image/webp"]
 
 

@@ -14,6 +14,8 @@ from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import (
     CALL_TIMEOUT,
+    JSON_MIME,
+    TEXT_MIME,
     Served,
     ThrottledManager,
     finals,
@@ -22,9 +24,6 @@ from .conftest import (
     make_request,
     result_of,
 )
-
-JSON_MIME = "application/json;schema=text_generation_v1"
-TEXT_MIME = "text/plain;charset=utf-8"
 
 
 def golden_case(golden: dict[str, Any], name: str = "describe") -> dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
 
-from .conftest import CALL_TIMEOUT, GOLDEN_DIR, Served
+from ..conftest import GOLDEN
+from .conftest import CALL_TIMEOUT, Served
 
 ACCEPTED_FINISH_REASONS = {"stop", "length", "eos_token", "stop_sequence"}
 
@@ -79,7 +80,7 @@ def run_bounded(function: Any, *args: Any) -> Any:
 
 
 def test_readme_example_verbatim(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
-    result = run_bounded(readme_example, served.port, str(GOLDEN_DIR / "portrait.jpg"))
+    result = run_bounded(readme_example, served.port, str(GOLDEN / "portrait.jpg"))
     printed = capsys.readouterr().out
     document = TextGenerationV1.model_validate(result)
     assert printed == f"Generated: {result['text']}\n"
@@ -99,7 +100,7 @@ def test_greedy_request_matches_the_golden_text(served: Served, golden: dict[str
     mime = "image/png" if case["image"].endswith(".png") else "image/jpeg"
     request = ml_service_pb2.InferRequest(
         task="vlm_generate",
-        payload=Path(GOLDEN_DIR / case["image"]).read_bytes(),
+        payload=Path(GOLDEN / case["image"]).read_bytes(),
         payload_mime=mime,
         meta={
             "messages": json.dumps(case["messages"]),
