@@ -117,6 +117,11 @@ class FastVLMModelManager:
         self.facts = facts
         self.image_limits = image_limits or ImageLimits()
         self.template = ChatTemplate(facts.chat_template, facts.special_tokens)
+        if self.template.content_form is None:
+            raise ModelFilesError(
+                "the model's chat template renders the user's text from neither string content "
+                "nor typed text parts ({'type': 'text', 'text': ...}); every request would lose it"
+            )
         # The vision session's input shape is the final word on the image size.
         size = backend.vision_spec.image_size or facts.image.size
         if not size:
