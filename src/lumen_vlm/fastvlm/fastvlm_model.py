@@ -39,7 +39,7 @@ from ..resources.model_spec import ImageSpec, ResizeMode
 from ..resources.settings import VLMSettings
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
-from .prompt import ChatTemplate, encode_prompt, render_messages
+from .prompt import ChatTemplate, encode_prompt, ensure_image_token, load_tokenizer, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ class FastVLMModelManager:
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
         files = locate_model_files(Path(model_dir), precision)
-        tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        tokenizer = load_tokenizer(files.tokenizer)
         facts = read_model_facts(files, tokenizer.token_to_id)
+        ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
         backend = FastVLMONNXBackend(
             files,
             providers=select_providers(device, providers),

@@ -25,17 +25,22 @@ by rendering a probe message both ways:
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
+from ..resources.exceptions import ModelFilesError
 from ..text import invalid_text, shown
 from .exceptions import PromptError
+
+log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -252,6 +257,45 @@ class ChatTemplate:
 
 
 # --------------------------------------------------------------------------- tokens
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The model's tokenizer.json; ModelFilesError when it cannot be read."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
+        raise ModelFilesError(f"cannot read {path}: {exc}") from exc
+
+
+def ensure_image_token(tokenizer: Tokenizer, image_token_id: int, path: Path) -> None:
+    """Make `image_token_id` (the config's image_token_index) a token, or raise ModelFilesError.
+
+    A token of another spelling at that id is used as it is (encode_prompt writes the
+    placeholder as it). A tokenizer that lacks both the id and ``<image>`` gets ``<image>``
+    added as a special token, as transformers' FastVLM conversion adds it; the tokenizer can
+    only add it at its next free id, so the config must name that id.
+    """
+    if image_token_id < 0:
+        raise ModelFilesError(
+            f"the config's image_token_index {image_token_id} is not a token id (the original checkpoints' "
+            "-200 marks the image outside the vocabulary); use an export whose config names the image token"
+        )
+    if tokenizer.id_to_token(image_token_id) is not None:
+        return
+    existing = tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+    if existing is not None:
+        raise ModelFilesError(
+            f"{path} has {IMAGE_PLACEHOLDER} at id {existing}, but the config's image_token_index "
+            f"{image_token_id} is no token in it: the two files disagree"
+        )
+    tokenizer.add_special_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)])
+    added = tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+    if added != image_token_id:
+        raise ModelFilesError(
+            f"{path} has no {IMAGE_PLACEHOLDER} token and no token {image_token_id} (the config's "
+            f"image_token_index); {IMAGE_PLACEHOLDER} can be added only at the tokenizer's next id, {added}"
+        )
+    log.info("%s lacks %s: added it at id %d, the config's image_token_index", path.name, IMAGE_PLACEHOLDER, added)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> np.ndarray:
