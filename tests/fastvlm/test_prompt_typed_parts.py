@@ -198,3 +198,15 @@ def test_prompts_match_transformers(
     else:
         expected_ids = tokenizer(expected_text, add_special_tokens=False)["input_ids"]
     assert prepared.input_ids.tolist() == expected_ids
+
+
+def test_a_template_failing_on_one_shape_is_given_the_other() -> None:
+    # String concatenation with the content: typed parts make it raise a TypeError.
+    template = ChatTemplate("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}")
+    assert template.content_form is ContentForm.STRING
+    messages = [{"role": "user", "content": [text("Hi"), IMAGE]}]
+    assert render_messages(messages, template, has_image=True) == "<user>Hi<image>"
+    broken = ChatTemplate("{{ 1 // 0 }}")
+    assert broken.content_form is None
+    with pytest.raises(PromptError, match="chat template failed"):
+        broken.render([{"role": "user", "content": "x"}])

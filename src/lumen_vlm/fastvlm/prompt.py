@@ -216,7 +216,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as exc:
             # Templates reject conversations they cannot express (e.g. roles not alternating).
             raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
-        except (TypeError, ValueError, LookupError, AttributeError) as exc:  # the template's own bugs
+        except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:  # its own bugs
             raise PromptError(f"the model's chat template failed on the messages: {exc!r}") from exc
 
     def shaped(self, messages: list[Message]) -> list[Message]:
@@ -250,9 +250,11 @@ class ChatTemplate:
         return ContentForm.PARTS, with_image > without
 
     def _probe_render(self, content: str | list[Part]) -> str:
+        """The probe message rendered; "" when the template fails on it in any way (then that
+        shape is not the one it reads, and a request in it would fail the same way)."""
         try:
             return self.render([{"role": "user", "content": content}])
-        except PromptError:
+        except Exception:  # untrusted template code: a probe never fails the load by itself
             return ""
 
 
