@@ -157,6 +157,21 @@ def _rotary_tables(graph: GraphIndex, rotated_key: str, stop: set[str], index: i
     return single(cos, f"layer {index} rotary cos"), single(sin, f"layer {index} rotary sin")
 
 
+def _input_type(model: object, name: str) -> int:
+    """The onnx element type graph input `name` is declared with (int64 or int32 for the
+    mask and positions, which some exports declare as int32 and cast inside)."""
+    declared = next((value for value in model.graph.input if value.name == name), None)
+    if declared is None:
+        raise FusionUnsupported(f"no {name} input")
+    return declared.type.tensor_type.elem_type
+
+
+def _numpy_type(model: object, name: str) -> type:
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(_input_type(model, name)).type
+
+
 def _layer_count(graph: object) -> int:
     names = {value.name for value in graph.input}
     count = 0
@@ -175,7 +190,7 @@ def _rotary_cache(
     session = cut_session(model, graph, [layer.cos, layer.sin], {})
     if [value.name for value in session.get_inputs()] != ["position_ids"]:
         raise FusionUnsupported("the rotary tables depend on more than position_ids")
-    positions = np.arange(context_length, dtype=np.int64).reshape(1, -1)
+    positions = np.arange(context_length, dtype=_numpy_type(model, "position_ids")).reshape(1, -1)
     cos_table, sin_table = session.run(None, {"position_ids": positions})
     half = cos_table.shape[-1] // 2
     cos_table, sin_table = cos_table.reshape(context_length, -1), sin_table.reshape(context_length, -1)
@@ -228,14 +243,14 @@ def _check_layer(
     projections, and raise FusionUnsupported if they differ. This catches what the pattern
     cannot see: another scale, scaled rotary tables, a head size or an onnxruntime version
     the kernel mishandles."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     outputs = [layer.output, *layer.presents]
     projections = [layer.query, layer.key, layer.value]
     try:
         spelled_out = cut_session(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
         inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + layer.past]
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, None))
+        inputs.append(helper.make_tensor_value_info("attention_mask", _input_type(model, "attention_mask"), None))
         fused = small_session(model, fused_nodes, inputs, outputs, tables)
         _compare_steps(model, spelled_out, fused, layer, heads)
     except FusionUnsupported:
@@ -261,8 +276,8 @@ def _compare_steps(model: object, spelled_out: object, fused: object, layer: _La
             layer.query: rng.standard_normal((1, tokens, heads.query * heads.size)).astype(heads.dtype),
             layer.key: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
             layer.value: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
-            "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(start, total, dtype=np.int64).reshape(1, -1),
+            "attention_mask": np.ones((1, total), _numpy_type(model, "attention_mask")),
+            "position_ids": np.arange(start, total, dtype=_numpy_type(model, "position_ids")).reshape(1, -1),
             "inputs_embeds": np.zeros((1, tokens, heads.hidden), heads.dtype),  # read for its shape only
             **dict(zip(past, state, strict=True)),
         }
@@ -317,13 +332,19 @@ def fuse_attention(model: object, context_length: int) -> int:
             f"{prefix}axis_1": np.array([1], dtype=np.int64),
         }.items()
     ]
-    mask_nodes = [
+    # The mask as int64, for the arithmetic below (some exports declare it int32).
+    mask = "attention_mask"
+    mask_nodes = []
+    if _input_type(model, mask) != TensorProto.INT64:
+        mask_nodes.append(helper.make_node("Cast", [mask], [f"{prefix}mask_int64"], to=TensorProto.INT64))
+        mask = f"{prefix}mask_int64"
+    mask_nodes += [
         # seqlens_k: each sequence's last position (mask sum - 1); total_sequence_length: the
         # mask's length. Both int32, as GroupQueryAttention requires.
-        helper.make_node("ReduceSum", ["attention_mask", f"{prefix}axis_1"], [f"{prefix}mask_sum"], keepdims=0),
+        helper.make_node("ReduceSum", [mask, f"{prefix}axis_1"], [f"{prefix}mask_sum"], keepdims=0),
         helper.make_node("Sub", [f"{prefix}mask_sum", f"{prefix}one"], [f"{prefix}last_position"]),
         helper.make_node("Cast", [f"{prefix}last_position"], [f"{prefix}seqlens_k"], to=TensorProto.INT32),
-        helper.make_node("Shape", ["attention_mask"], [f"{prefix}mask_shape"]),
+        helper.make_node("Shape", [mask], [f"{prefix}mask_shape"]),
         helper.make_node("Gather", [f"{prefix}mask_shape", f"{prefix}one"], [f"{prefix}total_length_64"], axis=0),
         helper.make_node("Cast", [f"{prefix}total_length_64"], [f"{prefix}total_length"], to=TensorProto.INT32),
     ]

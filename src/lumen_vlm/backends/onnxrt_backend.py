@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,18 @@ DEVICE_PROVIDERS = {
     "directml": ("DmlExecutionProvider", "CPUExecutionProvider"),
     "openvino": ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
 }
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+_INDEX_TYPES = ("tensor(int64)", "tensor(int32)")  # what ids, masks and positions may be declared as
+_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# Optional decoder inputs some exports add, which a plain decode feeds as documented in DecoderFeeds.
+LOGITS_TO_KEEP = "num_logits_to_keep"
+CACHE_BRANCH = "use_cache_branch"
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
 
@@ -102,6 +112,74 @@ def default_session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.intra_op_num_threads = intra_op_threads  # 0: ORT's default, one per physical core
     options.log_severity_level = 3  # warnings from graph partitioning are noise for users
     return options
+
+
+@dataclass(frozen=True)
+class DecoderFeeds:
+    """The decoder's inputs besides inputs_embeds and the KV cache, in the types it declares.
+
+    Two optional inputs are fed the values a plain decode needs:
+    - ``num_logits_to_keep`` (transformers.js exports; transformers' ``logits_to_keep``):
+      1, the last position's logits only, as transformers.js feeds it while generating (0
+      would mean every position);
+    - ``use_cache_branch`` (optimum's merged decoders, an If over two decoders): false on
+      a request's first pass, which has no past, and true after it.
+    """
+
+    mask_dtype: type
+    position_dtype: type
+    logits_to_keep: np.ndarray | None = None  # the value for num_logits_to_keep, if declared
+    cache_branch: tuple[np.ndarray, np.ndarray] | None = None  # use_cache_branch: (first pass, after)
+
+    def bind(self, binding: ort.IOBinding, past_length: int, total: int) -> None:
+        """Bind the inputs for a run over positions past_length .. total-1."""
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=self.mask_dtype))
+        positions = np.arange(past_length, total, dtype=self.position_dtype).reshape(1, -1)
+        binding.bind_cpu_input("position_ids", positions)
+        if self.logits_to_keep is not None:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, self.logits_to_keep)
+        if self.cache_branch is not None:
+            binding.bind_cpu_input(CACHE_BRANCH, self.cache_branch[past_length > 0])
+
+
+def read_decoder_feeds(inputs: dict[str, Any]) -> DecoderFeeds:
+    """How to feed a decoder session's inputs (name -> NodeArg); BackendLoadError, naming the
+    input, for any input this engine cannot feed or a type it cannot give it."""
+    known = {"inputs_embeds", "attention_mask", "position_ids", LOGITS_TO_KEEP, CACHE_BRANCH}
+    unknown = sorted(name for name in inputs if name not in known and not _PAST_KEY.match(name))
+    if unknown:
+        raise BackendLoadError(
+            f"the decoder graph has inputs this engine does not know how to feed: {', '.join(unknown)}"
+        )
+    feeds = DecoderFeeds(
+        mask_dtype=_declared_dtype(inputs["attention_mask"], _INDEX_TYPES),
+        position_dtype=_declared_dtype(inputs["position_ids"], _INDEX_TYPES),
+    )
+    if LOGITS_TO_KEEP in inputs:
+        arg = inputs[LOGITS_TO_KEEP]
+        feeds = replace(feeds, logits_to_keep=_single_value(arg, 1, _declared_dtype(arg, _INDEX_TYPES)))
+    if CACHE_BRANCH in inputs:
+        arg = inputs[CACHE_BRANCH]
+        dtype = _declared_dtype(arg, ("tensor(bool)",))
+        feeds = replace(feeds, cache_branch=(_single_value(arg, False, dtype), _single_value(arg, True, dtype)))
+    return feeds
+
+
+def _declared_dtype(arg: Any, allowed: Sequence[str], graph: str = "decoder") -> type:
+    """The numpy type of a graph input declared as one of `allowed`; BackendLoadError otherwise."""
+    if arg.type not in allowed:
+        raise BackendLoadError(
+            f"the {graph} graph's input {arg.name} is {arg.type}; this engine feeds it as {' or '.join(allowed)}"
+        )
+    return _ORT_TO_NUMPY[arg.type]
+
+
+def _single_value(arg: Any, value: object, dtype: type) -> np.ndarray:
+    """`value` in the input's declared rank: a scalar, or one element in each dimension."""
+    dims = list(arg.shape or [])
+    if any(isinstance(d, int) and d != 1 for d in dims):
+        raise BackendLoadError(f"the decoder graph's input {arg.name} has shape {dims}; expected a single value")
+    return np.full([1] * len(dims), value, dtype=dtype)
 
 
 @dataclass
@@ -164,6 +242,10 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._device = _device_type(active)
         self._vision_spec = self._read_vision_spec()
         self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
+        self._feeds = read_decoder_feeds({v.name: v for v in self._decoder.get_inputs()})
+        # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
+        self.last_position_logits = self.last_position_logits or self._feeds.logits_to_keep is not None
+        self._ids_dtype = self._read_ids_dtype()
         self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
         self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
         self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
@@ -229,9 +311,16 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             feature_dim=int(feature_output.shape[2]),
         )
 
+    def _read_ids_dtype(self) -> type:
+        """The type the embedding graph declares its input_ids in."""
+        inputs = {v.name: v for v in self._embed.get_inputs()}
+        if list(inputs) != ["input_ids"]:
+            raise BackendLoadError(f"the embedding graph's inputs are {', '.join(inputs)}; expected input_ids only")
+        return _declared_dtype(inputs["input_ids"], _INDEX_TYPES, "embedding")
+
     def _read_decoder_io(self) -> tuple[DecoderSpec, list[str], list[str]]:
         inputs = {v.name: v for v in self._decoder.get_inputs()}
-        layers = sorted(int(m.group(1)) for name in inputs if (m := _PAST_KEY.match(name)))
+        layers = sorted({int(m.group(1)) for name in inputs if (m := _PAST_KEY.match(name))})
         if not layers or layers != list(range(len(layers))):
             raise BackendLoadError("decoder graph has no past_key_values.{i}.key inputs numbered from 0")
         past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
@@ -278,7 +367,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         return features[0]
 
     def _embed_ids(self, input_ids: np.ndarray) -> np.ndarray:
-        (embeds,) = self._embed.run(None, {"input_ids": input_ids.reshape(1, -1).astype(np.int64, copy=False)})
+        ids = input_ids.reshape(1, -1).astype(self._ids_dtype, copy=False)
+        (embeds,) = self._embed.run(None, {"input_ids": ids})
         return embeds
 
     def prefill(
@@ -369,8 +459,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         total = state.length + new_tokens
         binding = self._decoder.io_binding()
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.arange(state.length, total, dtype=np.int64).reshape(1, -1))
+        self._feeds.bind(binding, state.length, total)
         for name, value in zip(self._past_names, state.past, strict=True):
             binding.bind_ortvalue_input(name, value)
         # ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]

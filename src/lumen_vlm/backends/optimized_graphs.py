@@ -43,7 +43,7 @@ DERIVED_SUFFIX = "-decoder"
 # Earlier versions' name for the derived decoder: such entries are removed as stale.
 LEGACY_DERIVED_SUFFIX = "-last-logits"
 # Part of the derived decoder's cache key: raise it when the rewrite changes.
-REWRITE_VERSION = 3
+REWRITE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -251,8 +251,12 @@ def _write_rewritten(
     from .norm_fusion import fuse_rms_norms
 
     model = onnx.load(str(source))  # with its external weights, if any
+    branch = _output_branch(model.graph)
+    if branch is not None:
+        log.info("%s: no rewrite applies, its outputs come from %s", source.name, branch)
+        return None
     manifest = {
-        "last_position_logits": _slice_before_logits(model),
+        "last_position_logits": _slice_before_logits(model, source.name),
         "fused_attention_layers": (
             _rewrite(lambda: fuse_attention(model, context_length), "attention", source.name)
             if fuse_kernels and context_length
@@ -271,6 +275,19 @@ def _write_rewritten(
         size_threshold=1024,
     )
     return manifest
+
+
+def _output_branch(graph: object) -> str | None:
+    """What makes the graph's outputs when it is a control-flow node (an optimum merged
+    decoder's If on use_cache_branch); None when ordinary nodes do. The rewrites look at the
+    top-level graph only, so such a graph is used as it is."""
+    producers = {output: node for node in graph.node for output in node.output}
+    for output in graph.output:
+        node = producers.get(output.name)
+        if node is not None and node.op_type in ("If", "Loop", "Scan"):
+            condition = f" on {node.input[0]}" if node.op_type == "If" else ""
+            return f"a control-flow {node.op_type} node{condition}"
+    return None
 
 
 def _trial_options() -> ort.SessionOptions:
@@ -293,7 +310,7 @@ def _rewrite(apply: Callable[[], int], what: str, graph_name: str) -> int:
     return 0
 
 
-def _slice_before_logits(model: object) -> bool:
+def _slice_before_logits(model: object, graph_name: str) -> bool:
     """Make `model` compute logits for the last position only; False (unchanged) when its
     output projection is not a MatMul over the hidden states."""
     import numpy as np
@@ -301,7 +318,7 @@ def _slice_before_logits(model: object) -> bool:
 
     found = _logits_projection(model.graph)
     if found is None:
-        log.info("logits do not come from a MatMul over the hidden states; computed for every position")
+        log.info("%s: logits do not come from a MatMul over the hidden states; not sliced", graph_name)
         return False
     index, projection = found
     hidden = projection.input[0]

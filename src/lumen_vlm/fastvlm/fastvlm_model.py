@@ -39,7 +39,7 @@ from ..resources.model_spec import ImageSpec, ResizeMode
 from ..resources.settings import VLMSettings
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
-from .prompt import ChatTemplate, encode_prompt, render_messages
+from .prompt import ChatTemplate, encode_prompt, ensure_image_token, load_tokenizer, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,11 @@ class FastVLMModelManager:
         self.facts = facts
         self.image_limits = image_limits or ImageLimits()
         self.template = ChatTemplate(facts.chat_template, facts.special_tokens)
+        if self.template.content_form is None:
+            raise ModelFilesError(
+                "the model's chat template renders the user's text from neither string content "
+                "nor typed text parts ({'type': 'text', 'text': ...}); every request would lose it"
+            )
         # The vision session's input shape is the final word on the image size.
         size = backend.vision_spec.image_size or facts.image.size
         if not size:
@@ -141,8 +146,9 @@ class FastVLMModelManager:
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
         files = locate_model_files(Path(model_dir), precision)
-        tokenizer = Tokenizer.from_file(str(files.tokenizer))
+        tokenizer = load_tokenizer(files.tokenizer)
         facts = read_model_facts(files, tokenizer.token_to_id)
+        ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
         backend = FastVLMONNXBackend(
             files,
             providers=select_providers(device, providers),
