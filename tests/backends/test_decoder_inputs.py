@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from lumen_vlm.backends.backend_exceptions import BackendLoadError
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+from lumen_vlm.resources.exceptions import ModelFilesError
 
 from ..parity import assert_case_matches
 from . import decoder_variants
@@ -102,5 +102,5 @@ def test_an_input_the_engine_cannot_feed_is_refused_at_load(
     model_dir = variant_dir(
         tiny_model_dir, tmp_path / "model", lambda m: decoder_variants.extra_input(m, name, elem_type)
     )
-    with pytest.raises(BackendLoadError, match=message):
+    with pytest.raises(ModelFilesError, match=message):
         FastVLMModelManager.from_model_dir(model_dir)

@@ -68,9 +68,14 @@ def test_quantized_decoders_load_and_generate(
     assert result.text
 
 
-def test_a_missing_precision_lists_what_exists(quantized_model_dir: Path) -> None:
-    with pytest.raises(ModelFilesError, match=r"no fp16 decoder graph.*precisions present: fp32, int8, q4"):
-        locate_model_files(quantized_model_dir, "fp16")
+def test_a_missing_precision_falls_back_to_the_best_present(quantized_model_dir: Path) -> None:
+    # No fp16 graph at all: each graph takes the first of FALLBACK_ORDER present, fp32 (not int8 or q4).
+    files = locate_model_files(quantized_model_dir, "fp16")
+    assert files.requested_precision == "fp16"
+    assert files.graph_precisions == {"vision": "fp32", "embed": "fp32", "decoder": "fp32"}
+    assert files.graphs["decoder"].name == "decoder_model_merged.onnx"
+    # q4f16 is missing too; q4 is not its fallback, fp32 is: one stated order for every request.
+    assert locate_model_files(quantized_model_dir, "q4f16").precision == "fp32"
 
 
 def test_an_unknown_precision_is_refused(tiny_model_dir: Path) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
-from lumen_vlm.fastvlm.prompt import IMAGE_PLACEHOLDER, load_tokenizer
+from lumen_vlm.fastvlm.prompt import IMAGE_PLACEHOLDER
 from lumen_vlm.resources.exceptions import ModelFilesError
+from lumen_vlm.resources.model_files import load_tokenizer
 
 from ..parity import assert_case_matches
 
@@ -70,7 +71,7 @@ def test_a_negative_image_token_index_is_refused(tmp_path: Path, tiny_model_dir:
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     set_image_token_index(model_dir, -200)
-    with pytest.raises(ModelFilesError, match="image_token_index -200 is not a token id"):
+    with pytest.raises(ModelFilesError, match="image_token_index must be an integer >= 0, got -200"):
         FastVLMModelManager.from_model_dir(model_dir)
 
 

@@ -293,6 +293,20 @@ def test_lumen_name_downloads_through_lumen_resources(lumen_platform: type[FakeP
     assert len(lumen_platform.instances) == 1
 
 
+@pytest.mark.parametrize("precision", ["q4f16", "q4fp16"])
+def test_lumen_resources_gets_the_lumen_repos_spelling_of_q4f16(
+    lumen_platform: type[FakePlatform], cache: Path, precision: str
+) -> None:
+    # lumen-resources fetches *.{precision}.onnx, and the LumilioPhotos repos name it q4fp16.
+    target = resolve_model(make_settings("FastVLM-0.5B", cache, precision=precision), progress=False)
+    (download,) = lumen_platform.instances[0].downloads
+    assert "*.q4fp16.onnx" in download["allow_patterns"]
+    assert not any("q4f16" in pattern for pattern in download["allow_patterns"])
+    assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["q4f16"]
+    # Hugging Face's onnx-community repos spell it q4f16.
+    assert "onnx/decoder_model_merged_q4f16.onnx" in hf_allow_patterns("q4f16")
+
+
 def test_lumen_rollback_only_removes_our_own_new_directory(lumen_platform: type[FakePlatform], cache: Path) -> None:
     lumen_platform.broken_model_info = True  # the Downloader's check fails and it deletes the directory
     with pytest.raises(ModelNotFoundError, match=re.escape("lumen-resources could not download FastVLM-0.5B")):
@@ -340,8 +354,9 @@ def test_symlinked_cache_entry_is_never_ours(tiny_copy: Path, cache: Path) -> No
     link.symlink_to(tiny_copy, target_is_directory=True)
     (tiny_copy / MARKER_NAME).write_text("{}", encoding="utf-8")  # even a marker behind a link does not count
     before = tree_digest(tiny_copy)
-    with pytest.raises(ModelFilesError, match="not downloaded by lumen-vlm"):
-        resolve_model(make_settings(HF_REPO, cache, precision="int8"))
+    # Not ours, so nothing is downloaded for int8 (no_downloads would fail the test): the
+    # directory is used as it is, its graphs falling back to fp32.
+    assert resolve_model(make_settings(HF_REPO, cache, precision="int8")) == link
     assert resolve_model(make_settings(HF_REPO, cache)) == link  # complete in fp32: used as is
     assert tree_digest(tiny_copy) == before
 

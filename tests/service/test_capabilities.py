@@ -34,7 +34,8 @@ def test_get_capabilities(served: Served) -> None:
     assert extra["image_tokens"] == "16"
     assert extra["context_length"] == "1024"
     assert float(extra["load_time_ms"]) > 0
-    assert extra["resize_mode"] == "pad"
+    # The tiny export's config.json names no image_aspect_ratio and its preprocessor centre-crops.
+    assert extra["resize_mode"] == "crop"
 
     tasks = {task.name: task for task in capability.tasks}
     assert set(tasks) == {"vlm_generate", "vlm_generate_stream"}

@@ -38,6 +38,7 @@ def golden_request(golden: dict[str, Any], task: str = "vlm_generate", **meta: A
         messages=case["messages"],
         max_new_tokens=str(case["max_new_tokens"]),
         correlation_id="golden",
+        resize_mode=case["resize_mode"],  # the tiny model's own rule is crop; this golden is pad's
         **meta,
     )
 

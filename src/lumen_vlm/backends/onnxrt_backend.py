@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..cache import ByteBudgetLRU
-from ..resources.model_files import ModelFiles, graph_files
+from ..resources.exceptions import ModelFilesError
+from ..resources.model_files import GRAPHS, ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from .optimized_graphs import DerivedDecoder, OptimizedGraphCache, copy_options
@@ -223,6 +224,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # ORT's saved optimized graphs hold CPU-specific rewrites: reused with the CPU provider only.
         self._cpu_only = provider_names(self._providers) == ["CPUExecutionProvider"]
         options = session_options or default_session_options()
+        _log_graph_choice(files)
         # The vision encoder's activations at 1024 px are hundreds of MB, needed once per new
         # photo: without an arena they are freed after each encode (measured: ~290 MB less
         # resident memory for fp32), at no measurable cost next to a 1.3 s encode.
@@ -240,15 +242,20 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._decoder, self.last_position_logits = self._open_decoder(files.graphs["decoder"], options)
         active = tuple(self._decoder.get_providers())
         self._device = _device_type(active)
-        self._vision_spec = self._read_vision_spec()
-        self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
-        self._feeds = read_decoder_feeds({v.name: v for v in self._decoder.get_inputs()})
+        self._vision_spec = self._read_vision_spec(files.graphs["vision"])
+        try:
+            self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
+            self._feeds = read_decoder_feeds({v.name: v for v in self._decoder.get_inputs()})
+            self._ids_dtype = self._read_ids_dtype()
+            self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
+            self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
+            self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
+        except (BackendLoadError, ValueError, TypeError, IndexError) as exc:  # e.g. int() of a dynamic dimension
+            raise ModelFilesError(
+                f"{files.root}: the embedding and decoder graphs' inputs and outputs are not a FastVLM export's: {exc}"
+            ) from exc
         # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
         self.last_position_logits = self.last_position_logits or self._feeds.logits_to_keep is not None
-        self._ids_dtype = self._read_ids_dtype()
-        self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
-        self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
-        self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
             providers=active,
@@ -275,8 +282,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             if self._graph_cache is not None and reuse_optimized and self._cpu_only:
                 return self._graph_cache.open(path, options, self._providers)
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
-        except Exception as exc:  # ORT raises several unrelated types for unreadable graphs
-            raise BackendLoadError(f"cannot load {path}: {exc}") from exc
+        except Exception as exc:  # ORT raises several unrelated types: not ONNX, missing weights, bad graph
+            raise ModelFilesError(f"cannot load {path}: {exc}") from exc
 
     def _open_decoder(self, source: Path, options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
         """(decoder session, whether its logits cover the last position only)."""
@@ -284,7 +291,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         if derived is not None:
             try:
                 session = self._open(derived.path, options, reuse_optimized=False)
-            except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
+            except ModelFilesError as exc:  # a damaged copy: drop it, the source still works
                 log.warning("discarding %s (%s)", derived.path.parent, exc)
                 shutil.rmtree(derived.path.parent, ignore_errors=True)
             else:
@@ -300,15 +307,25 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # are used there only.
         return self._graph_cache.derived_decoder(source, self._cpu_only, self._context_length)
 
-    def _read_vision_spec(self) -> VisionSpec:
-        (pixel_input,) = self._vision.get_inputs()
-        (feature_output,) = self._vision.get_outputs()
-        height = pixel_input.shape[2]
-        tokens = feature_output.shape[1]
+    def _read_vision_spec(self, path: Path) -> VisionSpec:
+        """Image size and token count where the graph fixes them (0 / None where it leaves them dynamic)."""
+        inputs, outputs = self._vision.get_inputs(), self._vision.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 3:
+            raise ModelFilesError(
+                f"{path} is not a FastVLM vision encoder: it should take one [batch, 3, height, width] input and "
+                f"give one [batch, tokens, hidden] output; it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
+            )
+        sides = {side for side in inputs[0].shape[2:] if isinstance(side, int)}
+        tokens, feature_dim = outputs[0].shape[1:]
+        if len(sides) > 1 or not isinstance(feature_dim, int):
+            raise ModelFilesError(
+                f"{path}: the vision encoder should take square images and give features of a fixed width; "
+                f"it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
+            )
         return VisionSpec(
-            image_size=height if isinstance(height, int) else 0,
+            image_size=sides.pop() if sides else 0,
             image_tokens=tokens if isinstance(tokens, int) else None,
-            feature_dim=int(feature_output.shape[2]),
+            feature_dim=feature_dim,
         )
 
     def _read_ids_dtype(self) -> type:
@@ -483,6 +500,28 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def close(self) -> None:
         # The sessions stay: a generation still finishing may use them; they go with the backend.
         self.prefix_cache.clear()
+
+
+def _log_graph_choice(files: ModelFiles) -> None:
+    """Which file each session uses; a WARNING where it is not in the requested precision."""
+    for graph in GRAPHS:
+        path, found = files.graphs[graph].relative_to(files.root), files.graph_precisions[graph]
+        if found == files.requested_precision:
+            log.info("%s graph: %s (%s)", graph, path, found)
+        else:
+            log.warning(
+                "%s graph: %s (%s): %s has no %s %s graph",
+                graph,
+                path,
+                found,
+                files.root,
+                files.requested_precision,
+                graph,
+            )
+
+
+def _shapes(values: Sequence[Any]) -> str:
+    return ", ".join(f"{value.name} {list(value.shape)}" for value in values) or "nothing"
 
 
 def _dtype_of(values: Sequence[Any], name: str) -> type:

@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..backends.backend_exceptions import BackendInputError
-from ..backends.base import BaseFastVLMBackend, DecoderState
+from ..backends.base import BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from ..cache import ByteBudgetLRU
 from ..generation import (
     FinishReason,
@@ -34,12 +34,12 @@ from ..generation import (
     clamp_max_new_tokens,
 )
 from ..resources.exceptions import ConfigError, ModelFilesError
-from ..resources.model_files import ModelFacts, locate_model_files, read_model_facts
+from ..resources.model_files import ModelFacts, load_tokenizer, locate_model_files, read_model_facts
 from ..resources.model_spec import ImageSpec, ResizeMode
 from ..resources.settings import VLMSettings
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
-from .prompt import ChatTemplate, encode_prompt, ensure_image_token, load_tokenizer, render_messages
+from .prompt import ChatTemplate, encode_prompt, ensure_image_token, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,62 @@ class PreparedRequest:
     image_key: str | None = None  # the image's content hash, for the backend's prefix cache
 
 
+def _model_key(settings: VLMSettings) -> str:
+    return f"services.{settings.service_name}.models.{settings.model.alias}"
+
+
+def image_spec(stated: ImageSpec, vision: VisionSpec) -> ImageSpec:
+    """The image spec the model's files state, with the size settled against the vision graph.
+
+    The graph's input shape is what the encoder accepts; where it leaves the size dynamic, the
+    files' size (preprocessor_config.json, or model_info.json's vision_config) is used.
+    """
+    if vision.image_size and stated.size and vision.image_size != stated.size:
+        raise ModelFilesError(
+            f"the vision encoder graph takes {vision.image_size}-pixel images, but the model's files state "
+            f"{stated.size} (preprocessor_config.json or model_info.json's vision_config.image_size)"
+        )
+    size = vision.image_size or stated.size
+    if not size:
+        raise ModelFilesError(
+            "no image size: the vision encoder graph's input leaves it dynamic, and neither "
+            "preprocessor_config.json nor model_info.json's extra_metadata.vision_config.image_size states it"
+        )
+    stated_tokens = stated.tokens_for(size)
+    if vision.image_tokens and stated_tokens and vision.image_tokens != stated_tokens:
+        raise ModelFilesError(
+            f"the vision encoder graph gives {vision.image_tokens} image tokens, but model_info.json's "
+            f"vision_config (image_size {size}, patch_size {stated.patch_size}) means {stated_tokens}"
+        )
+    return replace(stated, size=size)
+
+
+def check_decoder(facts: ModelFacts, decoder: DecoderSpec, vision: VisionSpec) -> None:
+    """Refuse graphs that do not belong together, or that contradict model_info.json's kv_cache_config.
+
+    The graphs are what runs, and their shapes are what the backend uses; a kv_cache_config that
+    disagrees means the metadata (image token, eos ids, context) may describe another model.
+    """
+    if vision.feature_dim != decoder.hidden_size:
+        raise ModelFilesError(
+            f"the vision encoder gives {vision.feature_dim}-wide image features, but the decoder takes "
+            f"{decoder.hidden_size}-wide embeddings: the graphs are not of one model"
+        )
+    stated = facts.kv_cache
+    if stated is None:
+        return
+    for key, graph_value in (
+        ("num_hidden_layers", decoder.num_layers),
+        ("num_key_value_heads", decoder.num_kv_heads),
+        ("head_dim", decoder.head_dim),
+    ):
+        if getattr(stated, key) != graph_value:
+            raise ModelFilesError(
+                f"model_info.json's kv_cache_config.{key} is {getattr(stated, key)}, but the decoder graph's "
+                f"is {graph_value}: the metadata and the graphs are not of one model"
+            )
+
+
 class FastVLMModelManager:
     """Owns a backend, the tokenizer and the model's facts; serves generation requests."""
 
@@ -109,9 +165,12 @@ class FastVLMModelManager:
         tokenizer: Tokenizer,
         facts: ModelFacts,
         image_limits: ImageLimits | None = None,
-        resize_mode: ResizeMode = ResizeMode.PAD,
+        resize_mode: ResizeMode | None = None,
         feature_cache_bytes: int = 64 << 20,
     ) -> None:
+        """`resize_mode` None: the rule the model's files state (`model_files.resize_rule`).
+
+        Raises ModelFilesError where the graphs contradict the model's files."""
         self.backend = backend
         self.tokenizer = tokenizer
         self.facts = facts
@@ -122,11 +181,12 @@ class FastVLMModelManager:
                 "the model's chat template renders the user's text from neither string content "
                 "nor typed text parts ({'type': 'text', 'text': ...}); every request would lose it"
             )
-        # The vision session's input shape is the final word on the image size.
-        size = backend.vision_spec.image_size or facts.image.size
-        if not size:
-            raise ValueError("neither the preprocessor config nor the vision graph states the image size")
-        self.image_spec = replace(facts.image, size=size, mode=resize_mode)
+        check_decoder(facts, backend.decoder_spec, backend.vision_spec)
+        self.image_spec = image_spec(facts.image, backend.vision_spec)
+        if resize_mode is not None:
+            self.image_spec = replace(self.image_spec, mode=resize_mode)
+        # Features per image: the vision graph's output shape, else (size / patch)^2; None if neither says.
+        self.image_tokens = backend.vision_spec.image_tokens or self.image_spec.tokens_for(self.image_spec.size)
         # A second question about the same photo skips the vision encoder.
         self.feature_cache: ByteBudgetLRU[np.ndarray] = ByteBudgetLRU(feature_cache_bytes, lambda a: a.nbytes)
 
@@ -161,33 +221,44 @@ class FastVLMModelManager:
 
     @classmethod
     def from_settings(cls, settings: VLMSettings, model_dir: Path | str) -> FastVLMModelManager:
-        """Load the configured model with the configured device, threads and image limits."""
-        return cls.from_model_dir(
-            model_dir,
-            precision=settings.model.precision,
-            device=settings.backend.device,
-            providers=settings.backend.providers,
-            # ORT's intra-op pool belongs to the session and is shared by concurrent runs, so
-            # its default (one thread per physical core) is right however many run at once.
-            intra_op_threads=settings.backend.intra_op_threads,
-            image_limits=image_limits(settings.limits),
-            optimized_graph_dir=settings.cache_dir / "ort-optimized",
-        )
+        """Load the configured model with the configured device, threads and image limits.
+
+        Every problem with the model's files is a ModelFilesError naming the config key."""
+        try:
+            return cls.from_model_dir(
+                model_dir,
+                precision=settings.model.precision,
+                device=settings.backend.device,
+                providers=settings.backend.providers,
+                # ORT's intra-op pool belongs to the session and is shared by concurrent runs, so
+                # its default (one thread per physical core) is right however many run at once.
+                intra_op_threads=settings.backend.intra_op_threads,
+                image_limits=image_limits(settings.limits),
+                optimized_graph_dir=settings.cache_dir / "ort-optimized",
+            )
+        except ModelFilesError as exc:
+            raise ModelFilesError(f"{_model_key(settings)}: {exc}") from exc
 
     @staticmethod
     def check_loadable(settings: VLMSettings, model_dir: Path | str) -> None:
         """Fail fast, before any loading, on settings the model directory or machine can't honour.
 
-        Raises ConfigError naming the key: a missing precision variant, an unavailable device.
+        Reads everything but the graphs: a missing graph or tokenizer, unreadable or contradictory
+        JSON (a ModelFilesError), an unavailable device (a ConfigError); both name the config key.
+        What only the graphs can tell (a file that is not ONNX, a vision input that states no
+        size) is a ModelFilesError from `from_settings`.
         """
         from ..backends.backend_exceptions import BackendLoadError
         from ..backends.onnxrt_backend import select_providers
 
         where = f"services.{settings.service_name}"
         try:
-            locate_model_files(Path(model_dir), settings.model.precision)
+            files = locate_model_files(Path(model_dir), settings.model.precision)
+            tokenizer = load_tokenizer(files.tokenizer)
+            facts = read_model_facts(files, tokenizer.token_to_id)
+            ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
         except ModelFilesError as exc:
-            raise ConfigError(f"{where}.models.{settings.model.alias}: {exc}") from exc
+            raise ModelFilesError(f"{_model_key(settings)}: {exc}") from exc
         try:
             select_providers(settings.backend.device, settings.backend.providers)
         except BackendLoadError as exc:
@@ -202,9 +273,10 @@ class FastVLMModelManager:
             "runtime": info.runtime,
             "providers": list(info.providers),
             "precision": info.precision,
+            "precisions": list(dict.fromkeys([info.precision, *info.graph_precisions.values()])),
             "load_time_ms": info.load_time_ms,
             "image_size": self.image_spec.size,
-            "image_tokens": self.backend.vision_spec.image_tokens,
+            "image_tokens": self.image_tokens,
             "resize_mode": self.image_spec.mode.value,
             "context_length": self.context_length,
         }

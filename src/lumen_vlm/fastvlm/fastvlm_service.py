@@ -488,7 +488,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             model_ids=[self.model_id],
             runtime=facts["runtime"],
             max_concurrency=self._admission.max_concurrency,
-            precisions=[facts["precision"]],
+            precisions=facts["precisions"],  # every precision loaded, the decoder's first
             extra={key: value for key, value in extra.items() if value is not None},  # unknown: left out
             limits=self.enforced_limits(),
         )

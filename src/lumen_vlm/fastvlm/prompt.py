@@ -261,14 +261,6 @@ class ChatTemplate:
 # --------------------------------------------------------------------------- tokens
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The model's tokenizer.json; ModelFilesError when it cannot be read."""
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
-        raise ModelFilesError(f"cannot read {path}: {exc}") from exc
-
-
 def ensure_image_token(tokenizer: Tokenizer, image_token_id: int, path: Path) -> None:
     """Make `image_token_id` (the config's image_token_index) a token, or raise ModelFilesError.
 
@@ -277,11 +269,6 @@ def ensure_image_token(tokenizer: Tokenizer, image_token_id: int, path: Path) ->
     added as a special token, as transformers' FastVLM conversion adds it; the tokenizer can
     only add it at its next free id, so the config must name that id.
     """
-    if image_token_id < 0:
-        raise ModelFilesError(
-            f"the config's image_token_index {image_token_id} is not a token id (the original checkpoints' "
-            "-200 marks the image outside the vocabulary); use an export whose config names the image token"
-        )
     if tokenizer.id_to_token(image_token_id) is not None:
         return
     existing = tokenizer.token_to_id(IMAGE_PLACEHOLDER)

@@ -49,7 +49,7 @@ from lumen_resources.lumen_config import LumenConfig, Mdns, ModelConfig, Server,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .exceptions import ConfigError
-from .model_files import PRECISIONS
+from .model_files import PRECISION_ALIASES, PRECISIONS
 from .settings import (
     AdmissionSettings,
     BackendSettings,
@@ -63,7 +63,6 @@ from .settings import (
 DEFAULT_CACHE_DIR = "~/.cache/lumen"
 DEFAULT_PORT = 50051
 SUPPORTED_RUNTIMES = ("onnx",)
-PRECISION_ALIASES = {"q4fp16": "q4f16"}  # lumen-resources' examples spell it so
 # What the short form stands for in the full one; also what loader.py hands lumen-resources.
 LUMEN_PACKAGE = "lumen_vlm"
 LUMEN_IMPORT_INFO = {

@@ -59,7 +59,14 @@ from tqdm.auto import tqdm
 
 from .config import single_service_config
 from .exceptions import ModelFilesError, ModelNotFoundError
-from .model_files import GRAPHS, declared_model_name, graph_file, locate_model_files
+from .model_files import (
+    GRAPHS,
+    canonical_precision,
+    declared_model_name,
+    graph_candidates,
+    locate_model_files,
+    lumen_precision_name,
+)
 from .settings import VLMSettings
 
 logger = logging.getLogger(__name__)
@@ -201,7 +208,7 @@ def _resolve_cached(
     source: ModelSource, target: Path, settings: VLMSettings, key: str, download: bool, progress: bool
 ) -> Path:
     """`key` names the config entry in errors."""
-    precision = settings.model.precision
+    precision = canonical_precision(settings.model.precision)  # the marker records this spelling
     if (target.exists() or target.is_symlink()) and not _owns(target):
         return _use_foreign(target, precision, key)
     if _owns(target) and _is_complete(target, precision):
@@ -216,7 +223,7 @@ def _resolve_cached(
     if source.kind == HUGGINGFACE:
         _download_huggingface(source, target, precision, progress, key)
     else:
-        _download_lumen(source, target, settings, progress, key)
+        _download_lumen(source, target, settings, precision, progress, key)
     _check_download(target, precision, key)
     _record_complete(target, precision)
     return target
@@ -305,8 +312,8 @@ def hf_allow_patterns(precision: str) -> list[str]:
     """The files of one precision in the onnx-community layout: small files, three graphs, their data."""
     patterns = list(HF_SMALL_FILE_PATTERNS)
     for graph in GRAPHS:
-        relative = graph_file(Path(), "onnx-community", graph, precision).as_posix()
-        patterns += [relative, relative + "_data*"]  # .onnx_data, and .onnx_data_1... when split
+        for relative in graph_candidates("onnx-community", graph, precision):
+            patterns += [relative.as_posix(), relative.as_posix() + "_data*"]  # .onnx_data, .onnx_data_1...
     return patterns
 
 
@@ -331,8 +338,10 @@ def _download_huggingface(source: ModelSource, target: Path, precision: str, pro
         raise ModelNotFoundError(f"{key}: could not download {source.repo} from Hugging Face: {exc}") from exc
 
 
-def _download_lumen(source: ModelSource, target: Path, settings: VLMSettings, progress: bool, key: str) -> None:
-    config = _lumen_download_config(source, settings)
+def _download_lumen(
+    source: ModelSource, target: Path, settings: VLMSettings, precision: str, progress: bool, key: str
+) -> None:
+    config = _lumen_download_config(source, settings, precision)
     try:
         results = lumen_downloader.Downloader(config, verbose=progress).download_all()
     except Exception as exc:  # e.g. the platform's SDK is missing
@@ -345,9 +354,13 @@ def _download_lumen(source: ModelSource, target: Path, settings: VLMSettings, pr
         raise ModelFilesError(f"{key}: lumen-resources put {source.repo} in {result.model_path}, expected {target}")
 
 
-def _lumen_download_config(source: ModelSource, settings: VLMSettings) -> LumenConfig:
-    """The smallest LumenConfig that makes lumen-resources fetch exactly this one model."""
-    model = {"model": source.repo, "runtime": "onnx", "precision": settings.model.precision}
+def _lumen_download_config(source: ModelSource, settings: VLMSettings, precision: str) -> LumenConfig:
+    """The smallest LumenConfig that makes lumen-resources fetch exactly this one model.
+
+    lumen-resources fetches ``*.{precision}.onnx``, so the precision goes in the repos' own
+    spelling (``q4fp16`` for q4f16).
+    """
+    model = {"model": source.repo, "runtime": "onnx", "precision": lumen_precision_name(precision)}
     config = single_service_config(
         settings.service_name,
         str(settings.cache_dir),

@@ -5,8 +5,17 @@ Two layouts are understood:
 * onnx-community (the public FastVLM export): ``config.json``, ``generation_config.json``,
   ``preprocessor_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and
   ``onnx/{vision_encoder,embed_tokens,decoder_model_merged}[_PRECISION].onnx``;
-* Lumen: ``model_info.json`` (its ``extra_metadata`` may carry the config, generation and
-  vision facts) + ``onnx/{vision,embed,decoder}.PRECISION.onnx`` + the tokenizer files.
+* Lumen (what lumen-resources downloads from the LumilioPhotos repos): ``model_info.json``,
+  ``onnx/{vision,embed,decoder}.PRECISION.onnx`` (``{graph}.onnx`` is fp32 too, and ``q4f16`` is
+  spelt ``q4fp16``), the tokenizer files and whichever ``*config*.json`` files the repo has. The
+  facts upstream lumen-vlm reads from ``model_info.json``'s ``extra_metadata`` are read here too:
+  ``vision_config`` (``image_size``, ``patch_size``, ``mean``, ``std``), ``generation_config``
+  (``image_token_index``, ``eos_token_id``, ``max_position_embeddings``) and ``kv_cache_config``.
+  A JSON file on disk wins over the same document in ``extra_metadata``.
+
+Each graph is looked for in the requested precision, then in `FALLBACK_ORDER`, independently of
+the others, so a directory that mixes precisions (an fp16 vision encoder beside an fp32 decoder)
+loads. Every problem with the files is a `ModelFilesError` naming the file and key.
 
 Only this module opens a model's JSON files; everything else receives `ModelFacts`.
 """
@@ -14,29 +23,46 @@ Only this module opens a model's JSON files; everything else receives `ModelFact
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from .exceptions import ModelFilesError
-from .model_spec import ImageSpec, ResizeMode
+from .model_spec import ImageSpec, KVCacheSpec, ResizeMode
 
 PRECISIONS = ("fp32", "fp16", "int8", "uint8", "q4", "q4f16", "bnb4", "quantized")
+# Other spellings accepted in configs: lumen-resources and the LumilioPhotos repos write q4f16 as q4fp16.
+PRECISION_ALIASES = {"q4fp16": "q4f16"}
+# Where a graph is missing in the requested precision, the first of these present is used: the
+# most accurate first. fp32 is what every export starts from and every provider runs.
+FALLBACK_ORDER = ("fp32", "fp16", "int8", "uint8", "quantized", "q4", "q4f16", "bnb4")
 GRAPHS = ("vision", "embed", "decoder")
 _COMMUNITY_NAMES = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
 DEFAULT_CONTEXT_LENGTH = 32768
+# tokenizer_config's model_max_length above this is transformers' "no limit" placeholder.
+_MAX_PLAUSIBLE_CONTEXT = 10_000_000
+# The model config's image_aspect_ratio values this service can honour (see `resize_rule`).
+_ASPECT_RATIO_RULES = {"pad": ResizeMode.PAD, "square": ResizeMode.CROP, "crop": ResizeMode.CROP}
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """The files one loaded model uses, in one precision."""
+    """The files one loaded model uses."""
 
     root: Path
     layout: str  # "onnx-community" or "lumen"
-    precision: str  # the decoder's precision
+    requested_precision: str
     graphs: dict[str, Path]  # "vision" / "embed" / "decoder" -> .onnx file
     graph_precisions: dict[str, str]  # the precision each graph was actually found in
     tokenizer: Path
+
+    @property
+    def precision(self) -> str:
+        """The decoder's precision: most of the model's weight and time."""
+        return self.graph_precisions["decoder"]
 
 
 @dataclass(frozen=True)
@@ -50,18 +76,50 @@ class ModelFacts:
     context_length: int
     image: ImageSpec
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
+    kv_cache: KVCacheSpec | None = None  # a Lumen model_info.json's kv_cache_config, to check the decoder by
+
+
+# --------------------------------------------------------------------------- precisions
+
+
+def canonical_precision(name: str) -> str:
+    """`name` in the spelling used here (``q4fp16`` -> ``q4f16``); ModelFilesError if unknown."""
+    precision = PRECISION_ALIASES.get(name, name)
+    if precision not in PRECISIONS:
+        raise ModelFilesError(f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}")
+    return precision
+
+
+def lumen_precision_name(precision: str) -> str:
+    """How the LumilioPhotos repos and lumen-resources' downloader spell `precision`."""
+    return next((alias for alias, canonical in PRECISION_ALIASES.items() if canonical == precision), precision)
+
+
+def fallback_precisions(requested: str) -> list[str]:
+    """The precisions a graph is looked for in, in order: the requested one, then FALLBACK_ORDER."""
+    return [requested, *(p for p in FALLBACK_ORDER if p != requested)]
 
 
 # --------------------------------------------------------------------------- locating files
 
 
-def graph_file(root: Path, layout: str, graph: str, precision: str) -> Path:
-    """Where a graph of a given precision lives in a layout."""
+def graph_candidates(layout: str, graph: str, precision: str) -> list[Path]:
+    """The names, relative to the model directory, a graph of one precision may have in a layout.
+
+    Lumen: ``{graph}.{precision}.onnx`` in the repos' spelling (``q4fp16``) or ours, and plain
+    ``{graph}.onnx`` for fp32, as upstream lumen-vlm reads them. onnx-community:
+    ``{name}_{precision}.onnx``, plain ``{name}.onnx`` for fp32.
+    """
     if layout == "lumen":
-        return root / "onnx" / f"{graph}.{precision}.onnx"
-    base = _COMMUNITY_NAMES[graph]
-    suffix = "" if precision == "fp32" else f"_{precision}"
-    return root / "onnx" / f"{base}{suffix}.onnx"
+        names = list(
+            dict.fromkeys(f"{graph}.{spelling}.onnx" for spelling in (lumen_precision_name(precision), precision))
+        )
+        if precision == "fp32":
+            names.append(f"{graph}.onnx")
+    else:
+        base = _COMMUNITY_NAMES[graph]
+        names = [f"{base}.onnx" if precision == "fp32" else f"{base}_{precision}.onnx"]
+    return [Path("onnx") / name for name in names]
 
 
 def graph_files(graph: Path) -> list[Path]:
@@ -80,45 +138,106 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def available_precisions(root: Path, layout: str) -> list[str]:
-    """Precisions whose decoder graph exists."""
-    return [p for p in PRECISIONS if graph_file(root, layout, "decoder", p).is_file()]
+def _find_graph(root: Path, layout: str, graph: str, requested: str) -> tuple[Path, str] | None:
+    """(file, precision) of the best `graph` present, or None."""
+    for precision in fallback_precisions(requested):
+        for relative in graph_candidates(layout, graph, precision):
+            if (root / relative).is_file():
+                return root / relative, precision
+    return None
 
 
 def locate_model_files(root: Path, precision: str = "fp32") -> ModelFiles:
-    """Pick the graphs of one precision.
-
-    The precision names the decoder, which is most of the model's weight and time; the vision
-    encoder and embedding use the same precision when the directory has it, else fp32.
-    """
+    """Pick each graph in `precision`, or in the best precision present (`fallback_precisions`)."""
     root = root.expanduser()
     if not root.is_dir():
         raise ModelFilesError(f"model directory {root} does not exist")
-    if precision not in PRECISIONS:
-        raise ModelFilesError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    requested = canonical_precision(precision)
     layout = detect_layout(root)
     graphs: dict[str, Path] = {}
     found: dict[str, str] = {}
     for graph in GRAPHS:
-        candidates = [precision] if graph == "decoder" else [precision, "fp32"]
-        for candidate in candidates:
-            path = graph_file(root, layout, graph, candidate)
-            if path.is_file():
-                graphs[graph], found[graph] = path, candidate
-                break
-        else:
-            have = ", ".join(available_precisions(root, layout)) or "none"
-            expected = graph_file(root, layout, graph, precision).relative_to(root)
+        best = _find_graph(root, layout, graph, requested)
+        if best is None:
+            expected = " or ".join(p.as_posix() for p in graph_candidates(layout, graph, requested))
+            present = sorted(p.name for p in (root / "onnx").glob("*.onnx")) if (root / "onnx").is_dir() else []
             raise ModelFilesError(
-                f"{root} has no {precision} {graph} graph (expected {expected}); precisions present: {have}"
+                f"{root} has no {requested} {graph} graph (expected {expected}), nor one in another precision; "
+                f"graphs present: {', '.join(present) or 'none'}"
             )
+        graphs[graph], found[graph] = best
     tokenizer = root / "tokenizer.json"
     if not tokenizer.is_file():
         raise ModelFilesError(f"{root} has no tokenizer.json")
-    return ModelFiles(root, layout, precision, graphs, found, tokenizer)
+    return ModelFiles(root, layout, requested, graphs, found, tokenizer)
 
 
-# --------------------------------------------------------------------------- reading facts
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The model's tokenizer.json; ModelFilesError when it cannot be read."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for every unreadable file
+        raise ModelFilesError(f"cannot read {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- the JSON documents
+
+
+@dataclass(frozen=True)
+class _Doc:
+    """One JSON document and where it came from, so errors name the file and key."""
+
+    file: str  # the file's path
+    prefix: str  # the document's key path inside the file, "" for the whole file
+    data: dict[str, Any]
+
+    def value(self, *path: str) -> Any:
+        node: Any = self.data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    def sub(self, key: str) -> _Doc:
+        """The object at `key` as a document of its own (empty when absent)."""
+        value = self.value(key)
+        if value is not None and not isinstance(value, dict):
+            raise self.error((key,), "must be a JSON object", value)
+        return _Doc(self.file, self.key(key), value or {})
+
+    def key(self, *path: str) -> str:
+        return ".".join([self.prefix, *path] if self.prefix else path)
+
+    def error(self, path: tuple[str, ...], problem: str, value: Any = None) -> ModelFilesError:
+        got = "" if value is None else f", got {reprlib.repr(value)}"
+        return ModelFilesError(f"{self.file} {self.key(*path)} {problem}{got}")
+
+    def integer(self, *path: str, minimum: int = 0) -> int | None:
+        value = self.value(*path)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(path, f"must be an integer >= {minimum}", value)
+        return value
+
+    def number(self, *path: str) -> float | None:
+        value = self.value(*path)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(path, "must be a number", value)
+        return float(value)
+
+    def triple(self, *path: str) -> tuple[float, float, float] | None:
+        value = self.value(*path)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) != 3 or not all(_is_number(v) for v in value):
+            raise self.error(path, "must be a list of 3 numbers", value)
+        return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -133,26 +252,32 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _model_jsons(files: ModelFiles) -> dict[str, dict[str, Any]]:
+def _documents(root: Path) -> dict[str, _Doc]:
     """The JSON documents by role, whichever layout holds them."""
-    root = files.root
+
+    def read(name: str) -> _Doc:
+        return _Doc(str(root / name), "", _read_json(root / name))
+
+    info = read("model_info.json")
+    extra = info.sub("extra_metadata")
     docs = {
-        "config": _read_json(root / "config.json"),
-        "generation": _read_json(root / "generation_config.json"),
-        "preprocessor": _read_json(root / "preprocessor_config.json"),
-        "tokenizer_config": _read_json(root / "tokenizer_config.json"),
-        "model_info": _read_json(root / "model_info.json"),
+        "config": read("config.json"),
+        "generation": read("generation_config.json"),
+        "preprocessor": read("preprocessor_config.json"),
+        "tokenizer_config": read("tokenizer_config.json"),
+        "model_info": info,
+        # Only a Lumen model_info.json carries these two.
+        "vision": extra.sub("vision_config"),
+        "kv_cache": extra.sub("kv_cache_config"),
     }
-    # A Lumen model_info.json may carry the same documents in extra_metadata.
-    extra = docs["model_info"].get("extra_metadata") or {}
+    # A Lumen model_info.json may carry the other documents in extra_metadata too.
     for role, key in (
         ("config", "config"),
         ("generation", "generation_config"),
-        ("preprocessor", "vision_config"),
         ("preprocessor", "preprocessor_config"),
     ):
-        if not docs[role] and isinstance(extra.get(key), dict):
-            docs[role] = extra[key]
+        if not docs[role].data:
+            docs[role] = extra.sub(key)
     return docs
 
 
@@ -164,6 +289,9 @@ def _declared_name(model_info: dict[str, Any]) -> str | None:
 def declared_model_name(root: Path) -> str | None:
     """The name a Lumen ``model_info.json`` in `root` gives the model, None without one."""
     return _declared_name(_read_json(root / "model_info.json"))
+
+
+# --------------------------------------------------------------------------- reading facts
 
 
 def _token_text(value: Any) -> str | None:
@@ -178,8 +306,12 @@ def _chat_template(root: Path, tokenizer_config: dict[str, Any]) -> str:
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    if not template and (root / "chat_template.jinja").is_file():
-        template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    jinja = root / "chat_template.jinja"
+    if not template and jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise ModelFilesError(f"cannot read {jinja}: {exc}") from exc
     if not template and (root / "chat_template.json").is_file():
         template = _read_json(root / "chat_template.json").get("chat_template")
     if not isinstance(template, str) or not template:
@@ -187,67 +319,142 @@ def _chat_template(root: Path, tokenizer_config: dict[str, Any]) -> str:
     return template
 
 
-def _image_spec(preprocessor: dict[str, Any]) -> ImageSpec:
-    crop = preprocessor.get("crop_size")
-    size = preprocessor.get("size")
-    side = None
-    if isinstance(crop, dict):
-        side = crop.get("height")
-    elif isinstance(crop, int):
-        side = crop
-    if side is None and isinstance(size, dict):
-        side = size.get("shortest_edge") or size.get("height")
-    elif side is None and isinstance(size, int):
-        side = size
-    return ImageSpec(
-        size=int(side) if side else 0,  # 0: take it from the vision encoder's input shape
-        image_mean=tuple(preprocessor.get("image_mean", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
-        image_std=tuple(preprocessor.get("image_std", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
-        rescale_factor=float(preprocessor.get("rescale_factor", 1 / 255)),
-        resample=int(preprocessor.get("resample", 3)),
-        mode=ResizeMode.PAD,
-    )
+def _text_config(config: _Doc) -> _Doc:
+    """The language model's config: ``text_config`` in transformers' format, the config itself in Apple's."""
+    return config.sub("text_config") if config.value("text_config") is not None else config
 
 
-def _eos_ids(generation: dict[str, Any], config: dict[str, Any], eos_from_tokenizer: int | None) -> frozenset[int]:
+def _image_token_id(docs: dict[str, _Doc], token_to_id: Any) -> int | None:
+    config, generation = docs["config"], docs["generation"]
+    for doc, key in ((config, "image_token_index"), (config, "image_token_id"), (generation, "image_token_index")):
+        value = doc.integer(key)
+        if value is not None:
+            return value
+    found = token_to_id("<image>")
+    return int(found) if found is not None else None
+
+
+def _eos_ids(docs: dict[str, _Doc], eos_from_tokenizer: int | None) -> frozenset[int]:
+    """The generation config's eos ids, else the model config's; plus the tokenizer config's eos token."""
     ids: set[int] = set()
-    text_config = config.get("text_config") or {}
-    for source in (generation.get("eos_token_id"), config.get("eos_token_id"), text_config.get("eos_token_id")):
-        if source is None:
+    config = docs["config"]
+    for doc in (docs["generation"], config, _text_config(config)):
+        value = doc.value("eos_token_id")
+        if value is None:
             continue
-        ids.update(source if isinstance(source, list) else [source])
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise doc.error(("eos_token_id",), "must be a token id or a non-empty list of them", value)
+        ids.update(values)
         break  # the first document that names them is authoritative, as in transformers
     if eos_from_tokenizer is not None:
         ids.add(eos_from_tokenizer)
-    return frozenset(int(i) for i in ids)
+    return frozenset(ids)
+
+
+def _context_length(docs: dict[str, _Doc]) -> int:
+    """The language model's max_position_embeddings (its config's, else a Lumen generation_config's),
+    else the tokenizer's model_max_length, else DEFAULT_CONTEXT_LENGTH."""
+    for doc in (_text_config(docs["config"]), docs["generation"]):
+        value = doc.integer("max_position_embeddings", minimum=1)
+        if value is not None:
+            return value
+    model_max = docs["tokenizer_config"].value("model_max_length")
+    if _is_number(model_max) and 0 < model_max <= _MAX_PLAUSIBLE_CONTEXT:
+        return int(model_max)
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def resize_rule(config: _Doc, vision: _Doc, preprocessor: _Doc) -> ResizeMode:
+    """How a non-square photo becomes the model's square input, by default; a request's
+    ``resize_mode`` overrides it.
+
+    1. The model config's ``image_aspect_ratio`` wins: it records how the model was trained.
+       That is ``config.json``'s (or a Lumen ``extra_metadata.config``'s), else a Lumen
+       ``extra_metadata.vision_config``'s, which upstream lumen-vlm reads as ``pad`` when it
+       names none. ``pad`` is Apple's pad-to-square; ``square`` (LLaVA's name for "the image
+       processor alone") and ``crop`` are the processor's resize and centre-crop. Other values
+       (LLaVA's ``anyres``) are refused: this service cannot reproduce them.
+    2. Otherwise the preprocessor config: a centre-crop (``do_center_crop``, or a ``crop_size``
+       without it, as CLIPImageProcessor defaults) means CROP, as transformers runs the export.
+    3. Otherwise PAD: Apple's reference rule.
+    """
+    stated, source = config.value("image_aspect_ratio"), config
+    if stated is None and vision.data:
+        stated, source = vision.value("image_aspect_ratio") or "pad", vision
+    if stated is not None:
+        if stated not in _ASPECT_RATIO_RULES:
+            choices = ", ".join(_ASPECT_RATIO_RULES)
+            raise source.error(("image_aspect_ratio",), f"is not one this service can honour ({choices})", stated)
+        return _ASPECT_RATIO_RULES[stated]
+    crops = preprocessor.value("do_center_crop")
+    if crops is None:
+        crops = preprocessor.value("crop_size") is not None
+    return ResizeMode.CROP if crops else ResizeMode.PAD
+
+
+def _preprocessor_side(preprocessor: _Doc) -> int | None:
+    """The square side a preprocessor config states: its crop size, else its resize target."""
+    for path in (("crop_size", "height"), ("crop_size",), ("size", "shortest_edge"), ("size", "height"), ("size",)):
+        if isinstance(preprocessor.value(*path), dict):
+            continue
+        side = preprocessor.integer(*path, minimum=1)
+        if side is not None:
+            return side
+    return None
+
+
+def _image_spec(docs: dict[str, _Doc]) -> ImageSpec:
+    pre, vision = docs["preprocessor"], docs["vision"]
+    std_doc, std_key = (pre, "image_std") if pre.value("image_std") is not None else (vision, "std")
+    std = std_doc.triple(std_key) or (1.0, 1.0, 1.0)
+    if 0.0 in std:
+        raise std_doc.error((std_key,), "must not hold 0", list(std))
+    resample = pre.integer("resample")
+    return ImageSpec(
+        size=_preprocessor_side(pre) or vision.integer("image_size", minimum=1) or 0,  # 0: the vision graph's
+        image_mean=pre.triple("image_mean") or vision.triple("mean") or (0.0, 0.0, 0.0),
+        image_std=std,
+        rescale_factor=pre.number("rescale_factor") or 1 / 255,
+        resample=3 if resample is None else resample,  # PIL's BICUBIC, CLIPImageProcessor's default
+        mode=resize_rule(docs["config"], vision, pre),
+        patch_size=vision.integer("patch_size", minimum=1),
+    )
+
+
+def _kv_cache(doc: _Doc) -> KVCacheSpec | None:
+    if not doc.data:
+        return None
+    values = {}
+    for key in ("num_hidden_layers", "num_key_value_heads", "head_dim"):
+        value = doc.integer(key, minimum=1)
+        if value is None:
+            raise doc.error((key,), "is missing")
+        values[key] = value
+    return KVCacheSpec(**values)
 
 
 def read_model_facts(files: ModelFiles, token_to_id: Any) -> ModelFacts:
     """Read the facts; `token_to_id` maps a token's text to its id (the tokenizer's)."""
-    docs = _model_jsons(files)
-    config, tok_config = docs["config"], docs["tokenizer_config"]
-    image_token_id = config.get("image_token_index", config.get("image_token_id"))
+    docs = _documents(files.root)
+    tok_config = docs["tokenizer_config"].data
+    image_token_id = _image_token_id(docs, token_to_id)
     if image_token_id is None:
-        image_token_id = token_to_id("<image>")
-    if image_token_id is None:
-        raise ModelFilesError(f"{files.root}: neither config.json nor the tokenizer names the image token")
+        raise ModelFilesError(f"{files.root}: neither the model config nor the tokenizer names the image token")
     specials = {
         key: text for key in ("bos_token", "eos_token", "pad_token") if (text := _token_text(tok_config.get(key)))
     }
     eos_text = specials.get("eos_token")
-    eos_ids = _eos_ids(docs["generation"], config, token_to_id(eos_text) if eos_text else None)
+    eos_ids = _eos_ids(docs, token_to_id(eos_text) if eos_text else None)
     if not eos_ids:
         raise ModelFilesError(f"{files.root}: no end-of-sequence token id in the generation or tokenizer config")
-    text_config = config.get("text_config") or config
-    context = text_config.get("max_position_embeddings") or tok_config.get("model_max_length")
-    if not isinstance(context, int) or context <= 0 or context > 10_000_000:
-        context = DEFAULT_CONTEXT_LENGTH
     return ModelFacts(
-        model_id=_declared_name(docs["model_info"]) or files.root.name,
-        image_token_id=int(image_token_id),
+        model_id=_declared_name(docs["model_info"].data) or files.root.name,
+        image_token_id=image_token_id,
         eos_token_ids=eos_ids,
         chat_template=_chat_template(files.root, tok_config),
-        context_length=int(context),
-        image=_image_spec(docs["preprocessor"]),
+        context_length=_context_length(docs),
+        image=_image_spec(docs),
         special_tokens=specials,
+        kv_cache=_kv_cache(docs["kv_cache"]),
     )

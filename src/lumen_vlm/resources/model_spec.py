@@ -11,7 +11,11 @@ from enum import Enum
 
 
 class ResizeMode(str, Enum):
-    """How a non-square photo becomes the model's square input."""
+    """How a non-square photo becomes the model's square input.
+
+    Which one a model gets by default is read from its files (`model_files.resize_rule`); a
+    request's ``resize_mode`` overrides it.
+    """
 
     PAD = "pad"  # Apple's reference rule: pad to a square with the mean colour, then resize.
     CROP = "crop"  # The HF processor's rule: resize the shortest edge, then centre-crop.
@@ -19,11 +23,25 @@ class ResizeMode(str, Enum):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the vision encoder expects, read from preprocessor_config.json (and the session)."""
+    """What the vision encoder expects, read from the model's files (and checked against its graph)."""
 
-    size: int  # square side in pixels
+    size: int  # square side in pixels; 0 when no file states it (the vision graph's input shape then does)
     image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     rescale_factor: float = 1.0 / 255.0
     resample: int = 3  # PIL.Image.Resampling code, 3 = BICUBIC
     mode: ResizeMode = ResizeMode.PAD
+    patch_size: int | None = None  # pixels per image token along a side; None when no file states it
+
+    def tokens_for(self, size: int) -> int | None:
+        """Image tokens a `size`-pixel square gives, when the patch size is known."""
+        return (size // self.patch_size) ** 2 if self.patch_size else None
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The KV cache's shape as a Lumen ``model_info.json`` states it (``kv_cache_config``)."""
+
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
