@@ -23,7 +23,8 @@ MSG, ENUM = F.TYPE_MESSAGE, F.TYPE_ENUM
 
 PKG = ".home_native.v1"
 
-# (name, number, type, label, type_name) per message, in declaration order, from the protocol spec.
+# (name, number, type, label, type_name) per message, in declaration order, from the protocol spec
+# (the Lumen-SDK's proto/ml_service.proto; IOTask's fields 5 and 6 are its tensor fast path).
 EXPECTED_FIELDS = {
     "Error": [
         ("code", 1, ENUM, OPT, f"{PKG}.ErrorCode"),
@@ -35,6 +36,8 @@ EXPECTED_FIELDS = {
         ("input_mimes", 2, STRING, REP, ""),
         ("output_mimes", 3, STRING, REP, ""),
         ("limits", 4, MSG, REP, f"{PKG}.IOTask.LimitsEntry"),
+        ("tensor_preprocess_id", 5, STRING, OPT, ""),
+        ("tensor_batching_supported", 6, BOOL, OPT, ""),
     ],
     "Capability": [
         ("service_name", 1, STRING, OPT, ""),
