@@ -173,6 +173,9 @@ def hub_run(other_copy: Path, tiny_model_dir: Path, tmp_path_factory: pytest.Tem
     config = write_hub_config(root / "hub.yaml", tiny_model_dir.resolve())
     found, _ = run_child("hub", str(other_copy), str(config), cwd=cwd, home=home)
     found["cwd_entries"] = sorted(p.name for p in cwd.iterdir())
+    found["home_dirs_written"] = sorted(
+        {"/".join(p.relative_to(home).parts[:2]) for p in home.rglob("*") if p.is_file()}
+    )
     return found
 
 
@@ -200,6 +203,9 @@ def test_the_hub_loading_contract(hub_run: dict[str, Any], direct_result: dict[s
     assert hub_run["cache_dir_passed"] == "~/x"
     assert hub_run["vlm.supported_tasks"] == TASKS
     assert not hub_run["literal_tilde_dir_made"] and hub_run["cwd_entries"] == []
+    # What the service wrote went to ~/x in HOME; ONNX Runtime itself keeps a device id in ~/.cache/Microsoft.
+    assert all(d.startswith("x/") or d == ".cache/Microsoft" for d in hub_run["home_dirs_written"]), hub_run
+    assert any(d.startswith("x/") for d in hub_run["home_dirs_written"])
     own = hub_run["add_to_server"]
     same_answer(own, direct_result)
     assert own["capability_tasks"] == TASKS and own["streamed_tasks"] == [TASKS]
