@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2, empty_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
+from lumen_vlm.resources.settings import ServerSettings
+from lumen_vlm.server import VLMServer
+
+from .service.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 F = descriptor_pb2.FieldDescriptorProto
@@ -23,7 +29,8 @@ MSG, ENUM = F.TYPE_MESSAGE, F.TYPE_ENUM
 
 PKG = ".home_native.v1"
 
-# (name, number, type, label, type_name) per message, in declaration order, from the protocol spec.
+# (name, number, type, label, type_name) per message, in declaration order, from the protocol spec
+# (the Lumen-SDK's proto/ml_service.proto; IOTask's fields 5 and 6 are its tensor fast path).
 EXPECTED_FIELDS = {
     "Error": [
         ("code", 1, ENUM, OPT, f"{PKG}.ErrorCode"),
@@ -35,6 +42,8 @@ EXPECTED_FIELDS = {
         ("input_mimes", 2, STRING, REP, ""),
         ("output_mimes", 3, STRING, REP, ""),
         ("limits", 4, MSG, REP, f"{PKG}.IOTask.LimitsEntry"),
+        ("tensor_preprocess_id", 5, STRING, OPT, ""),
+        ("tensor_batching_supported", 6, BOOL, OPT, ""),
     ],
     "Capability": [
         ("service_name", 1, STRING, OPT, ""),
@@ -217,3 +226,44 @@ def test_infer_round_trip():
     assert all(r.is_final and r.meta["task"] == "vlm_generate" for r in responses)
     assert [r.seq for r in responses] == [0, 1]
     assert not any(r.HasField("error") for r in responses)
+
+
+def reflected_files(answer: reflection_pb2.ServerReflectionResponse) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    assert not answer.HasField("error_response"), answer.error_response
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b) for b in answer.file_descriptor_response.file_descriptor_proto
+    ]
+    return {f.name: f for f in files}
+
+
+def test_server_reflection_lists_and_describes_the_services(tiny_model_dir: Path) -> None:
+    """What grpcurl asks for `list` and `describe`: the real server's reflection, before a model is loaded."""
+    server = VLMServer(replace(make_settings(tiny_model_dir), server=ServerSettings(host="127.0.0.1", port=0)))
+    server.start()
+    asked = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="home_native.v1.Inference"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="home_native.v1.IOTask"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.health.v1.Health"),
+    ]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            listed, inference, io_task, health = list(stub.ServerReflectionInfo(iter(asked), timeout=10))
+    finally:
+        server.shutdown()
+
+    names = [s.name for s in listed.list_services_response.service]
+    assert {"home_native.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
+        names
+    )
+    files = reflected_files(inference)
+    assert set(files) == {"ml_service.proto", "google/protobuf/empty.proto"}  # the file and its dependency
+    methods = files["ml_service.proto"].service[0].method
+    assert [(m.name, m.input_type, m.output_type, m.client_streaming, m.server_streaming) for m in methods] == (
+        EXPECTED_METHODS
+    )
+    task = next(m for m in reflected_files(io_task)["ml_service.proto"].message_type if m.name == "IOTask")
+    assert [(f.name, f.number, f.type, f.label, f.type_name) for f in task.field] == EXPECTED_FIELDS["IOTask"]
+    health_file = reflected_files(health)["grpc_health/v1/health.proto"]
+    assert [s.name for s in health_file.service] == ["Health"]

@@ -5,9 +5,18 @@ Usage::
     python tools/gen_proto.py           # write ml_service_pb2{.py,.pyi,_grpc.py}
     python tools/gen_proto.py --check   # exit 1 if the committed files are stale
 
-The generated ``_pb2_grpc.py`` imports its sibling as a top-level module
-(``import ml_service_pb2 as ml__service__pb2``), which breaks inside the
-``lumen_vlm.proto`` package; it is rewritten to a relative import.
+Three lines of protoc's output are rewritten:
+
+* ``_pb2_grpc.py`` imports its sibling as a top-level module
+  (``import ml_service_pb2 as ml__service__pb2``), which breaks inside the
+  ``lumen_vlm.proto`` package; it becomes a relative import.
+* ``_pb2.py`` adds its file to protobuf's default descriptor pool
+  (``DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'...')``), which
+  clashes with the other Lumen packages' copies of the protocol in one process; it
+  becomes ``_pool.load_file(b'...')`` (see ``src/lumen_vlm/proto/_pool.py``). Its
+  pure-Python-backend block, which stores offsets into our bytes on the descriptors, then
+  runs only when the descriptors were built from our bytes (``_pool.built_from_ours``),
+  never on another package's reused file.
 
 Generation is deterministic for a fixed grpcio-tools version, and the output
 embeds that version (``# Protobuf Python Version: ...`` in ``_pb2.py``,
@@ -34,6 +43,11 @@ GENERATED = ("ml_service_pb2.py", "ml_service_pb2.pyi", "ml_service_pb2_grpc.py"
 _ABS_IMPORT = re.compile(r"^import ml_service_pb2 as ml__service__pb2$", re.MULTILINE)
 _REL_IMPORT = "from . import ml_service_pb2 as ml__service__pb2"
 
+_DEFAULT_POOL_ADD = re.compile(r"^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\(", re.MULTILINE)
+_POOL_LOAD = "from . import _pool as _lumen_pool\nDESCRIPTOR = _lumen_pool.load_file("
+_PY_BACKEND_BLOCK = re.compile(r"^if not _descriptor\._USE_C_DESCRIPTORS:$", re.MULTILINE)
+_PY_BACKEND_BLOCK_IF_OURS = "if not _descriptor._USE_C_DESCRIPTORS and _lumen_pool.built_from_ours(DESCRIPTOR):"
+
 
 def _grpc_tools_include() -> str:
     return str(importlib.resources.files("grpc_tools") / "_proto")
@@ -57,16 +71,22 @@ def generate(out_dir: Path) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"protoc failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
 
-    grpc_file = out_dir / "ml_service_pb2_grpc.py"
-    text = grpc_file.read_text(encoding="utf-8")
-    text, n = _ABS_IMPORT.subn(_REL_IMPORT, text)
-    if n != 1:
-        raise RuntimeError(f"expected one 'import ml_service_pb2 as ...' line in {grpc_file.name}, found {n}")
-    grpc_file.write_text(text, encoding="utf-8")
-
     missing = [name for name in GENERATED if not (out_dir / name).is_file()]
     if missing:
         raise RuntimeError(f"protoc did not produce: {', '.join(missing)}")
+    _rewrite_once(out_dir / "ml_service_pb2_grpc.py", _ABS_IMPORT, _REL_IMPORT, "import ml_service_pb2 as ...")
+    pb2 = out_dir / "ml_service_pb2.py"
+    _rewrite_once(pb2, _DEFAULT_POOL_ADD, _POOL_LOAD, "DESCRIPTOR = ...AddSerializedFile(")
+    _rewrite_once(pb2, _PY_BACKEND_BLOCK, _PY_BACKEND_BLOCK_IF_OURS, "if not _descriptor._USE_C_DESCRIPTORS:")
+
+
+def _rewrite_once(path: Path, pattern: re.Pattern[str], replacement: str, what: str) -> None:
+    """Replace the one match of ``pattern`` in ``path``; protoc changing its output is an error."""
+    text = path.read_text(encoding="utf-8")
+    text, n = pattern.subn(lambda _: replacement, text)
+    if n != 1:
+        raise RuntimeError(f"expected one '{what}' line in {path.name}, found {n}")
+    path.write_text(text, encoding="utf-8")
 
 
 def check(max_diff_lines: int = 40) -> list[str]:

@@ -72,6 +72,9 @@ class TaskRegistry:
     def io_tasks(self, limits: Mapping[str, Any]) -> list[ml_service_pb2.IOTask]:
         """One IOTask per task; every task shares the service's enforced limits."""
         as_strings = {key: str(value) for key, value in limits.items()}
+        # tensor_preprocess_id and tensor_batching_supported stay unset: we take encoded images
+        # only, so we advertise their defaults ("" / false), and the hub's older copy of the
+        # proto, whose classes we may be using, has no such fields (proto/_pool.py).
         return [
             ml_service_pb2.IOTask(
                 name=spec.name,

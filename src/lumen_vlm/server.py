@@ -100,7 +100,9 @@ class VLMServer:
         ml_service_pb2_grpc.add_InferenceServicer_to_server(self.inference, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
+            pool=ml_service_pb2.DESCRIPTOR.pool,  # the pool our proto lives in: see proto/_pool.py
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{settings.server.host}:{settings.server.port}"

@@ -32,7 +32,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class IOTask(_message.Message):
-    __slots__ = ("name", "input_mimes", "output_mimes", "limits")
+    __slots__ = ("name", "input_mimes", "output_mimes", "limits", "tensor_preprocess_id", "tensor_batching_supported")
     class LimitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,11 +44,15 @@ class IOTask(_message.Message):
     INPUT_MIMES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_MIMES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PREPROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_BATCHING_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_mimes: _containers.RepeatedScalarFieldContainer[str]
     output_mimes: _containers.RepeatedScalarFieldContainer[str]
     limits: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., input_mimes: _Optional[_Iterable[str]] = ..., output_mimes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tensor_preprocess_id: str
+    tensor_batching_supported: bool
+    def __init__(self, name: _Optional[str] = ..., input_mimes: _Optional[_Iterable[str]] = ..., output_mimes: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, str]] = ..., tensor_preprocess_id: _Optional[str] = ..., tensor_batching_supported: _Optional[bool] = ...) -> None: ...
 
 class Capability(_message.Message):
     __slots__ = ("service_name", "model_ids", "runtime", "max_concurrency", "precisions", "extra", "tasks", "protocol_version")
