@@ -10,14 +10,19 @@ in-flight generations finish within the grace period, cancels the rest and exits
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +32,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
+from .cli import CONFIG_ERROR_EXIT
 from .fastvlm.fastvlm_service import Unavailable, error_response
 from .proto import ml_service_pb2, ml_service_pb2_grpc
+from .resources.exceptions import ConfigError
 from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm.server")
@@ -103,11 +110,7 @@ class VLMServer:
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{settings.server.host}:{settings.server.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc's only word for "address in use" or "cannot bind"
-            raise OSError(f"cannot listen on {address}: is the port in use, or the address not local?") from exc
+        self.port = bind(self.server, settings.server.host, settings.server.port)
         self.service: Any = None
         self._mdns: Any = None
 
@@ -174,6 +177,84 @@ class VLMServer:
         """Release everything without draining (start-up failed)."""
         self._withdraw_mdns()
         self.server.stop(grace=0).wait(10.0)
+
+
+# What to change, and why a bind failed, by errno: said by `explain_bind_failure`.
+_PORT_KEYS = "server.port in the config, or --port"
+_HOST_KEYS = "server.host in the config, or --host"
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "port {port} is already in use: another server (perhaps another lumen-vlm) listens on it. "
+    f"Stop that one, or set another port ({_PORT_KEYS})",
+    errno.EADDRNOTAVAIL: "{host} is not an address of this machine, so nothing can listen on it. Set one of its "
+    f"own addresses, 127.0.0.1 for this machine only, or 0.0.0.0 for every interface ({_HOST_KEYS})",
+    errno.EACCES: "this process may not listen on port {port} (ports below 1024 need privileges). Set a port "
+    f"from 1024 up ({_PORT_KEYS})",
+}
+
+
+class BindError(ConfigError):
+    """The configured host and port cannot be listened on; the message says why and what to change."""
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Add `host:port` to the server; the bound port (the one chosen, for port 0).
+
+    grpc reports any bind failure as a RuntimeError that says only that it failed, after its C
+    core has logged the reason to stderr in its own format. That line is kept off the console
+    (logged at DEBUG) and `explain_bind_failure` says the reason in words instead.
+    """
+    address = f"{host}:{port}"
+    with _stderr_captured() as captured:
+        try:
+            bound: int | None = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = None
+    grpc_log = "".join(captured)
+    if bound is not None:
+        sys.stderr.write(grpc_log)  # nothing failed: whatever was written meanwhile is not lost
+        return bound
+    log.debug("grpc: %s", grpc_log.strip())
+    raise BindError(f"cannot listen on {address}: {explain_bind_failure(host, port)}")
+
+
+def explain_bind_failure(host: str, port: int) -> str:
+    """Why `host:port` cannot be bound, and what to change; the one place that explains it.
+
+    grpc does not say why, so the bind is tried again with a plain socket, for its errno.
+    """
+    if not 0 <= port <= 65535:
+        return f"port {port} is out of range. Set a port from 1024 to 65535 ({_PORT_KEYS})"
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        reason = f"{host!r} is neither an address nor a host name this machine can resolve ({exc.strerror})"
+        return f"{reason}. Set another ({_HOST_KEYS})"
+    for family, kind, protocol, _, sockaddr in addresses:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+                probe.bind(sockaddr)
+        except OSError as exc:
+            return _BIND_ERRORS.get(exc.errno, "{strerror}").format(host=host, port=port, strerror=exc.strerror)
+    return "grpc could not bind it, though a plain socket can (--log-level DEBUG shows grpc's own message)"
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 meanwhile (C code writes there directly), in the
+    list once the block is left."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.append(file.read().decode("utf-8", errors="replace"))
 
 
 class MdnsAdvertisement:
@@ -288,9 +369,9 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
     signals = ShutdownSignals()
     try:
         server = VLMServer(settings)
-    except OSError as exc:
+    except BindError as exc:
         log.error("%s", exc)
-        return 1
+        return CONFIG_ERROR_EXIT
     previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
