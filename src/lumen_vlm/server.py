@@ -2,9 +2,9 @@
 
     python -m lumen_vlm.server config.yaml [PORT]
 
-The port starts listening before the model is loaded, with both health services saying
-NOT_SERVING and every request answered UNAVAILABLE; once the model is ready the real service
-takes over and health turns SERVING. On SIGINT/SIGTERM it stops admitting requests, lets
+The port starts listening before the model is downloaded or loaded, with both health services
+saying NOT_SERVING and every request answered UNAVAILABLE; once the model is ready the real
+service takes over and health turns SERVING. On SIGINT/SIGTERM it stops admitting requests, lets
 in-flight generations finish within the grace period, cancels the rest and exits 0.
 """
 
@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,7 +36,7 @@ from . import __version__
 from .cli import CONFIG_ERROR_EXIT
 from .fastvlm.fastvlm_service import Unavailable, error_response
 from .proto import ml_service_pb2, ml_service_pb2_grpc
-from .resources.exceptions import ConfigError
+from .resources.exceptions import ConfigError, ResourceError
 from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm.server")
@@ -359,10 +360,15 @@ class ShutdownSignals:
         return self.count > 1
 
 
-def run(settings: VLMSettings, model_dir: Path) -> int:
-    """Serve `model_dir` until SIGINT/SIGTERM; returns the process exit code.
+def run(settings: VLMSettings, fetch_model: Callable[[], Path]) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code.
 
-    A second signal during the drain cancels the generations still running at once.
+    The port opens first, with health NOT_SERVING. Then `fetch_model` gives the model directory
+    (downloading it first if needed, which may take minutes), and the model is loaded and served.
+    A port that cannot be bound, or a ResourceError while fetching or loading, is logged and
+    ends the process with CONFIG_ERROR_EXIT, the port closed. A signal during the download stops
+    the process at once, with 0 (one while the model loads is acted on once it is loaded); a
+    second signal during the drain cancels the generations still running.
     """
     from .fastvlm.fastvlm_service import FastVLMService
 
@@ -375,10 +381,19 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
     previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        log.info("port %d open; loading %s (health NOT_SERVING until ready)", server.port, model_dir)
+        log.info("port %d open (health NOT_SERVING until the model is ready)", server.port)
         try:
+            model_dir = _wait_for_model(fetch_model, signals)
+            if model_dir is None:
+                server.close()
+                _exit_during_download()
+            log.info("loading %s", model_dir)
             server.install(FastVLMService.from_settings(settings, model_dir))
-        except Exception:
+        except ResourceError as exc:
+            log.error("%s", exc)
+            server.close()
+            return CONFIG_ERROR_EXIT
+        except BaseException:
             server.close()
             raise
         signals.wait_for_first()
@@ -387,6 +402,45 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_for_model(fetch_model: Callable[[], Path], signals: ShutdownSignals) -> Path | None:
+    """`fetch_model()`, run in a thread so that a signal ends the wait; None if a signal came first.
+
+    The main thread must stay free to notice signals (see ShutdownSignals) while a download
+    runs, which may take minutes. What `fetch_model` raises is raised here.
+    """
+    outcome: list[Path | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(fetch_model())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # A daemon: a signal during a download leaves it behind.
+    fetcher = threading.Thread(target=fetch, name="model-fetch", daemon=True)
+    fetcher.start()
+    while fetcher.is_alive() and signals.count == 0:
+        fetcher.join(ShutdownSignals.POLL_S)
+    if not outcome:
+        return None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _exit_during_download() -> NoReturn:
+    """Stop now, with 0, leaving the download thread behind.
+
+    A normal exit would wait for it: huggingface_hub downloads in a thread pool, whose threads
+    Python joins at exit, so the whole download would finish first. What it leaves resumes on
+    the next start (the loader's marker vouches for nothing unfinished).
+    """
+    log.info("stopped before the model was ready")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def settings_with_overrides(settings: VLMSettings, host: str | None, port: int | None) -> VLMSettings:
