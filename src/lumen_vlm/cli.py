@@ -36,6 +36,10 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # huggingface_hub's HTTP client logs every request at INFO (a line per file downloaded):
+    # those lines are for DEBUG only.
+    for chatty in ("httpx", "httpx2"):
+        logging.getLogger(chatty).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -86,30 +90,42 @@ def _settings_for_describe(args: argparse.Namespace) -> VLMSettings:
 
 
 def _resolve(settings: VLMSettings) -> Path:
-    """The model directory, checked loadable: every config problem surfaces before loading."""
-    from .fastvlm.fastvlm_model import FastVLMModelManager
+    """The model directory (downloaded if needed), checked loadable: every config problem
+    surfaces before loading."""
     from .resources.loader import resolve_model
 
-    model_dir = resolve_model(settings)
+    return _checked(settings, resolve_model(settings))
+
+
+def _checked(settings: VLMSettings, model_dir: Path) -> Path:
+    from .fastvlm.fastvlm_model import FastVLMModelManager
+
     FastVLMModelManager.check_loadable(settings, model_dir)
     return model_dir
 
 
 def serve_main(argv: list[str]) -> int:
+    """Check the config, then serve: the port opens before a model that must be downloaded is.
+
+    Config errors, and those of a model already on disk, exit CONFIG_ERROR_EXIT before the port
+    opens; a model still to download is downloaded and checked behind the open port.
+    """
     from .resources.config import load_settings
     from .resources.exceptions import ResourceError
+    from .resources.loader import model_on_disk
     from .server import run, settings_with_overrides
 
     args = _serve_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
         settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
-        model_dir = _resolve(settings)
+        on_disk = model_on_disk(settings)
+        model_dir = _checked(settings, on_disk) if on_disk is not None else None
     except ResourceError as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
     log.debug("settings: %s", settings)
-    return run(settings, model_dir)
+    return run(settings, lambda: model_dir or _resolve(settings))
 
 
 def describe_main(argv: list[str]) -> int:

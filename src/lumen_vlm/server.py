@@ -2,33 +2,41 @@
 
     python -m lumen_vlm.server config.yaml [PORT]
 
-The port starts listening before the model is loaded, with both health services saying
-NOT_SERVING and every request answered UNAVAILABLE; once the model is ready the real service
-takes over and health turns SERVING. On SIGINT/SIGTERM it stops admitting requests, lets
+The port starts listening before the model is downloaded or loaded, with both health services
+saying NOT_SERVING and every request answered UNAVAILABLE; once the model is ready the real
+service takes over and health turns SERVING. On SIGINT/SIGTERM it stops admitting requests, lets
 in-flight generations finish within the grace period, cancels the rest and exits 0.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
+from .cli import CONFIG_ERROR_EXIT
 from .fastvlm.fastvlm_service import Unavailable, error_response
 from .proto import ml_service_pb2, ml_service_pb2_grpc
+from .resources.exceptions import ConfigError, ResourceError
 from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm.server")
@@ -105,11 +113,7 @@ class VLMServer:
             pool=ml_service_pb2.DESCRIPTOR.pool,  # the pool our proto lives in: see proto/_pool.py
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{settings.server.host}:{settings.server.port}"
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpc's only word for "address in use" or "cannot bind"
-            raise OSError(f"cannot listen on {address}: is the port in use, or the address not local?") from exc
+        self.port = bind(self.server, settings.server.host, settings.server.port)
         self.service: Any = None
         self._mdns: Any = None
 
@@ -176,6 +180,84 @@ class VLMServer:
         """Release everything without draining (start-up failed)."""
         self._withdraw_mdns()
         self.server.stop(grace=0).wait(10.0)
+
+
+# What to change, and why a bind failed, by errno: said by `explain_bind_failure`.
+_PORT_KEYS = "server.port in the config, or --port"
+_HOST_KEYS = "server.host in the config, or --host"
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "port {port} is already in use: another server (perhaps another lumen-vlm) listens on it. "
+    f"Stop that one, or set another port ({_PORT_KEYS})",
+    errno.EADDRNOTAVAIL: "{host} is not an address of this machine, so nothing can listen on it. Set one of its "
+    f"own addresses, 127.0.0.1 for this machine only, or 0.0.0.0 for every interface ({_HOST_KEYS})",
+    errno.EACCES: "this process may not listen on port {port} (ports below 1024 need privileges). Set a port "
+    f"from 1024 up ({_PORT_KEYS})",
+}
+
+
+class BindError(ConfigError):
+    """The configured host and port cannot be listened on; the message says why and what to change."""
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Add `host:port` to the server; the bound port (the one chosen, for port 0).
+
+    grpc reports any bind failure as a RuntimeError that says only that it failed, after its C
+    core has logged the reason to stderr in its own format. That line is kept off the console
+    (logged at DEBUG) and `explain_bind_failure` says the reason in words instead.
+    """
+    address = f"{host}:{port}"
+    with _stderr_captured() as captured:
+        try:
+            bound: int | None = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = None
+    grpc_log = "".join(captured)
+    if bound is not None:
+        sys.stderr.write(grpc_log)  # nothing failed: whatever was written meanwhile is not lost
+        return bound
+    log.debug("grpc: %s", grpc_log.strip())
+    raise BindError(f"cannot listen on {address}: {explain_bind_failure(host, port)}")
+
+
+def explain_bind_failure(host: str, port: int) -> str:
+    """Why `host:port` cannot be bound, and what to change; the one place that explains it.
+
+    grpc does not say why, so the bind is tried again with a plain socket, for its errno.
+    """
+    if not 0 <= port <= 65535:
+        return f"port {port} is out of range. Set a port from 1024 to 65535 ({_PORT_KEYS})"
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        reason = f"{host!r} is neither an address nor a host name this machine can resolve ({exc.strerror})"
+        return f"{reason}. Set another ({_HOST_KEYS})"
+    for family, kind, protocol, _, sockaddr in addresses:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+                probe.bind(sockaddr)
+        except OSError as exc:
+            return _BIND_ERRORS.get(exc.errno, "{strerror}").format(host=host, port=port, strerror=exc.strerror)
+    return "grpc could not bind it, though a plain socket can (--log-level DEBUG shows grpc's own message)"
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 meanwhile (C code writes there directly), in the
+    list once the block is left."""
+    captured: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.append(file.read().decode("utf-8", errors="replace"))
 
 
 class MdnsAdvertisement:
@@ -280,26 +362,40 @@ class ShutdownSignals:
         return self.count > 1
 
 
-def run(settings: VLMSettings, model_dir: Path) -> int:
-    """Serve `model_dir` until SIGINT/SIGTERM; returns the process exit code.
+def run(settings: VLMSettings, fetch_model: Callable[[], Path]) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code.
 
-    A second signal during the drain cancels the generations still running at once.
+    The port opens first, with health NOT_SERVING. Then `fetch_model` gives the model directory
+    (downloading it first if needed, which may take minutes), and the model is loaded and served.
+    A port that cannot be bound, or a ResourceError while fetching or loading, is logged and
+    ends the process with CONFIG_ERROR_EXIT, the port closed. A signal during the download stops
+    the process at once, with 0 (one while the model loads is acted on once it is loaded); a
+    second signal during the drain cancels the generations still running.
     """
     from .fastvlm.fastvlm_service import FastVLMService
 
     signals = ShutdownSignals()
     try:
         server = VLMServer(settings)
-    except OSError as exc:
+    except BindError as exc:
         log.error("%s", exc)
-        return 1
+        return CONFIG_ERROR_EXIT
     previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        log.info("port %d open; loading %s (health NOT_SERVING until ready)", server.port, model_dir)
+        log.info("port %d open (health NOT_SERVING until the model is ready)", server.port)
         try:
+            model_dir = _wait_for_model(fetch_model, signals)
+            if model_dir is None:
+                server.close()
+                _exit_during_download()
+            log.info("loading %s", model_dir)
             server.install(FastVLMService.from_settings(settings, model_dir))
-        except Exception:
+        except ResourceError as exc:
+            log.error("%s", exc)
+            server.close()
+            return CONFIG_ERROR_EXIT
+        except BaseException:
             server.close()
             raise
         signals.wait_for_first()
@@ -308,6 +404,45 @@ def run(settings: VLMSettings, model_dir: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_for_model(fetch_model: Callable[[], Path], signals: ShutdownSignals) -> Path | None:
+    """`fetch_model()`, run in a thread so that a signal ends the wait; None if a signal came first.
+
+    The main thread must stay free to notice signals (see ShutdownSignals) while a download
+    runs, which may take minutes. What `fetch_model` raises is raised here.
+    """
+    outcome: list[Path | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(fetch_model())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # A daemon: a signal during a download leaves it behind.
+    fetcher = threading.Thread(target=fetch, name="model-fetch", daemon=True)
+    fetcher.start()
+    while fetcher.is_alive() and signals.count == 0:
+        fetcher.join(ShutdownSignals.POLL_S)
+    if not outcome:
+        return None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _exit_during_download() -> NoReturn:
+    """Stop now, with 0, leaving the download thread behind.
+
+    A normal exit would wait for it: huggingface_hub downloads in a thread pool, whose threads
+    Python joins at exit, so the whole download would finish first. What it leaves resumes on
+    the next start (the loader's marker vouches for nothing unfinished).
+    """
+    log.info("stopped before the model was ready")
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def settings_with_overrides(settings: VLMSettings, host: str | None, port: int | None) -> VLMSettings:

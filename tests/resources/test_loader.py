@@ -1,17 +1,25 @@
 """Model resolution: local directories, Hugging Face repos, Lumen names, and never touching what isn't ours.
 
-No test reaches the network: `huggingface_hub.snapshot_download` and lumen-resources' platform are
-replaced by fakes that write files the way the real ones lay them out.
+No test reaches the network. Most replace huggingface_hub's calls and lumen-resources' platform
+by fakes that write files the way the real ones lay them out. The download failures run the real
+clients in a process of their own (they read their endpoint and offline switch from the
+environment at import), against loopback endpoints, with every cache in a temporary directory.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import huggingface_hub
@@ -31,6 +39,7 @@ from lumen_vlm.resources.loader import (
 from lumen_vlm.resources.model_files import locate_model_files
 from lumen_vlm.resources.settings import ModelSettings, VLMSettings
 from tests.conftest import TINY_MODEL
+from tests.resources.loopback_hub import LoopbackHub, loopback_hub
 
 HF_REPO = "onnx-community/FastVLM-0.5B-ONNX"
 HF_DIRNAME = "onnx-community--FastVLM-0.5B-ONNX"
@@ -99,20 +108,29 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-class FakeHub:
-    """snapshot_download over the real repo listing: writes the files allow_patterns select."""
+FAKE_COMMIT = "f" * 40
 
-    def __init__(self, fail: bool = False) -> None:
+
+class FakeHub:
+    """huggingface_hub over the real repo listing: model_info lists it, snapshot_download writes
+    the files allow_patterns select (each file's content is its name)."""
+
+    def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.fail = fail
+        self.error: OSError | None = None  # raised by snapshot_download after `files_before_error` files
+        self.files_before_error = 0
+
+    def model_info(self, repo_id: str, *, files_metadata: bool = False, **kwargs: Any) -> SimpleNamespace:
+        siblings = [SimpleNamespace(rfilename=name, size=len(name)) for name in ONNX_COMMUNITY_LISTING]
+        return SimpleNamespace(id=repo_id, sha=FAKE_COMMIT, siblings=siblings if files_metadata else None)
 
     def __call__(self, repo_id: str, *, local_dir: Path, allow_patterns: list[str], **kwargs: Any) -> str:
         self.calls.append(
             {"repo_id": repo_id, "local_dir": Path(local_dir), "allow_patterns": allow_patterns, **kwargs}
         )
-        if self.fail:
-            raise OSError("network is unreachable")
-        for name in filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=allow_patterns):
+        for count, name in enumerate(filter_repo_objects(ONNX_COMMUNITY_LISTING, allow_patterns=allow_patterns)):
+            if self.error is not None and count == self.files_before_error:
+                raise self.error
             path = Path(local_dir) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(name, encoding="utf-8")
@@ -126,6 +144,7 @@ class FakeHub:
 def hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
     fake = FakeHub()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(huggingface_hub, "model_info", fake.model_info)
     return fake
 
 
@@ -134,8 +153,10 @@ class FakePlatform:
 
     instances: ClassVar[list[FakePlatform]] = []
     broken_model_info: ClassVar[bool] = False
+    error: ClassVar[Exception | None] = None  # raised by download_model, as the real one would
 
     def __init__(self, platform_type: Any, owner: str) -> None:
+        self.platform_type, self.owner = platform_type, owner
         self.downloads: list[dict[str, Any]] = []
         self.cleanups: list[Path] = []
         FakePlatform.instances.append(self)
@@ -143,6 +164,10 @@ class FakePlatform:
     def download_model(self, repo_name: str, cache_dir: Path, allow_patterns: list[str], force: bool = False) -> Path:
         target = cache_dir / "models" / repo_name
         self.downloads.append({"repo_name": repo_name, "target": target, "allow_patterns": allow_patterns})
+        if self.error is not None:
+            raise lumen_downloader.DownloadError(f"Failed to download {self.owner}/{repo_name}: {self.error}") from (
+                self.error
+            )
         files = ["onnx/vision.fp32.onnx", "onnx/embed.fp32.onnx", "onnx/decoder.fp32.onnx", "tokenizer.json"]
         for name in [*files, "config.json"]:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +197,7 @@ def lumen_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakePlatfor
     """The real lumen-resources Downloader, over a fake platform."""
     FakePlatform.instances = []
     FakePlatform.broken_model_info = False
+    FakePlatform.error = None
     monkeypatch.setattr(lumen_downloader, "Platform", FakePlatform)
     yield FakePlatform
 
@@ -182,6 +208,7 @@ def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("no download expected")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "model_info", refuse)
     monkeypatch.setattr(lumen_downloader, "Downloader", refuse)
 
 
@@ -264,16 +291,39 @@ def test_known_name_maps_to_hf_repo(hub: FakeHub, cache: Path) -> None:
     assert "onnx/decoder_model_merged_q4.onnx" in hub.downloaded(target)
 
 
-def test_failed_hf_download_is_resumed_next_time(hub: FakeHub, cache: Path) -> None:
+def test_failed_hf_download_keeps_what_arrived_and_completes_it_next_time(hub: FakeHub, cache: Path) -> None:
     settings = make_settings(HF_REPO, cache, precision="int8")
-    hub.fail = True
+    hub.error, hub.files_before_error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), 3
     with pytest.raises(ModelNotFoundError, match=re.escape("could not download onnx-community/FastVLM-0.5B-ONNX")):
         resolve_model(settings)
     target = cache.resolve() / "models" / HF_DIRNAME
     assert (target / MARKER_NAME).is_file()  # claimed before downloading: the leftovers stay ours
-    hub.fail = False
+    assert len(hub.downloaded(target)) == 3
+    with pytest.raises(ModelNotFoundError, match="not downloaded yet"):  # and vouch for nothing
+        resolve_model(settings, download=False)
+    hub.error = None
     assert resolve_model(settings) == target
     assert len(hub.calls) == 2
+
+
+def test_failed_hf_download_with_nothing_arrived_leaves_nothing_behind(hub: FakeHub, cache: Path) -> None:
+    hub.error = OSError(errno.ENETUNREACH, "Network is unreachable")
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(make_settings(HF_REPO, cache, precision="int8"))
+    message = str(caught.value)
+    assert "the hub cannot be reached (network is unreachable)" in message
+    assert f"hf download {HF_REPO} --local-dir DIR" in message
+    assert not cache.exists()  # neither the claimed model directory nor the cache it made
+
+
+def test_a_full_disk_during_the_download_is_named(hub: FakeHub, cache: Path) -> None:
+    hub.error, hub.files_before_error = OSError(errno.ENOSPC, "No space left on device"), 2
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(make_settings(HF_REPO, cache, precision="int8"))
+    message = str(caught.value)
+    assert f"could not download {HF_REPO}" in message
+    assert "not enough disk space: No space left on device" in message
+    assert "set cache_dir to a disk with room" in message
 
 
 # --------------------------------------------------------------------------- Lumen names
@@ -305,6 +355,19 @@ def test_lumen_resources_gets_the_lumen_repos_spelling_of_q4f16(
     assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["q4f16"]
     # Hugging Face's onnx-community repos spell it q4f16.
     assert "onnx/decoder_model_merged_q4f16.onnx" in hf_allow_patterns("q4f16")
+
+
+def test_a_failed_lumen_download_reads_like_a_hugging_face_one(lumen_platform: type[FakePlatform], cache: Path) -> None:
+    """lumen-resources' Downloader keeps only the error's text; the cause is still found and named."""
+    lumen_platform.error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model(make_settings("FastVLM-0.5B", cache))
+    message = str(caught.value)
+    assert "lumen-resources could not download FastVLM-0.5B (LumilioPhotos/FastVLM-0.5B on ModelScope)" in message
+    assert "not enough disk space: No space left on device" in message
+    assert "modelscope download --model LumilioPhotos/FastVLM-0.5B --local_dir DIR" in message
+    assert "services.vlm.models.fastvlm.model to it" in message
+    assert not (cache / "models" / "FastVLM-0.5B").exists()
 
 
 def test_lumen_rollback_only_removes_our_own_new_directory(lumen_platform: type[FakePlatform], cache: Path) -> None:
@@ -467,3 +530,144 @@ def test_model_info_names_the_served_model(lumen_platform: type[FakePlatform], c
     (target / "model_info.json").write_text(json.dumps({**info, "name": "FastVLM 0.5B (Lumen)"}), encoding="utf-8")
     assert served_model_id(settings, target) == "FastVLM 0.5B (Lumen)"
     assert served_model_id(make_settings(str(target), cache), target) == "FastVLM 0.5B (Lumen)"  # even for a path
+
+
+# --------------------------------------------------------------------------- failures, with the real clients
+
+RESOLVE_SCRIPT = """
+import sys
+from pathlib import Path
+from lumen_vlm.resources.exceptions import ResourceError
+from lumen_vlm.resources.loader import resolve_model
+from lumen_vlm.resources.settings import ModelSettings, VLMSettings
+model, cache = sys.argv[1], Path(sys.argv[2])
+try:
+    print(resolve_model(VLMSettings(cache_dir=cache, model=ModelSettings("fastvlm", model)), progress=False))
+except ResourceError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+# Every endpoint, switch and cache the clients read from the environment; a test sets its own.
+CLIENT_ENVIRONMENT = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN")
+
+
+def resolve_in_own_process(model: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`resolve_model(model)` with the real huggingface_hub and ModelScope clients, which read
+    their endpoints and offline switch once, at import: so each case gets a process of its own."""
+    base = {name: value for name, value in os.environ.items() if name not in CLIENT_ENVIRONMENT}
+    caches = {
+        "HOME": str(tmp_path / "home"),
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "MODELSCOPE_CACHE": str(tmp_path / "modelscope"),
+        "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1",  # a refused connection fails at once
+    }
+    command = [sys.executable, "-c", RESOLVE_SCRIPT, model, str(tmp_path / "cache")]
+    return subprocess.run(
+        command, env={**base, **caches, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_explained(result: subprocess.CompletedProcess[str], tmp_path: Path, *phrases: str) -> None:
+    """Exit 2 with one message naming the config key, the repo, the cause and the way out; no
+    directory left behind."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stdout
+    for phrase in (*phrases, "Or download it on another machine", "set services.vlm.models.fastvlm.model to it"):
+        assert phrase in message, message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists(), sorted(str(p) for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_offline_mode_is_named(tmp_path: Path) -> None:
+    result = resolve_in_own_process(HF_REPO, tmp_path, HF_HUB_OFFLINE="1")
+    assert_explained(
+        result,
+        tmp_path,
+        f"could not download {HF_REPO} from Hugging Face",
+        "offline mode (HF_HUB_OFFLINE is set)",
+        "Unset HF_HUB_OFFLINE",
+        f"`hf download {HF_REPO} --local-dir DIR`",
+    )
+
+
+def test_an_unreachable_hub_is_named(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    result = resolve_in_own_process(HF_REPO, tmp_path, HF_ENDPOINT=endpoint)
+    assert_explained(
+        result,
+        tmp_path,
+        f"could not download {HF_REPO} from Hugging Face ({endpoint})",
+        "the hub cannot be reached (connection refused)",
+        "Check the network connection",
+    )
+
+
+@pytest.fixture
+def tiny_hub() -> Iterator[LoopbackHub]:
+    with loopback_hub("lumen-test/tiny-fastvlm", TINY_MODEL) as hub:
+        yield hub
+
+
+def test_a_repo_the_hub_does_not_have_is_named(tiny_hub: LoopbackHub, tmp_path: Path) -> None:
+    result = resolve_in_own_process("lumen-test/no-such-model", tmp_path, HF_ENDPOINT=tiny_hub.url)
+    assert_explained(
+        result,
+        tmp_path,
+        "could not download lumen-test/no-such-model",
+        "the hub has no such repo (or it is private)",
+        "Check the model name",
+    )
+
+
+def test_a_download_larger_than_the_free_disk_is_refused_before_it_starts(
+    tiny_hub: LoopbackHub, tmp_path: Path
+) -> None:
+    tiny_hub.reported_size["onnx/decoder_model_merged.onnx"] = 10**18  # an exabyte: no disk has it free
+    result = resolve_in_own_process(tiny_hub.repo, tmp_path, HF_ENDPOINT=tiny_hub.url)
+    assert_explained(
+        result,
+        tmp_path,
+        "not enough disk space: the download needs 1000000000.0 GB but only",
+        "set cache_dir to a disk with room",
+    )
+    assert not any("/resolve/" in request for request in tiny_hub.requests), "no file was fetched"
+
+
+def test_a_download_from_a_loopback_hub_is_served_from_the_cache_afterwards(
+    tiny_hub: LoopbackHub, tmp_path: Path
+) -> None:
+    """The whole path with the real client: the commit asked first, then pinned for every file."""
+    result = resolve_in_own_process(tiny_hub.repo, tmp_path, HF_ENDPOINT=tiny_hub.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    target = Path(result.stdout.strip())
+    assert target == (tmp_path / "cache").resolve() / "models" / "lumen-test--tiny-fastvlm"
+    assert locate_model_files(target, "fp32").layout == "onnx-community"
+    assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["fp32"]
+    assert tree_digest(target / "onnx") == tree_digest(TINY_MODEL / "onnx")
+    fetched = [request for request in tiny_hub.requests if "/resolve/" in request]
+    assert fetched and all("/resolve/0123456789abcdef" in request for request in fetched)
+
+
+@pytest.mark.parametrize(
+    ("hub_answer", "cause"),
+    [("refused", "the hub cannot be reached (connection refused)"), ("404", "the hub has no such repo")],
+)
+def test_a_failed_lumen_download_through_modelscope_is_named(
+    tiny_hub: LoopbackHub, tmp_path: Path, hub_answer: str, cause: str
+) -> None:
+    """lumen-resources downloads FastVLM-0.5B from ModelScope; the loopback hub has no such repo."""
+    endpoint = tiny_hub.url if hub_answer == "404" else f"http://127.0.0.1:{closed_port()}"
+    result = resolve_in_own_process("FastVLM-0.5B", tmp_path, MODELSCOPE_ENDPOINT=endpoint)
+    assert_explained(
+        result,
+        tmp_path,
+        "lumen-resources could not download FastVLM-0.5B (LumilioPhotos/FastVLM-0.5B on ModelScope)",
+        cause,
+        "`modelscope download --model LumilioPhotos/FastVLM-0.5B --local_dir DIR`",
+    )

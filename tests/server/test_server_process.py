@@ -35,13 +35,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(path: Path, port: int, **vlm_settings: object) -> Path:
+def write_config(path: Path, port: int, model: str = str(TINY_MODEL), **vlm_settings: object) -> Path:
     config = {
         "cache_dir": str(path.parent / "cache"),
         "server": {"host": "127.0.0.1", "port": port},
         "services": {
             "vlm": {
-                "models": {"fastvlm": {"model": str(TINY_MODEL), "runtime": "onnx"}},
+                "models": {"fastvlm": {"model": model, "runtime": "onnx"}},
                 "backend_settings": {"device": "cpu", "max_new_tokens": 64},
                 "vlm_settings": vlm_settings,
             }
@@ -56,9 +56,9 @@ def write_config(path: Path, port: int, **vlm_settings: object) -> Path:
 class ServerProcess:
     """A server subprocess whose log lines are collected as they come."""
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         # faulthandler: a server that hangs is made to print every thread's stack (exit_code).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -313,15 +313,49 @@ def test_cli_port_and_host_override_the_config_and_sigint_stops_with_0(tmp_path:
         assert proc.exit_code(timeout=60) == 0
 
 
+def assert_clear_bind_error(result: subprocess.CompletedProcess[str], address: str, reason: str) -> None:
+    """Exit 2 like any config error, with our words only: no traceback, no grpc log line."""
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on {address}: {reason}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "add_port" not in result.stderr and "Failed to add port" not in result.stderr, result.stderr
+
+
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = run_cli("--config", str(write_config(tmp_path / "config.yaml", port)))
-    assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_clear_bind_error(result, f"127.0.0.1:{port}", f"port {port} is already in use")
+    assert "--port" in result.stderr
+
+
+def test_a_second_server_on_a_serving_port_exits_2_and_the_first_keeps_serving(tmp_path: Path) -> None:
+    """grpc's default SO_REUSEPORT would let the second bind too and take a share of the connections."""
+    port = free_port()
+    config = write_config(tmp_path / "config.yaml", port)
+    with serving([sys.executable, "-m", "lumen_vlm", "--config", str(config)], port) as first:
+        second = run_cli("--config", str(config))
+        assert_clear_bind_error(second, f"127.0.0.1:{port}", f"port {port} is already in use")
+        assert "loading" not in second.stderr, "the second server stopped before loading the model"
+        # Each new channel is a new connection: with a shared port some would reach the second.
+        for _ in range(8):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+        assert first.process.poll() is None
+        assert first.stop() == 0
+
+
+def test_a_host_that_is_not_local_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, and binding it sends nothing.
+    config = write_config(tmp_path / "config.yaml", free_port())
+    port = yaml.safe_load(config.read_text())["server"]["port"]
+    result = run_cli("--config", str(config), "--host", "192.0.2.1")
+    assert_clear_bind_error(result, f"192.0.2.1:{port}", "192.0.2.1 is not an address of this machine")
+    assert "--host" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -166,9 +166,17 @@ def upload_budget_bytes(settings: VLMSettings) -> int:
 
 def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
     """Message size limits that let a whole max_payload_bytes image arrive in one message
-    (grpc's default is 4 MiB); the Go SDK chunks anything over 1 MiB anyway."""
+    (grpc's default is 4 MiB); the Go SDK chunks anything over 1 MiB anyway.
+
+    SO_REUSEPORT is off: grpc turns it on by default on Linux, and then a second server started
+    on a port that is already serving binds without error and takes a share of its connections.
+    """
     limit = settings.limits.max_payload_bytes + _MESSAGE_OVERHEAD_BYTES
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
