@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..cache import ByteBudgetLRU
 from ..resources.model_files import ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from .optimized_graphs import DerivedDecoder, OptimizedGraphCache, copy_options
+from .ort_runtime import ort
 
 log = logging.getLogger(__name__)
 
