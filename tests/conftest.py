@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +17,33 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_MODEL = FIXTURES / "tiny-fastvlm"
 GOLDEN = FIXTURES / "golden"
+# What the [tools] extra adds for the reference tests (the `reference` marker): transformers'
+# FastVLM and what builds the test model. tests/test_packaging.py checks it against pyproject.
+REFERENCE_STACK = ("torch", "transformers", "timm", "onnxscript", "dashscope", "tiktoken")
+
+
+@functools.cache
+def missing_reference_stack() -> tuple[str, ...]:
+    return tuple(name for name in REFERENCE_STACK if importlib.util.find_spec(name) is None)
+
+
+def reference_skip_reason() -> str | None:
+    """Why the reference tests cannot run here, or None when they can."""
+    missing = missing_reference_stack()
+    return f"needs the [tools] extra ({', '.join(missing)} not installed)" if missing else None
+
+
+def skip_module_without_reference_stack() -> None:
+    """For a module that imports the reference stack at import time: skip it whole, as skipped."""
+    reason = reference_skip_reason()
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Without the [tools] extra every reference test is skipped (reported as skipped), never run."""
+    if item.get_closest_marker("reference") and (reason := reference_skip_reason()):
+        pytest.skip(reason)
 
 
 _HOME_VARIABLES = ("HOME", "XDG_CACHE_HOME", "HF_HOME")

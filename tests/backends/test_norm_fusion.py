@@ -114,7 +114,9 @@ def test_values_read_inside_a_subgraph_are_kept() -> None:
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(value, name) for name, value in consts.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opsets = [helper.make_opsetid("", 18)]
+    # The lowest IR version for the opset, not onnx's newest: older ONNX Runtimes refuse newer ones.
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
     x = np.random.default_rng(1).standard_normal((1, 3, width)).astype(np.float32)
 
     def run(m: onnx.ModelProto) -> np.ndarray:

@@ -15,11 +15,14 @@ from lumen_vlm.generation import (
 )
 from tools.make_test_model import import_reference_stack
 
+from ..conftest import skip_module_without_reference_stack
+
+pytestmark = pytest.mark.reference
+
+skip_module_without_reference_stack()
 import_reference_stack()
 import torch  # noqa: E402
 from transformers.generation import logits_process  # noqa: E402
-
-pytestmark = pytest.mark.reference
 
 VOCAB = 1000
 SEEDS = [0, 1, 2, 3]

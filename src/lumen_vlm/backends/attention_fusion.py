@@ -262,7 +262,7 @@ def _check_layer(
 def _compare_steps(model: object, spelled_out: object, fused: object, layer: _Layer, heads: _Heads) -> None:
     """Feed both sessions the probe's steps; the fused one writes its cache in place, as the
     engine does, the spelled-out one gets its own presents back as the next past."""
-    import onnxruntime as ort
+    from .ort_runtime import ort
 
     past, presents = layer.past, layer.presents
     cache = [np.zeros((1, heads.kv, sum(_PROBE_STEPS), heads.size), heads.dtype) for _ in past]

@@ -108,8 +108,9 @@ def ms_opset_if_missing(opsets: Iterable) -> list:
 def small_session(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
     """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider: for
     computing tables with the graph's own nodes, and for checking a rewrite against them."""
-    import onnxruntime as ort
     from onnx import helper
+
+    from .ort_runtime import ort
 
     graph = helper.make_graph(
         nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers

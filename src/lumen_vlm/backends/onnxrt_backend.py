@@ -7,6 +7,7 @@ image size and token count from the vision encoder. Nothing about FastVLM-0.5B i
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..cache import ByteBudgetLRU
 from ..resources.exceptions import ModelFilesError
@@ -25,6 +25,7 @@ from ..resources.model_files import GRAPHS, ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from .optimized_graphs import DerivedDecoder, OptimizedGraphCache, copy_options
+from .ort_runtime import ort
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ LOGITS_TO_KEEP = "num_logits_to_keep"
 CACHE_BRANCH = "use_cache_branch"
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
+# ONNX Runtime's own spelling of every provider it knows. lumen-app's presets spell two of them
+# differently (TensorRTExecutionProvider, DMLExecutionProvider), and ORT matches names exactly.
+_KNOWN_PROVIDERS = {name.lower(): name for name in ort.get_all_providers()}
 
 
 def select_providers(
@@ -74,16 +78,7 @@ def select_providers(
     """
     available = list(available if available is not None else ort.get_available_providers())
     if configured:
-        chosen: list[ProviderSpec] = []
-        for entry in configured:
-            name, options = (entry, None) if isinstance(entry, str) else (entry[0], dict(entry[1]))
-            if name not in available:
-                raise BackendLoadError(
-                    f"execution provider {name!r} is not available in this onnxruntime build; "
-                    f"available: {', '.join(available)}"
-                )
-            chosen.append((name, options) if options else name)
-        return chosen
+        return _configured_providers(configured, available)
     device = device.lower()
     if device == "auto":
         return [p for p in PROVIDER_PRIORITY if p in available] or ["CPUExecutionProvider"]
@@ -96,6 +91,55 @@ def select_providers(
             f"available: {', '.join(available)}"
         )
     return [p for p in wanted if p in available]
+
+
+def _configured_providers(configured: Sequence[str | Sequence[Any]], available: Sequence[str]) -> list[ProviderSpec]:
+    """The configured providers that this build has, in the configured order.
+
+    A list of several is a preference order, as lumen-app writes them ([CoreML, CPU] for every
+    Mac, whether or not the installed build has CoreML): the unavailable ones are skipped, with
+    one warning, and only none available is an error. A single named provider must be available.
+    """
+    entries = [_provider_entry(entry) for entry in configured]
+    chosen: list[ProviderSpec] = [
+        (name, options) if options else name for name, options in entries if name in available
+    ]
+    if not chosen:
+        names, have = ", ".join(name for name, _ in entries), ", ".join(available)
+        if len(entries) == 1:
+            raise BackendLoadError(
+                f"execution provider {names} is not available in this onnxruntime build; available: {have}"
+            )
+        raise BackendLoadError(
+            f"none of the execution providers {names} is available in this onnxruntime build; available: {have}"
+        )
+    skipped = tuple((name, _why_unavailable(name)) for name, _ in entries if name not in available)
+    if skipped:
+        _warn_skipped(skipped, tuple(available))
+    return chosen
+
+
+def _provider_entry(entry: str | Sequence[Any]) -> tuple[str, dict[str, Any] | None]:
+    """(ONNX Runtime's name for the provider, its options or None)."""
+    name, options = (entry, None) if isinstance(entry, str) else (entry[0], dict(entry[1]))
+    return _KNOWN_PROVIDERS.get(name.lower(), name), options
+
+
+def _why_unavailable(name: str) -> str:
+    if name.lower() not in _KNOWN_PROVIDERS:
+        return "not an ONNX Runtime provider name"
+    return "not in this onnxruntime build"
+
+
+@functools.cache
+def _warn_skipped(skipped: tuple[tuple[str, str], ...], available: tuple[str, ...]) -> None:
+    """Once per process for each combination: a server checks its providers before loading, then
+    loads with them."""
+    log.warning(
+        "skipping execution providers %s; using the rest of the configured list (available: %s)",
+        "; ".join(f"{name}: {why}" for name, why in skipped),
+        ", ".join(available),
+    )
 
 
 def provider_names(providers: Sequence[ProviderSpec]) -> list[str]:

@@ -29,9 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime as ort
-
 from ..resources.model_files import graph_files
+from .ort_runtime import ort
 
 log = logging.getLogger(__name__)
 
