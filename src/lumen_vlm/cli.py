@@ -110,6 +110,7 @@ def serve_main(argv: list[str]) -> int:
     Config errors, and those of a model already on disk, exit CONFIG_ERROR_EXIT before the port
     opens; a model still to download is downloaded and checked behind the open port.
     """
+    from .fastvlm.fastvlm_model import FastVLMModelManager
     from .resources.config import load_settings
     from .resources.exceptions import ResourceError
     from .resources.loader import model_on_disk
@@ -119,6 +120,7 @@ def serve_main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     try:
         settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
+        FastVLMModelManager.check_device(settings)  # before a download, which may take minutes
         on_disk = model_on_disk(settings)
         model_dir = _checked(settings, on_disk) if on_disk is not None else None
     except ResourceError as exc:
@@ -138,6 +140,7 @@ def describe_main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     try:
         settings = _settings_for_describe(args)
+        FastVLMModelManager.check_device(settings)  # before a download, which may take minutes
         model_dir = _resolve(settings)
     except ResourceError as exc:
         log.error("%s", exc)
@@ -147,7 +150,11 @@ def describe_main(argv: list[str]) -> int:
     except OSError as exc:
         log.error("cannot read %s: %s", args.image, exc)
         return 1
-    manager = FastVLMModelManager.from_settings(settings, model_dir)
+    try:
+        manager = FastVLMModelManager.from_settings(settings, model_dir)
+    except ResourceError as exc:  # what only the graphs can tell, e.g. a file that is not ONNX
+        log.error("%s", exc)
+        return CONFIG_ERROR_EXIT
     params = GenerationParams(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=args.temperature))
     request = GenerationRequest([{"role": "user", "content": args.prompt}], image, params)
     try:

@@ -203,3 +203,58 @@ def test_serving_a_broken_model_exits_2_before_opening_the_port(tmp_path: Path) 
     assert f"{KEY}: " in result.stderr and file in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert "port" not in result.stderr.split(KEY)[0], "nothing was started before the error"
+
+
+def test_describe_with_a_graph_that_is_not_onnx_exits_2_with_a_message(tmp_path: Path) -> None:
+    """A problem only loading the graphs shows is a config error too, not a traceback."""
+    model_dir = lumen_model(tmp_path / "model")
+    breaks, _ = BROKEN_GRAPHS["vision-not-onnx"]
+    breaks(model_dir)
+    image = str(GOLDEN / "portrait.jpg")
+    result = run_cli(tmp_path, "describe", image, "--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr
+    assert "services.vlm.models.cli: cannot load" in result.stderr and "vision.fp32.onnx" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serving_a_graph_that_is_not_onnx_exits_2_and_closes_the_port(tmp_path: Path) -> None:
+    model_dir = lumen_model(tmp_path / "model")
+    breaks, _ = BROKEN_GRAPHS["vision-not-onnx"]
+    breaks(model_dir)
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"cache_dir: {tmp_path / 'cache'}\nserver: {{host: 127.0.0.1, port: {port}}}\n"
+        f"services:\n  vlm:\n    models:\n      fastvlm: {{model: {model_dir}, runtime: onnx}}\n",
+        encoding="utf-8",
+    )
+    result = run_cli(tmp_path, "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"{KEY}: cannot load" in result.stderr and "vision.fp32.onnx" in result.stderr
+    assert "Traceback" not in result.stderr
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the port is still open"
+
+
+def test_an_unavailable_device_exits_2_before_any_download(tmp_path: Path) -> None:
+    """A model still to download is not fetched for a machine that cannot run the configured device."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"cache_dir: {tmp_path / 'cache'}\nserver: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        "services:\n  vlm:\n    models:\n      fastvlm: {model: fastvlm-0.5b, runtime: onnx}\n"
+        "    backend_settings: {onnx_providers: [NoSuchExecutionProvider]}\n",
+        encoding="utf-8",
+    )
+    env_offline = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # were a download attempted, it would fail elsewhere
+    result = subprocess.run(
+        [sys.executable, "-m", "lumen_vlm", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HOME": str(tmp_path / "home"), **env_offline},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "services.vlm.backend_settings.onnx_providers" in result.stderr
+    assert "download" not in result.stderr.lower()
+    assert not (tmp_path / "cache" / "models").exists()

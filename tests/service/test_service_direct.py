@@ -13,6 +13,7 @@ from lumen_resources.lumen_config import Services
 from lumen_vlm.fastvlm import FastVLMService, GeneralFastVLMService
 from lumen_vlm.fastvlm.fastvlm_service import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 from lumen_vlm.proto import ml_service_pb2
+from lumen_vlm.resources.exceptions import ConfigError
 
 from .conftest import image_bytes, make_request, make_settings, result_of
 
@@ -109,7 +110,7 @@ def test_from_settings_loads_and_closes(tiny_model_dir: Path) -> None:
         service.close()
 
 
-def lumen_services(model: str) -> Services:
+def lumen_services(model: str, backend_settings: dict[str, Any] | None = None) -> Services:
     """The hub's `services.vlm` entry, as lumen-resources validated it."""
     return Services.model_validate(
         {
@@ -119,7 +120,7 @@ def lumen_services(model: str) -> Services:
                 "registry_class": "lumen_vlm.fastvlm.GeneralFastVLMService",
                 "add_to_server": "lumen_vlm.proto.ml_service_pb2_grpc.add_InferenceServicer_to_server",
             },
-            "backend_settings": {"device": "cpu"},
+            "backend_settings": backend_settings or {"device": "cpu"},
             "models": {"fastvlm": {"model": model, "runtime": "onnx", "precision": "fp32"}},
         }
     )
@@ -138,6 +139,14 @@ def test_from_config_with_a_lumen_services_entry(tiny_model_dir: Path, tmp_path:
         assert service.settings.model.model == str(local)
     finally:
         service.close()
+
+
+def test_from_config_refuses_unavailable_providers_before_any_download(tmp_path: Path) -> None:
+    """The hub gets the same config error as the CLI, and no download starts for a machine that cannot run it."""
+    services = lumen_services("fastvlm-0.5b", {"onnx_providers": ["NoSuchExecutionProvider"]})
+    with pytest.raises(ConfigError, match=r"services\.vlm\.backend_settings\.onnx_providers"):
+        GeneralFastVLMService.from_config(services, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "models").exists()
 
 
 def test_the_model_id_is_the_configured_name(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -248,10 +248,7 @@ class FastVLMModelManager:
         What only the graphs can tell (a file that is not ONNX, a vision input that states no
         size) is a ModelFilesError from `from_settings`.
         """
-        from ..backends.backend_exceptions import BackendLoadError
-        from ..backends.onnxrt_backend import select_providers
-
-        where = f"services.{settings.service_name}"
+        FastVLMModelManager.check_device(settings)
         try:
             files = locate_model_files(Path(model_dir), settings.model.precision)
             tokenizer = load_tokenizer(files.tokenizer)
@@ -259,11 +256,21 @@ class FastVLMModelManager:
             ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
         except ModelFilesError as exc:
             raise ModelFilesError(f"{_model_key(settings)}: {exc}") from exc
+
+    @staticmethod
+    def check_device(settings: VLMSettings) -> None:
+        """ConfigError naming the key when this machine cannot run the configured device or providers.
+
+        Needs no model, so a first start checks it before downloading one.
+        """
+        from ..backends.backend_exceptions import BackendLoadError
+        from ..backends.onnxrt_backend import select_providers
+
         try:
             select_providers(settings.backend.device, settings.backend.providers)
         except BackendLoadError as exc:
             key = "onnx_providers" if settings.backend.providers else "device"
-            raise ConfigError(f"{where}.backend_settings.{key}: {exc}") from exc
+            raise ConfigError(f"services.{settings.service_name}.backend_settings.{key}: {exc}") from exc
 
     def describe(self) -> dict[str, Any]:
         """Facts for capabilities and logs, so callers need not reach into the backend."""

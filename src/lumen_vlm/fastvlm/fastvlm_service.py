@@ -235,6 +235,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         from ..resources.loader import resolve_model
 
         settings = settings_from_service_config(service_config, cache_dir)
+        FastVLMModelManager.check_device(settings)  # a ConfigError naming the key, before any download
         model_dir = resolve_model(settings)
         return cls.from_settings(settings, model_dir)
 
