@@ -92,3 +92,12 @@ def test_seed_and_streaming_chunks_appear_where_the_readme_says(served: Served) 
     metadata = result_of(responses[-1])["metadata"]
     assert metadata["streaming_chunks"] == len(responses) - 1
     assert "seed" not in metadata
+
+
+def test_ci_runs_the_readmes_test_commands() -> None:
+    """CI installs and tests exactly as the README tells a new contributor to."""
+    text = README.read_text(encoding="utf-8")
+    (command,) = re.findall(r"Install and run the tests:\n\n```bash\n(.*?)\n```", text)
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    for step in command.split(" && "):
+        assert step in ci_lines, f"{step!r} is in the README but not in .ci/run"
