@@ -256,6 +256,23 @@ def test_hf_allow_patterns_select_exactly_one_precision() -> None:
     assert "onnx/decoder_model_merged.onnx_data" not in fp16
 
 
+def test_hf_allow_patterns_take_the_best_precision_the_repo_has_for_each_graph() -> None:
+    """A repo without the requested precision for some graph: that graph comes in the precision
+    locate_model_files will load it in, the others in the one asked for."""
+    listing = [name for name in ONNX_COMMUNITY_LISTING if name not in {"onnx/vision_encoder_q4.onnx"}]
+    listing.remove("onnx/embed_tokens_q4.onnx")
+    listing.remove("onnx/embed_tokens.onnx")
+    listing.remove("onnx/embed_tokens.onnx_data")
+    chosen = set(filter_repo_objects(listing, allow_patterns=hf_allow_patterns("q4", listing)))
+    assert chosen - SMALL_FILES == {
+        "onnx/vision_encoder.onnx",  # no q4 vision encoder: fp32, the first of the fallback order
+        "onnx/embed_tokens_fp16.onnx",  # neither q4 nor fp32 embedding: fp16
+        "onnx/decoder_model_merged_q4.onnx",
+    }
+    # Without a listing (or with one that has the requested precision throughout), the requested one.
+    assert hf_allow_patterns("q4") == hf_allow_patterns("q4", ONNX_COMMUNITY_LISTING)
+
+
 def test_hf_repo_downloads_one_precision_once(hub: FakeHub, cache: Path) -> None:
     settings = make_settings(HF_REPO, cache, precision="int8")
     target = resolve_model(settings, progress=False)
@@ -535,14 +552,17 @@ def test_model_info_names_the_served_model(lumen_platform: type[FakePlatform], c
 # --------------------------------------------------------------------------- failures, with the real clients
 
 RESOLVE_SCRIPT = """
+import os
 import sys
 from pathlib import Path
 from lumen_vlm.resources.exceptions import ResourceError
 from lumen_vlm.resources.loader import resolve_model
 from lumen_vlm.resources.settings import ModelSettings, VLMSettings
 model, cache = sys.argv[1], Path(sys.argv[2])
+precision = os.environ.get("LUMEN_TEST_PRECISION", "fp32")
 try:
-    print(resolve_model(VLMSettings(cache_dir=cache, model=ModelSettings("fastvlm", model)), progress=False))
+    settings = VLMSettings(cache_dir=cache, model=ModelSettings("fastvlm", model, precision=precision))
+    print(resolve_model(settings, progress=False))
 except ResourceError as exc:
     print(exc)
     sys.exit(2)
@@ -652,6 +672,15 @@ def test_a_download_from_a_loopback_hub_is_served_from_the_cache_afterwards(
     assert tree_digest(target / "onnx") == tree_digest(TINY_MODEL / "onnx")
     fetched = [request for request in tiny_hub.requests if "/resolve/" in request]
     assert fetched and all("/resolve/0123456789abcdef" in request for request in fetched)
+
+
+def test_a_precision_the_repo_lacks_downloads_what_it_has(tiny_hub: LoopbackHub, tmp_path: Path) -> None:
+    """The tiny repo publishes fp32 only: asking for q4 fetches the fp32 graphs, and the model loads."""
+    result = resolve_in_own_process(tiny_hub.repo, tmp_path, HF_ENDPOINT=tiny_hub.url, LUMEN_TEST_PRECISION="q4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    target = Path(result.stdout.strip())
+    assert json.loads((target / MARKER_NAME).read_text(encoding="utf-8"))["complete_precisions"] == ["q4"]
+    assert locate_model_files(target, "q4").graph_precisions == {"vision": "fp32", "embed": "fp32", "decoder": "fp32"}
 
 
 @pytest.mark.parametrize(

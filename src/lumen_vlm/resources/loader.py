@@ -56,6 +56,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,7 @@ from .config import single_service_config
 from .exceptions import ModelFilesError, ModelNotFoundError, ResourceError
 from .model_files import (
     GRAPHS,
+    best_graph,
     canonical_precision,
     declared_model_name,
     graph_candidates,
@@ -397,11 +399,19 @@ def _holds_model_files(target: Path) -> bool:
 # --------------------------------------------------------------------------- downloaders
 
 
-def hf_allow_patterns(precision: str) -> list[str]:
-    """The files of one precision in the onnx-community layout: small files, three graphs, their data."""
+def hf_allow_patterns(precision: str, listing: Collection[str] = ()) -> list[str]:
+    """What to fetch of an onnx-community repo: the small files, and each graph with its data files.
+
+    Each graph in `precision`, or, where the repo's `listing` lacks it, in the precision that
+    `locate_model_files` will load it in (`best_graph`): so a repo that publishes, say, q4 for
+    the decoder only still downloads into a model that loads.
+    """
     patterns = list(HF_SMALL_FILE_PATTERNS)
+    present = set(listing)
     for graph in GRAPHS:
-        for relative in graph_candidates("onnx-community", graph, precision):
+        best = best_graph("onnx-community", graph, precision, lambda relative: relative.as_posix() in present)
+        chosen = [best[0]] if best else graph_candidates("onnx-community", graph, precision)
+        for relative in chosen:
             patterns += [relative.as_posix(), relative.as_posix() + "_data*"]  # .onnx_data, .onnx_data_1...
     return patterns
 
@@ -416,12 +426,12 @@ class _SilentTqdm(tqdm):
 
 
 def _download_huggingface(source: ModelSource, target: Path, precision: str, progress: bool, key: str) -> None:
-    patterns = hf_allow_patterns(precision)
     try:
         # Asked first, and the commit then pinned: when the hub cannot be reached, snapshot_download
         # does not raise if its local_dir is not empty (ours holds the marker) but returns it as
         # it is, with the reason only in a warning.
         info = huggingface_hub.model_info(source.repo, files_metadata=True)
+        patterns = hf_allow_patterns(precision, [sibling.rfilename for sibling in info.siblings or []])
         _check_disk_space(target, _bytes_to_fetch(target, info.siblings or [], patterns))
         huggingface_hub.snapshot_download(
             repo_id=source.repo,

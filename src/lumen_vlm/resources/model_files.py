@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,13 +139,23 @@ def detect_layout(root: Path) -> str:
     )
 
 
-def _find_graph(root: Path, layout: str, graph: str, requested: str) -> tuple[Path, str] | None:
-    """(file, precision) of the best `graph` present, or None."""
+def best_graph(layout: str, graph: str, requested: str, present: Callable[[Path], bool]) -> tuple[Path, str] | None:
+    """(relative file, precision) of the best `graph` for which `present` is true, or None.
+
+    The one rule for "best", used on a directory and on a repo's file listing alike: the
+    requested precision, then `FALLBACK_ORDER`.
+    """
     for precision in fallback_precisions(requested):
         for relative in graph_candidates(layout, graph, precision):
-            if (root / relative).is_file():
-                return root / relative, precision
+            if present(relative):
+                return relative, precision
     return None
+
+
+def _find_graph(root: Path, layout: str, graph: str, requested: str) -> tuple[Path, str] | None:
+    """(file, precision) of the best `graph` present in `root`, or None."""
+    best = best_graph(layout, graph, requested, lambda relative: (root / relative).is_file())
+    return (root / best[0], best[1]) if best else None
 
 
 def locate_model_files(root: Path, precision: str = "fp32") -> ModelFiles:
