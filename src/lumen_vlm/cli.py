@@ -14,10 +14,10 @@ from pathlib import Path
 
 from . import __version__
 from .resources.config import DEFAULT_CACHE_DIR
+from .resources.exceptions import CONFIG_ERROR_EXIT
 from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm")
-CONFIG_ERROR_EXIT = 2
 DEFAULT_PROMPT = "Describe this photo."
 
 
@@ -72,7 +72,7 @@ def _describe_parser() -> argparse.ArgumentParser:
 
 
 def _settings_for_describe(args: argparse.Namespace) -> VLMSettings:
-    from .resources.config import load_settings, settings_from_mapping
+    from .resources.config import load_settings, settings_from_mapping, with_precision
 
     if args.config is not None:
         settings = load_settings(args.config)
@@ -82,26 +82,7 @@ def _settings_for_describe(args: argparse.Namespace) -> VLMSettings:
             "services": {"vlm": {"models": {"cli": {"model": args.model, "runtime": "onnx"}}}},
         }
         settings = settings_from_mapping(mapping, base_dir=Path.cwd())
-    if args.precision:
-        from dataclasses import replace
-
-        settings = replace(settings, model=replace(settings.model, precision=args.precision))
-    return settings
-
-
-def _resolve(settings: VLMSettings) -> Path:
-    """The model directory (downloaded if needed), checked loadable: every config problem
-    surfaces before loading."""
-    from .resources.loader import resolve_model
-
-    return _checked(settings, resolve_model(settings))
-
-
-def _checked(settings: VLMSettings, model_dir: Path) -> Path:
-    from .fastvlm.fastvlm_model import FastVLMModelManager
-
-    FastVLMModelManager.check_loadable(settings, model_dir)
-    return model_dir
+    return with_precision(settings, args.precision) if args.precision else settings
 
 
 def serve_main(argv: list[str]) -> int:
@@ -113,7 +94,7 @@ def serve_main(argv: list[str]) -> int:
     from .fastvlm.fastvlm_model import FastVLMModelManager
     from .resources.config import load_settings
     from .resources.exceptions import ResourceError
-    from .resources.loader import model_on_disk
+    from .resources.loader import model_on_disk, resolve_model
     from .server import run, settings_with_overrides
 
     args = _serve_parser().parse_args(argv)
@@ -121,13 +102,15 @@ def serve_main(argv: list[str]) -> int:
     try:
         settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
         FastVLMModelManager.check_device(settings)  # before a download, which may take minutes
-        on_disk = model_on_disk(settings)
-        model_dir = _checked(settings, on_disk) if on_disk is not None else None
+        model_dir = model_on_disk(settings)
+        if model_dir is not None:
+            FastVLMModelManager.check_loadable(settings, model_dir)
     except ResourceError as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
     log.debug("settings: %s", settings)
-    return run(settings, lambda: model_dir or _resolve(settings))
+    # A model still to download is fetched behind the open port; loading it checks it.
+    return run(settings, lambda: model_dir or resolve_model(settings))
 
 
 def describe_main(argv: list[str]) -> int:
@@ -135,13 +118,14 @@ def describe_main(argv: list[str]) -> int:
     from .fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest, TextDelta
     from .generation import SamplingParams
     from .resources.exceptions import ResourceError
+    from .resources.loader import resolve_model
 
     args = _describe_parser().parse_args(argv)
     setup_logging(args.log_level)
+    # Everything cheap is checked before a download, which may take minutes.
     try:
         settings = _settings_for_describe(args)
-        FastVLMModelManager.check_device(settings)  # before a download, which may take minutes
-        model_dir = _resolve(settings)
+        FastVLMModelManager.check_device(settings)
     except ResourceError as exc:
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
@@ -151,8 +135,8 @@ def describe_main(argv: list[str]) -> int:
         log.error("cannot read %s: %s", args.image, exc)
         return 1
     try:
-        manager = FastVLMModelManager.from_settings(settings, model_dir)
-    except ResourceError as exc:  # what only the graphs can tell, e.g. a file that is not ONNX
+        manager = FastVLMModelManager.from_settings(settings, resolve_model(settings))
+    except ResourceError as exc:  # the download, or the model's files and graphs
         log.error("%s", exc)
         return CONFIG_ERROR_EXIT
     params = GenerationParams(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=args.temperature))

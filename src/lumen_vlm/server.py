@@ -33,10 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
-from .cli import CONFIG_ERROR_EXIT
 from .fastvlm.fastvlm_service import Unavailable, error_response
 from .proto import ml_service_pb2, ml_service_pb2_grpc
-from .resources.exceptions import ConfigError, ResourceError
+from .resources.exceptions import CONFIG_ERROR_EXIT, ConfigError, ResourceError
 from .resources.settings import VLMSettings
 
 log = logging.getLogger("lumen_vlm.server")

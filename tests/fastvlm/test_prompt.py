@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from lumen_vlm.fastvlm.exceptions import PromptError
 from lumen_vlm.fastvlm.prompt import ChatTemplate, encode_prompt, normalize_messages, place_image, render_messages
+from lumen_vlm.resources.exceptions import ModelFilesError
 from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
 from tools.make_test_model import import_reference_stack
 
@@ -63,16 +64,36 @@ def test_image_leads_the_first_user_turn_when_not_placed() -> None:
     assert messages[1]["content"] == "first", "the caller's messages are not modified"
 
 
+# A template that shows the user's text (so it loads), and runs `action` when that text is "x".
+WHEN_X = "{{% if messages[0]['content'] == 'x' %}}{action}{{% endif %}}{{{{ messages[0]['content'] }}}}"
+
+
 def test_the_sandbox_refuses_unsafe_templates() -> None:
-    template = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    template = ChatTemplate(WHEN_X.format(action="{{ messages.__class__.__mro__[1].__subclasses__() }}"))
     with pytest.raises(PromptError, match="unsafe"):
         template.render([{"role": "user", "content": "x"}])
 
 
 def test_template_exceptions_become_prompt_errors() -> None:
-    template = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    template = ChatTemplate(WHEN_X.format(action="{{ raise_exception('roles must alternate') }}"))
     with pytest.raises(PromptError, match="roles must alternate"):
         template.render([{"role": "user", "content": "x"}])
+
+
+def test_a_template_error_quoting_the_client_is_cut_short() -> None:
+    """A template may raise with the client's text in its message: the PromptError keeps it short."""
+    template = ChatTemplate(
+        "{% if messages[0]['content'][:1] == 'y' %}{{ raise_exception(messages[0]['content']) }}{% endif %}"
+        "{{ messages[0]['content'] }}"
+    )
+    with pytest.raises(PromptError) as caught:
+        template.render([{"role": "user", "content": "y" * 100_000}])
+    assert len(str(caught.value)) < 400
+
+
+def test_a_template_that_is_not_jinja_is_a_model_files_error() -> None:
+    with pytest.raises(ModelFilesError, match="not valid Jinja"):
+        ChatTemplate("{% for m in messages %}{{ m['content'] }")
 
 
 def test_the_image_token_expands_in_place(tiny_model_dir: Path) -> None:

@@ -206,7 +206,10 @@ def test_a_template_failing_on_one_shape_is_given_the_other() -> None:
     assert template.content_form is ContentForm.STRING
     messages = [{"role": "user", "content": [text("Hi"), IMAGE]}]
     assert render_messages(messages, template, has_image=True) == "<user>Hi<image>"
-    broken = ChatTemplate("{{ 1 // 0 }}")
-    assert broken.content_form is None
+    # A template that fails in both shapes is refused when it loads.
+    with pytest.raises(ModelFilesError, match=r"chat template renders the user's text from neither"):
+        ChatTemplate("{{ 1 // 0 }}")
+    # One that fails on some conversations only loads, and those requests get a PromptError.
+    sometimes = ChatTemplate("{{ messages[0]['content'] }}{% if messages | length > 1 %}{{ 1 // 0 }}{% endif %}")
     with pytest.raises(PromptError, match="chat template failed"):
-        broken.render([{"role": "user", "content": "x"}])
+        sometimes.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])

@@ -14,11 +14,13 @@ from typing import Any
 
 import onnx
 import pytest
+import yaml
 
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
 from lumen_vlm.resources.exceptions import ModelFilesError
 from lumen_vlm.resources.settings import ModelSettings, VLMSettings
 from tests.conftest import GOLDEN
+from tests.server.test_server_process import free_port, write_config
 
 from .model_dirs import community_model, edit_json, lumen_model, make_vision_input_dynamic, tiny_graph
 
@@ -93,6 +95,18 @@ BROKEN_FILES: dict[str, tuple[str, Callable[[Path], None], str, str]] = {
         "image_aspect_ratio is not one this service can honour (pad, square, crop), got 'anyres'",
     ),
     "tokenizer-not-json": ("community", write("tokenizer.json", "{}"), "tokenizer.json", "cannot read"),
+    "template-not-jinja": (
+        "community",
+        lambda d: edit_json(d / "tokenizer_config.json", lambda t: t.update(chat_template="{{ messages[0] }")),
+        "chat template",
+        "is not valid Jinja",
+    ),
+    "template-loses-the-users-text": (
+        "community",
+        lambda d: edit_json(d / "tokenizer_config.json", lambda t: t.update(chat_template="<|im_start|>user\n")),
+        "chat template",
+        "renders the user's text from neither string content nor typed text parts",
+    ),
     "no-decoder-at-all": (
         "lumen",
         lambda d: (d / "onnx" / "decoder.fp32.onnx").unlink(),
@@ -167,10 +181,10 @@ def test_broken_graphs_are_a_model_files_error_at_load(tmp_path: Path, case: str
 # --------------------------------------------------------------------------- the command line
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def edit_yaml(path: Path, change: Callable[[Any], object]) -> None:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -180,7 +194,7 @@ def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("case", ["config-not-json", "image-size-not-a-number"])
+@pytest.mark.parametrize("case", ["config-not-json", "image-size-not-a-number", "template-not-jinja"])
 def test_describe_with_a_broken_model_exits_2_with_a_message(tmp_path: Path, case: str) -> None:
     model_dir, file, message = broken_model(tmp_path, case)
     image = str(GOLDEN / "portrait.jpg")
@@ -192,12 +206,7 @@ def test_describe_with_a_broken_model_exits_2_with_a_message(tmp_path: Path, cas
 
 def test_serving_a_broken_model_exits_2_before_opening_the_port(tmp_path: Path) -> None:
     model_dir, file, message = broken_model(tmp_path, "config-not-json")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"cache_dir: {tmp_path / 'cache'}\nserver: {{host: 127.0.0.1, port: {free_port()}}}\n"
-        f"services:\n  vlm:\n    models:\n      fastvlm: {{model: {model_dir}, runtime: onnx}}\n",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path / "config.yaml", free_port(), model=str(model_dir))
     result = run_cli(tmp_path, "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert f"{KEY}: " in result.stderr and file in result.stderr and message in result.stderr
@@ -222,12 +231,7 @@ def test_serving_a_graph_that_is_not_onnx_exits_2_and_closes_the_port(tmp_path: 
     breaks, _ = BROKEN_GRAPHS["vision-not-onnx"]
     breaks(model_dir)
     port = free_port()
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"cache_dir: {tmp_path / 'cache'}\nserver: {{host: 127.0.0.1, port: {port}}}\n"
-        f"services:\n  vlm:\n    models:\n      fastvlm: {{model: {model_dir}, runtime: onnx}}\n",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path / "config.yaml", port, model=str(model_dir))
     result = run_cli(tmp_path, "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert f"{KEY}: cannot load" in result.stderr and "vision.fp32.onnx" in result.stderr
@@ -238,13 +242,8 @@ def test_serving_a_graph_that_is_not_onnx_exits_2_and_closes_the_port(tmp_path: 
 
 def test_an_unavailable_device_exits_2_before_any_download(tmp_path: Path) -> None:
     """A model still to download is not fetched for a machine that cannot run the configured device."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"cache_dir: {tmp_path / 'cache'}\nserver: {{host: 127.0.0.1, port: {free_port()}}}\n"
-        "services:\n  vlm:\n    models:\n      fastvlm: {model: fastvlm-0.5b, runtime: onnx}\n"
-        "    backend_settings: {onnx_providers: [NoSuchExecutionProvider]}\n",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path / "config.yaml", free_port(), model="fastvlm-0.5b")
+    edit_yaml(config, lambda c: c["services"]["vlm"].update(backend_settings={"onnx_providers": ["NoSuchProvider"]}))
     env_offline = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # were a download attempted, it would fail elsewhere
     result = subprocess.run(
         [sys.executable, "-m", "lumen_vlm", "--config", str(config)],

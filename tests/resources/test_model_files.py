@@ -18,8 +18,6 @@ from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, image_spec
 from lumen_vlm.fastvlm.image import image_to_pixels
 from lumen_vlm.resources.exceptions import ModelFilesError
 from lumen_vlm.resources.model_files import (
-    FALLBACK_ORDER,
-    PRECISIONS,
     fallback_precisions,
     locate_model_files,
     lumen_precision_name,
@@ -153,7 +151,6 @@ def test_the_lumen_repos_spelling_goes_to_lumen_resources() -> None:
 
 
 def test_fallback_is_one_stated_order() -> None:
-    assert sorted(FALLBACK_ORDER) == sorted(PRECISIONS)
     assert fallback_precisions("int8") == ["int8", "fp32", "fp16", "uint8", "quantized", "q4", "q4f16", "bnb4"]
     assert fallback_precisions("fp32")[:2] == ["fp32", "fp16"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -349,13 +350,21 @@ def test_a_second_server_on_a_serving_port_exits_2_and_the_first_keeps_serving(t
         assert first.stop() == 0
 
 
-def test_a_host_that_is_not_local_exits_2_with_a_clear_message(tmp_path: Path) -> None:
-    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, and binding it sends nothing.
-    config = write_config(tmp_path / "config.yaml", free_port())
-    port = yaml.safe_load(config.read_text())["server"]["port"]
-    result = run_cli("--config", str(config), "--host", "192.0.2.1")
-    assert_clear_bind_error(result, f"192.0.2.1:{port}", "192.0.2.1 is not an address of this machine")
-    assert "--host" in result.stderr
+class NotThisMachinesAddress(socket.socket):
+    """A socket whose bind fails as binding an address this machine does not have does."""
+
+    def bind(self, address: object) -> None:
+        raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+
+
+def test_a_host_that_is_not_local_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests bind loopback addresses only, so the kernel's answer for another address is played."""
+    from lumen_vlm.server import explain_bind_failure
+
+    monkeypatch.setattr(socket, "socket", NotThisMachinesAddress)
+    message = explain_bind_failure("192.0.2.1", 50051)
+    assert message.startswith("192.0.2.1 is not an address of this machine")
+    assert "127.0.0.1" in message and "--host" in message and "server.host" in message
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..cache import ByteBudgetLRU
-from ..resources.exceptions import ModelFilesError
 from ..resources.model_files import GRAPHS, ModelFiles, graph_files
 from .backend_exceptions import BackendInputError, BackendLoadError
 from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
@@ -55,6 +54,7 @@ _ORT_TO_NUMPY = {
     "tensor(bool)": np.bool_,
 }
 _INDEX_TYPES = ("tensor(int64)", "tensor(int32)")  # what ids, masks and positions may be declared as
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # what embeddings, the KV cache and logits may be
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # Optional decoder inputs some exports add, which a plain decode feeds as documented in DecoderFeeds.
 LOGITS_TO_KEEP = "num_logits_to_keep"
@@ -295,7 +295,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
             self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
         except (BackendLoadError, ValueError, TypeError, IndexError) as exc:  # e.g. int() of a dynamic dimension
-            raise ModelFilesError(
+            raise BackendLoadError(
                 f"{files.root}: the embedding and decoder graphs' inputs and outputs are not a FastVLM export's: {exc}"
             ) from exc
         # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
@@ -327,7 +327,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                 return self._graph_cache.open(path, options, self._providers)
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises several unrelated types: not ONNX, missing weights, bad graph
-            raise ModelFilesError(f"cannot load {path}: {exc}") from exc
+            raise BackendLoadError(f"cannot load {path}: {exc}") from exc
 
     def _open_decoder(self, source: Path, options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
         """(decoder session, whether its logits cover the last position only)."""
@@ -335,7 +335,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         if derived is not None:
             try:
                 session = self._open(derived.path, options, reuse_optimized=False)
-            except ModelFilesError as exc:  # a damaged copy: drop it, the source still works
+            except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
                 log.warning("discarding %s (%s)", derived.path.parent, exc)
                 shutil.rmtree(derived.path.parent, ignore_errors=True)
             else:
@@ -355,14 +355,14 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         """Image size and token count where the graph fixes them (0 / None where it leaves them dynamic)."""
         inputs, outputs = self._vision.get_inputs(), self._vision.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 3:
-            raise ModelFilesError(
+            raise BackendLoadError(
                 f"{path} is not a FastVLM vision encoder: it should take one [batch, 3, height, width] input and "
                 f"give one [batch, tokens, hidden] output; it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
             )
         sides = {side for side in inputs[0].shape[2:] if isinstance(side, int)}
         tokens, feature_dim = outputs[0].shape[1:]
         if len(sides) > 1 or not isinstance(feature_dim, int):
-            raise ModelFilesError(
+            raise BackendLoadError(
                 f"{path}: the vision encoder should take square images and give features of a fixed width; "
                 f"it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
             )
@@ -569,10 +569,12 @@ def _shapes(values: Sequence[Any]) -> str:
 
 
 def _dtype_of(values: Sequence[Any], name: str) -> type:
-    """The numpy type of a graph's input or output called `name`."""
+    """The numpy type of a graph's float input or output called `name` (embeddings, KV cache, logits)."""
     for value in values:
         if value.name == name:
-            return _ORT_TO_NUMPY.get(value.type, np.float32)
+            if value.type not in _FLOAT_TYPES:
+                raise BackendLoadError(f"{name} is {value.type}; this engine handles {' or '.join(_FLOAT_TYPES)}")
+            return _ORT_TO_NUMPY[value.type]
     raise BackendLoadError(f"graph has no input or output named {name!r}")
 
 

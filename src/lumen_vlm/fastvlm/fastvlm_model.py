@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..backends.backend_exceptions import BackendInputError
+from ..backends.backend_exceptions import BackendInputError, BackendLoadError
 from ..backends.base import BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
 from ..cache import ByteBudgetLRU
 from ..generation import (
@@ -34,7 +34,7 @@ from ..generation import (
     clamp_max_new_tokens,
 )
 from ..resources.exceptions import ConfigError, ModelFilesError
-from ..resources.model_files import ModelFacts, load_tokenizer, locate_model_files, read_model_facts
+from ..resources.model_files import ModelFacts, ModelFiles, load_tokenizer, locate_model_files, read_model_facts
 from ..resources.model_spec import ImageSpec, ResizeMode
 from ..resources.settings import VLMSettings
 from .exceptions import InputError, PromptError
@@ -100,8 +100,15 @@ class PreparedRequest:
     image_key: str | None = None  # the image's content hash, for the backend's prefix cache
 
 
-def _model_key(settings: VLMSettings) -> str:
-    return f"services.{settings.service_name}.models.{settings.model.alias}"
+def read_model(files: ModelFiles) -> tuple[Tokenizer, ModelFacts]:
+    """Everything of a model but its graphs: the tokenizer and the facts, checked against each other.
+
+    One sequence for the check before the port opens and for loading, so both refuse the same files.
+    """
+    tokenizer = load_tokenizer(files.tokenizer)
+    facts = read_model_facts(files, tokenizer.token_to_id)
+    ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
+    return tokenizer, facts
 
 
 def image_spec(stated: ImageSpec, vision: VisionSpec) -> ImageSpec:
@@ -176,11 +183,6 @@ class FastVLMModelManager:
         self.facts = facts
         self.image_limits = image_limits or ImageLimits()
         self.template = ChatTemplate(facts.chat_template, facts.special_tokens)
-        if self.template.content_form is None:
-            raise ModelFilesError(
-                "the model's chat template renders the user's text from neither string content "
-                "nor typed text parts ({'type': 'text', 'text': ...}); every request would lose it"
-            )
         check_decoder(facts, backend.decoder_spec, backend.vision_spec)
         self.image_spec = image_spec(facts.image, backend.vision_spec)
         if resize_mode is not None:
@@ -206,17 +208,19 @@ class FastVLMModelManager:
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
         files = locate_model_files(Path(model_dir), precision)
-        tokenizer = load_tokenizer(files.tokenizer)
-        facts = read_model_facts(files, tokenizer.token_to_id)
-        ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
-        backend = FastVLMONNXBackend(
-            files,
-            providers=select_providers(device, providers),
-            session_options=default_session_options(intra_op_threads),
-            context_length=facts.context_length,
-            prefix_cache_bytes=prefix_cache_bytes,
-            optimized_graph_dir=optimized_graph_dir,
-        )
+        tokenizer, facts = read_model(files)
+        chosen = select_providers(device, providers)
+        try:
+            backend = FastVLMONNXBackend(
+                files,
+                providers=chosen,
+                session_options=default_session_options(intra_op_threads),
+                context_length=facts.context_length,
+                prefix_cache_bytes=prefix_cache_bytes,
+                optimized_graph_dir=optimized_graph_dir,
+            )
+        except BackendLoadError as exc:  # a graph that is not ONNX, or not FastVLM's: the model's files
+            raise ModelFilesError(str(exc)) from exc
         return cls(backend, tokenizer, facts, **manager_options)
 
     @classmethod
@@ -237,25 +241,25 @@ class FastVLMModelManager:
                 optimized_graph_dir=settings.cache_dir / "ort-optimized",
             )
         except ModelFilesError as exc:
-            raise ModelFilesError(f"{_model_key(settings)}: {exc}") from exc
+            raise ModelFilesError(f"{settings.model_key}: {exc}") from exc
 
     @staticmethod
     def check_loadable(settings: VLMSettings, model_dir: Path | str) -> None:
-        """Fail fast, before any loading, on settings the model directory or machine can't honour.
+        """Fail fast, before any loading, on a model directory that cannot serve: a ModelFilesError
+        naming the config key.
 
-        Reads everything but the graphs: a missing graph or tokenizer, unreadable or contradictory
-        JSON (a ModelFilesError), an unavailable device (a ConfigError); both name the config key.
-        What only the graphs can tell (a file that is not ONNX, a vision input that states no
-        size) is a ModelFilesError from `from_settings`.
+        Reads everything but the graphs (the same `read_model` that loading runs): a missing graph
+        or tokenizer, unreadable or contradictory JSON, a chat template that does not compile or
+        loses the user's text. What only the graphs can tell (a file that is not ONNX, a vision
+        input that states no size) is a ModelFilesError from `from_settings`; the device is
+        `check_device`'s.
         """
-        FastVLMModelManager.check_device(settings)
         try:
             files = locate_model_files(Path(model_dir), settings.model.precision)
-            tokenizer = load_tokenizer(files.tokenizer)
-            facts = read_model_facts(files, tokenizer.token_to_id)
-            ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
+            _, facts = read_model(files)
+            ChatTemplate(facts.chat_template, facts.special_tokens)  # compiles and probes it
         except ModelFilesError as exc:
-            raise ModelFilesError(f"{_model_key(settings)}: {exc}") from exc
+            raise ModelFilesError(f"{settings.model_key}: {exc}") from exc
 
     @staticmethod
     def check_device(settings: VLMSettings) -> None:
@@ -263,7 +267,6 @@ class FastVLMModelManager:
 
         Needs no model, so a first start checks it before downloading one.
         """
-        from ..backends.backend_exceptions import BackendLoadError
         from ..backends.onnxrt_backend import select_providers
 
         try:

@@ -187,12 +187,18 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# How much of a template's own error message a PromptError carries: a template can raise
+# with client text in it (``raise_exception(message['content'])``).
+TEMPLATE_ERROR_CHARS = 200
+
+
 class ChatTemplate:
     """A model's chat template, compiled once in a sandbox with transformers' conventions.
 
-    `content_form` is the content shape the template renders the user's text from (None when
-    it renders it from neither); `image_part_renders_placeholder` whether, given typed
-    parts, it writes an image part as ``<image>``.
+    `content_form` is the content shape the template renders the user's text from;
+    `image_part_renders_placeholder` whether, given typed parts, it writes an image part as
+    ``<image>``. A template that does not compile, or shows the user's text in neither shape,
+    is a ModelFilesError.
     """
 
     def __init__(self, source: str, special_tokens: Mapping[str, str] | None = None) -> None:
@@ -201,9 +207,18 @@ class ChatTemplate:
         )
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        self._template = env.from_string(source)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ModelFilesError(f"the model's chat template is not valid Jinja: {exc} (line {exc.lineno})") from exc
         self._special_tokens = dict(special_tokens or {})
-        self.content_form, self.image_part_renders_placeholder = self._probe()
+        content_form, self.image_part_renders_placeholder = self._probe()
+        if content_form is None:
+            raise ModelFilesError(
+                "the model's chat template renders the user's text from neither string content "
+                "nor typed text parts ({'type': 'text', 'text': ...}); every request would lose it"
+            )
+        self.content_form: ContentForm = content_form
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         """Render messages as they are (see `render_messages` for a request's messages)."""
@@ -215,9 +230,11 @@ class ChatTemplate:
             raise PromptError(f"the chat template tried an unsafe operation: {exc}") from exc
         except jinja2.exceptions.TemplateError as exc:
             # Templates reject conversations they cannot express (e.g. roles not alternating).
-            raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
+            reason = shown(str(exc), TEMPLATE_ERROR_CHARS)
+            raise PromptError(f"the model's chat template rejected the messages: {reason}") from exc
         except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:  # its own bugs
-            raise PromptError(f"the model's chat template failed on the messages: {exc!r}") from exc
+            reason = shown(f"{type(exc).__name__}: {exc}", TEMPLATE_ERROR_CHARS)
+            raise PromptError(f"the model's chat template failed on the messages: {reason}") from exc
 
     def shaped(self, messages: list[Message]) -> list[Message]:
         """Normalized messages with their content in the shape this template reads."""
@@ -243,9 +260,10 @@ class ChatTemplate:
         shows its text; then whether an image part adds a placeholder."""
         if _PROBE_TEXT in self._probe_render(_PROBE_TEXT):
             return ContentForm.STRING, True
-        if _PROBE_TEXT not in self._probe_render([_text_part(_PROBE_TEXT)]):
+        text_only = self._probe_render([_text_part(_PROBE_TEXT)])
+        if _PROBE_TEXT not in text_only:
             return None, False
-        without = self._probe_render([_text_part(_PROBE_TEXT)]).count(IMAGE_PLACEHOLDER)
+        without = text_only.count(IMAGE_PLACEHOLDER)
         with_image = self._probe_render([dict(IMAGE_PART), _text_part(_PROBE_TEXT)]).count(IMAGE_PLACEHOLDER)
         return ContentForm.PARTS, with_image > without
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,8 +49,8 @@ from lumen_resources.lumen_config import BackendSettings as LumenBackendSettings
 from lumen_resources.lumen_config import LumenConfig, Mdns, ModelConfig, Server, Services
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .exceptions import ConfigError
-from .model_files import PRECISION_ALIASES, PRECISIONS
+from .exceptions import ConfigError, ModelFilesError
+from .model_files import canonical_precision
 from .settings import (
     AdmissionSettings,
     BackendSettings,
@@ -442,12 +443,19 @@ def _model_settings(models: Mapping[str, ModelConfig], prefix: str) -> ModelSett
 
 
 def _precision(value: str | None, path: str) -> str:
+    """The configured precision in our spelling (`canonical_precision`); fp32 when unset."""
     if value is None:
         return "fp32"
-    precision = PRECISION_ALIASES.get(value, value)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{path}: {value!r} is not supported; use one of {', '.join(PRECISIONS)}")
-    return precision
+    try:
+        return canonical_precision(value)
+    except ModelFilesError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def with_precision(settings: VLMSettings, precision: str) -> VLMSettings:
+    """`settings` with the model's precision replaced (the CLI's --precision), checked as the config's is."""
+    checked = _precision(precision, f"{settings.model_key}.precision")
+    return replace(settings, model=replace(settings.model, precision=checked))
 
 
 def _limits(options: dict[str, tuple[Any, str]]) -> GenerationLimits:

@@ -1,5 +1,7 @@
 """Errors about configuration and model resources: they stop the server before it serves."""
 
+CONFIG_ERROR_EXIT = 2  # the exit status of a process stopped by a ResourceError
+
 
 class ResourceError(Exception):
     """Base class for resource problems."""

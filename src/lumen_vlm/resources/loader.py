@@ -235,7 +235,7 @@ class _PendingDownload:
 def _find(settings: VLMSettings) -> Path | _PendingDownload:
     """The model's directory if it is on disk and usable, else the download it needs. No network."""
     name = settings.model.model
-    key = f"services.{settings.service_name}.models.{settings.model.alias}.model"
+    key = f"{settings.model_key}.model"
     local = existing_local_dir(name, settings.config_dir)
     if local is not None:
         return local
@@ -288,7 +288,7 @@ def _use_foreign(target: Path, precision: str, key: str) -> Path:
     except ModelFilesError as exc:
         raise ModelFilesError(
             f"{key}: {target} already exists but was not downloaded by lumen-vlm (it has no {MARKER_NAME}), "
-            f"so lumen-vlm neither downloads into it nor changes it. It is not a usable {precision} model: {exc}. "
+            f"so lumen-vlm neither downloads into it nor changes it. It is not a usable model: {exc}. "
             "Add the missing files, point `model` at another directory, or move it away to let lumen-vlm "
             "download the model."
         ) from exc
@@ -354,9 +354,10 @@ def _check_download(source: ModelSource, target: Path, precision: str, key: str)
         locate_model_files(target, precision)
     except ModelFilesError as exc:
         raise ModelFilesError(
-            f"{key}: downloaded {source.describe()} into {target}, but it is not a usable {precision} model: "
-            f"{exc}. The repo may not publish {precision}: choose a precision it has, or point {key} at a "
-            "model directory you made."
+            f"{key}: downloaded {source.describe()} into {target}, but it is not a usable model: {exc}. "
+            f"The repo may not be a FastVLM export, or (a Lumen repo, fetched in {precision} only) may not "
+            f"publish {precision} for every graph: choose a precision it has, or point {key} at a model "
+            "directory you made."
         ) from exc
 
 

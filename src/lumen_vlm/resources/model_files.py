@@ -34,12 +34,12 @@ from tokenizers import Tokenizer
 from .exceptions import ModelFilesError
 from .model_spec import ImageSpec, KVCacheSpec, ResizeMode
 
-PRECISIONS = ("fp32", "fp16", "int8", "uint8", "q4", "q4f16", "bnb4", "quantized")
 # Other spellings accepted in configs: lumen-resources and the LumilioPhotos repos write q4f16 as q4fp16.
 PRECISION_ALIASES = {"q4fp16": "q4f16"}
 # Where a graph is missing in the requested precision, the first of these present is used: the
 # most accurate first. fp32 is what every export starts from and every provider runs.
 FALLBACK_ORDER = ("fp32", "fp16", "int8", "uint8", "quantized", "q4", "q4f16", "bnb4")
+PRECISIONS = FALLBACK_ORDER  # every precision a graph file may be in
 GRAPHS = ("vision", "embed", "decoder")
 _COMMUNITY_NAMES = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
 DEFAULT_CONTEXT_LENGTH = 32768

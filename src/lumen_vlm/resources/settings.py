@@ -90,3 +90,8 @@ class VLMSettings:
     service_name: str = "vlm"
     region: str = "other"  # metadata.region: where lumen-resources' Downloader fetches Lumen models
     config_dir: Path | None = None  # the config file's directory: relative model paths resolve from it
+
+    @property
+    def model_key(self) -> str:
+        """Where the model is configured, as errors name it: ``services.vlm.models.fastvlm``."""
+        return f"services.{self.service_name}.models.{self.model.alias}"
