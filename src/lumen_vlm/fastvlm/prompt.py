@@ -37,12 +37,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
 from ..resources.exceptions import ModelFilesError
+from ..resources.model_spec import IMAGE_PLACEHOLDER
 from ..text import invalid_text, shown
 from .exceptions import PromptError
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
 Part = dict[str, str]  # {"type": "text", "text": ...} or {"type": "image"}

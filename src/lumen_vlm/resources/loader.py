@@ -230,6 +230,7 @@ class _PendingDownload:
     source: ModelSource
     target: Path
     key: str  # the config entry, named in errors
+    precision: str  # in our spelling, which the marker records
 
 
 def _find(settings: VLMSettings) -> Path | _PendingDownload:
@@ -252,7 +253,7 @@ def _find(settings: VLMSettings) -> Path | _PendingDownload:
         return _use_foreign(target, precision, key)
     if _owns(target) and _is_complete(target, precision):
         return target
-    return _PendingDownload(source, target, key)
+    return _PendingDownload(source, target, key, precision)
 
 
 def _download(pending: _PendingDownload, settings: VLMSettings, progress: bool) -> Path:
@@ -261,8 +262,7 @@ def _download(pending: _PendingDownload, settings: VLMSettings, progress: bool) 
     A failed download leaves no directory behind when nothing of the model arrived (see
     `_discard_if_nothing_arrived` for why what did arrive is kept).
     """
-    source, target, key = pending.source, pending.target, pending.key
-    precision = canonical_precision(settings.model.precision)  # the marker records this spelling
+    source, target, key, precision = pending.source, pending.target, pending.key, pending.precision
     created = _missing_dirs(target)
     _claim(target, source)
     logger.info("downloading %s (%s) into %s", source.describe(), precision, target)

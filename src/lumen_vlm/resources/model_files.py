@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from .exceptions import ModelFilesError
-from .model_spec import ImageSpec, KVCacheSpec, ResizeMode
+from .model_spec import IMAGE_PLACEHOLDER, ImageSpec, KVCacheSpec, ResizeMode
 
 # Other spellings accepted in configs: lumen-resources and the LumilioPhotos repos write q4f16 as q4fp16.
 PRECISION_ALIASES = {"q4fp16": "q4f16"}
@@ -226,7 +226,7 @@ class _Doc:
         value = self.value(*path)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not _is_integer(value) or value < minimum:
             raise self.error(path, f"must be an integer >= {minimum}", value)
         return value
 
@@ -234,7 +234,7 @@ class _Doc:
         value = self.value(*path)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not _is_number(value):
             raise self.error(path, "must be a number", value)
         return float(value)
 
@@ -247,8 +247,13 @@ class _Doc:
         return (float(value[0]), float(value[1]), float(value[2]))
 
 
+def _is_integer(value: Any) -> bool:
+    """A JSON integer: Python's bool is an int, JSON's true is not."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _is_integer(value) or isinstance(value, float)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -341,7 +346,7 @@ def _image_token_id(docs: dict[str, _Doc], token_to_id: Any) -> int | None:
         value = doc.integer(key)
         if value is not None:
             return value
-    found = token_to_id("<image>")
+    found = token_to_id(IMAGE_PLACEHOLDER)
     return int(found) if found is not None else None
 
 
@@ -354,7 +359,7 @@ def _eos_ids(docs: dict[str, _Doc], eos_from_tokenizer: int | None) -> frozenset
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        if not values or not all(_is_integer(v) and v >= 0 for v in values):
             raise doc.error(("eos_token_id",), "must be a token id or a non-empty list of them", value)
         ids.update(values)
         break  # the first document that names them is authoritative, as in transformers

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# The image placeholder token's text, as FastVLM's tokenizers and chat templates spell it.
+IMAGE_PLACEHOLDER = "<image>"
+
 
 class ResizeMode(str, Enum):
     """How a non-square photo becomes the model's square input.
