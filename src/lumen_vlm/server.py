@@ -10,8 +10,8 @@ in-flight generations finish within the grace period, cancels the rest and exits
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import itertools
 import logging
 import os
 import signal
@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -33,134 +32,115 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
-from .fastvlm.fastvlm_service import Unavailable, error_response
-from .proto import ml_service_pb2, ml_service_pb2_grpc
+from .fastvlm.fastvlm_service import server_options
+from .proto import ml_service_pb2
 from .resources.exceptions import CONFIG_ERROR_EXIT, ConfigError, ResourceError
 from .resources.settings import VLMSettings
+from .transports.grpc_aio import INFERENCE_SERVICE, AsyncInference, keepalive_options
 
 log = logging.getLogger("lumen_vlm.server")
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # bind every interface
-INFERENCE_SERVICE = ml_service_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-
-
-class SwitchableInference(ml_service_pb2_grpc.InferenceServicer):
-    """Answers UNAVAILABLE until the real service is installed, then delegates to it."""
-
-    def __init__(self) -> None:
-        self._service: Any = None
-
-    def install(self, service: Any) -> None:
-        self._service = service
-
-    def _not_ready(self, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-
-    def Infer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        # Readiness is checked per request: a stream opened while the model loads is handed to
-        # the service as soon as it is ready.
-        requests = iter(request_iterator)
-        for request in requests:
-            # Hand over only where a request starts: a chunked upload stays on one side.
-            if self._service is not None and request.seq == 0:
-                yield from self._service.Infer(itertools.chain([request], requests), context)
-                return
-            if request.total > 1 and request.seq + 1 < request.total:
-                continue  # one answer per request, after its last chunk
-            yield error_response(
-                request.correlation_id or uuid.uuid4().hex, Unavailable("the model is still loading"), 0.0
-            )
-
-    def GetCapabilities(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if self._service is None:
-            self._not_ready(context)
-        return self._service.GetCapabilities(request, context)
-
-    def StreamCapabilities(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        if self._service is None:
-            self._not_ready(context)
-        yield from self._service.StreamCapabilities(request, context)
-
-    def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
-        if self._service is None:
-            self._not_ready(context)
-        return self._service.Health(request, context)
+# Shutdown after the grace period: how long cancelled generations get to reach their next
+# decode step, then how long grpc gets to send the answers still queued before it ends every
+# call. Together they keep the exit within about half a second of the grace period.
+_CANCEL_WAIT_S = 0.3
+_STOP_GRACE_S = 0.2
 
 
 class VLMServer:
-    """One gRPC server with the Inference, health and reflection services."""
+    """One gRPC server with the Inference, health and reflection services.
+
+    The server is grpc's asyncio server (see `transports.grpc_aio` for why), run on an
+    event loop in a thread of its own, so that the process's main thread stays free for
+    signals and every method here is an ordinary blocking call.
+    """
 
     def __init__(self, settings: VLMSettings) -> None:
         self.settings = settings
-        from .fastvlm.fastvlm_service import server_max_concurrent_rpcs, server_options, server_thread_pool_size
+        self.inference = AsyncInference(settings)
+        self.service: Any = None
+        self._mdns: Any = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._build())
+        except BaseException:
+            self._stop_loop()
+            raise
 
-        # Queued requests wait inside a worker thread: the pool leaves room for health checks.
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=server_thread_pool_size(settings), thread_name_prefix="grpc"),
-            options=server_options(settings),
-            # Past this, grpc refuses new calls at once (RESOURCE_EXHAUSTED) instead of queueing
-            # them silently behind busy workers.
-            maximum_concurrent_rpcs=server_max_concurrent_rpcs(settings),
-        )
-        self.inference = SwitchableInference()
-        self.health = health.HealthServicer()
-        ml_service_pb2_grpc.add_InferenceServicer_to_server(self.inference, self.server)
+    async def _build(self) -> int:
+        """The aio server, built on its loop, with every service; returns the bound port."""
+        self.server = grpc.aio.server(options=server_options(self.settings) + keepalive_options())
+        self.server.add_generic_rpc_handlers((self.inference.handler(),))
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
             pool=ml_service_pb2.DESCRIPTOR.pool,  # the pool our proto lives in: see proto/_pool.py
         )
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = bind(self.server, settings.server.host, settings.server.port)
-        self.service: Any = None
-        self._mdns: Any = None
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return bind(self.server, self.settings.server.host, self.settings.server.port)
+
+    def _on_loop(self, coroutine: Any, timeout: float | None = 30.0) -> Any:
+        """Run `coroutine` on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     @property
     def address(self) -> str:
         return f"{self.settings.server.host}:{self.port}"
 
-    def _set_health(self, status: Any) -> None:
+    async def _set_health(self, status: Any) -> None:
         for name in ("", INFERENCE_SERVICE):
-            self.health.set(name, status)
+            await self.health.set(name, status)
 
     def start(self) -> None:
-        self.server.start()
+        self._on_loop(self.server.start())
 
     def install(self, service: Any) -> None:
         """The model is ready: serve it."""
         self.service = service
         self.inference.install(service)
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         if self.settings.server.mdns.enabled:
             self._mdns = advertise_mdns(self.settings, self.port)
         log.info("listening on %s", self.address)
 
-    def shutdown(self, forced: Callable[[], bool] = lambda: False) -> None:
+    def shutdown(self, forced: Callable[[], bool] = lambda: False) -> bool:
         """Stop admitting, let in-flight work finish within the grace period, cancel the rest.
 
-        `forced()` turning true (a second SIGINT/SIGTERM) cuts the grace period short.
+        Returns within the grace period plus about half a second: True if every generation
+        ended, False if one was still inside a model step when time ran out (the caller may
+        then exit without waiting for it). `forced()` turning true (a second SIGINT/SIGTERM)
+        cuts the grace period short.
         """
         grace = self.settings.admission.shutdown_grace_s
-        log.info("shutting down: in-flight generations have %.0f s to finish", grace)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + grace
+        log.info("shutting down: in-flight generations have %g s to finish", grace)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         self._withdraw_mdns()
+        idle = True
         if self.service is not None:
             self.service.begin_shutdown()
-            if not self._drain(grace, forced):
+            if not self._drain(deadline, forced):
                 log.warning("grace period over: cancelling the generations still running")
-                self.service.cancel_all()
-                self.service.wait_idle(5.0)
-        self.server.stop(grace=2.0).wait(10.0)
-        if self.service is not None:
-            self.service.close()
-        log.info("stopped")
+                self.service.cancel_all()  # each stops at its next decode step
+                idle = self.service.wait_idle(_CANCEL_WAIT_S)
+        # Calls still open (idle streams, answers not yet sent) end now.
+        self._on_loop(self.server.stop(_STOP_GRACE_S))
+        self.inference.close()
+        if self.service is not None and idle:
+            self.service.close(timeout=0)
+        self._stop_loop()
+        log.info("stopped" if idle else "stopped, with a generation still inside a model step")
+        return idle
 
-    def _drain(self, grace: float, forced: Callable[[], bool]) -> bool:
+    def _drain(self, deadline: float, forced: Callable[[], bool]) -> bool:
         """Wait for in-flight generations; False when the grace period ran out or was cut short."""
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if self.service.wait_idle(min(0.2, max(0.0, deadline - time.monotonic()))):
+        while (left := deadline - time.monotonic()) > 0:
+            if self.service.wait_idle(min(ShutdownSignals.POLL_S, left)):
                 return True
             if forced():
                 return False
@@ -178,7 +158,13 @@ class VLMServer:
     def close(self) -> None:
         """Release everything without draining (start-up failed)."""
         self._withdraw_mdns()
-        self.server.stop(grace=0).wait(10.0)
+        self._on_loop(self.server.stop(0))
+        self.inference.close()
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5.0)
 
 
 # What to change, and why a bind failed, by errno: said by `explain_bind_failure`.
@@ -198,7 +184,7 @@ class BindError(ConfigError):
     """The configured host and port cannot be listened on; the message says why and what to change."""
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
+def bind(server: Any, host: str, port: int) -> int:
     """Add `host:port` to the server; the bound port (the one chosen, for port 0).
 
     grpc reports any bind failure as a RuntimeError that says only that it failed, after its C
@@ -344,7 +330,7 @@ class ShutdownSignals:
     thread's own Event.wait() holds at that moment): it only counts.
     """
 
-    POLL_S = 0.2
+    POLL_S = 0.05  # also how late the shutdown may start after the signal
 
     def __init__(self) -> None:
         self.count = 0
@@ -398,7 +384,8 @@ def run(settings: VLMSettings, fetch_model: Callable[[], Path]) -> int:
             server.close()
             raise
         signals.wait_for_first()
-        server.shutdown(signals.forced)
+        if not server.shutdown(signals.forced):
+            _exit_now("a generation was still inside a model step")
         return 0
     finally:
         for sig, handler in previous.items():
@@ -439,6 +426,18 @@ def _exit_during_download() -> NoReturn:
     the next start (the loader's marker vouches for nothing unfinished).
     """
     log.info("stopped before the model was ready")
+    _exit_now("")
+
+
+def _exit_now(why: str) -> NoReturn:
+    """Exit with 0 at once, without joining worker threads (Python joins them at a normal exit).
+
+    Used where waiting would overrun a promise: the grace period at shutdown (a model step
+    cannot be interrupted), or a download that would otherwise run to its end.
+    """
+    if why:
+        log.info("exiting without waiting: %s", why)
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)

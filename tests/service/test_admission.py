@@ -6,6 +6,8 @@ whatever this machine's speed; every wait is a bounded poll.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
+from lumen_vlm.fastvlm.admission import Admission
 from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import (
@@ -195,3 +198,38 @@ def test_in_flight_generations_may_finish_after_begin_shutdown(
     held.release()
     assert result_of(list(running)[-1])["generated_tokens"] == 400
     assert server.service.wait_idle(timeout=CALL_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- the slot hand-over
+
+
+class _NoCall:
+    """A call that is never cancelled and has no deadline."""
+
+    def check(self) -> None:
+        pass
+
+
+def test_a_released_slot_goes_straight_to_the_head_of_the_queue() -> None:
+    # Before: release() only decremented the count, so until the waiter woke a newcomer saw
+    # "0 generations running, 1 waiting" and was refused with a slot free.
+    admission = Admission(max_concurrency=1, max_queue=1)
+    holder = admission.slot(5.0, _NoCall())  # type: ignore[arg-type]
+    holder.__enter__()
+    admitted = threading.Event()
+
+    def wait_in_line() -> None:
+        with admission.slot(5.0, _NoCall()):  # type: ignore[arg-type]
+            admitted.set()
+            time.sleep(0.2)
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    assert wait_until(lambda: admission.waiting == 1, timeout=5)
+    holder.__exit__(None, None, None)
+    # Same thread, straight after the release: the slot already belongs to the waiter, so
+    # nobody can see a free slot while someone waits.
+    assert (admission.active, admission.waiting) == (1, 0)
+    waiter.join(5)
+    assert admitted.is_set()
+    assert (admission.active, admission.waiting) == (0, 0)

@@ -110,11 +110,23 @@ class CallControl:
 # --------------------------------------------------------------------------- admission
 
 
+class _Ticket:
+    """A place in the queue; `granted` once a released slot was handed to it."""
+
+    __slots__ = ("granted",)
+
+    def __init__(self) -> None:
+        self.granted = False
+
+
 class Admission:
     """At most `max_concurrency` generations at once, at most `max_queue` waiting, FIFO.
 
     A request that finds the queue full is refused at once: under overload a fast
     UNAVAILABLE lets the client back off or try another instance, a long wait does not.
+    A released slot is handed straight to the head of the queue, under the lock: a slot is
+    never free while requests wait, so a newcomer is never refused (or let in ahead of the
+    queue) in the moment between a release and the waiter waking up.
     """
 
     def __init__(self, max_concurrency: int, max_queue: int) -> None:
@@ -122,7 +134,7 @@ class Admission:
         self.max_queue = max(0, int(max_queue))
         self._cond = threading.Condition()
         self._active = 0
-        self._queue: deque[object] = deque()
+        self._queue: deque[_Ticket] = deque()
         self._closed = False
 
     @property
@@ -161,10 +173,10 @@ class Admission:
 
     def _acquire(self, queue_timeout_s: float, control: CallControl) -> None:
         started = time.monotonic()
-        ticket = object()
+        ticket = _Ticket()
         with self._cond:
             self._raise_if_closed()
-            if self._active < self.max_concurrency and not self._queue:
+            if self._active < self.max_concurrency:  # a free slot means nobody waits
                 self._active += 1
                 return
             if len(self._queue) >= self.max_queue:
@@ -177,21 +189,23 @@ class Admission:
             self._wait_for_turn(ticket, started, queue_timeout_s, control)
         except BaseException:
             with self._cond:
-                if ticket in self._queue:
+                if ticket.granted:  # handed a slot just as we gave up: pass it on
+                    self._release_locked()
+                else:
                     self._queue.remove(ticket)
-                self._cond.notify_all()  # the next in line may now be at the head
+                    self._cond.notify_all()  # wait_idle may be waiting for the queue to empty
             raise
 
-    def _wait_for_turn(self, ticket: object, started: float, queue_timeout_s: float, control: CallControl) -> None:
+    def _wait_for_turn(self, ticket: _Ticket, started: float, queue_timeout_s: float, control: CallControl) -> None:
         while True:
             with self._cond:
-                self._raise_if_closed()
-                if self._queue[0] is ticket and self._active < self.max_concurrency:
-                    self._queue.popleft()
-                    self._active += 1
-                    self._cond.notify_all()
+                self._raise_if_closed()  # before `granted`: a slot handed over now is passed on
+                if ticket.granted:
                     return
                 self._cond.wait(_WAIT_SLICE_S)
+                self._raise_if_closed()
+                if ticket.granted:
+                    return
             # Checked outside our lock: the context takes grpc's own lock. A deadline that
             # passes while waiting answers DEADLINE_EXCEEDED from here.
             control.check()
@@ -201,8 +215,15 @@ class Admission:
 
     def _release(self) -> None:
         with self._cond:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        """Free a slot, or hand it to the head of the queue (the count stays the same)."""
+        if self._queue:
+            self._queue.popleft().granted = True
+        else:
             self._active -= 1
-            self._cond.notify_all()
+        self._cond.notify_all()
 
     def _raise_if_closed(self) -> None:
         if self._closed:

@@ -4,19 +4,18 @@ Protocol semantics live here and nowhere else: chunk reassembly and meta validat
 `request_parsing`), admission (concurrency limit, bounded queue, deadlines, cancellation), and
 turning the model manager's events into `InferResponse`s. No ONNX Runtime, no numpy.
 
-Threading. The service is written for grpc's synchronous server. Each `Infer` stream is
-handled by one worker thread that reads the stream's requests and answers them in order; a
-generation runs in that thread, one decode step per `next()` on the manager's lazy event
-iterator, and every response is yielded the moment its event arrives. At most
-`admission.max_concurrency` generations run at once and at most `admission.max_queue` wait
-for a slot; the rest are answered UNAVAILABLE at once. A waiting request, and an idle open
-stream, each hold a worker thread, so the server's thread pool must be larger than
-``max_concurrency + max_queue`` (see `server_thread_pool_size`) or waiting requests starve
-health checks and capability calls; `server_max_concurrent_rpcs` refuses RPCs beyond the pool
-with RESOURCE_EXHAUSTED instead of letting them queue unseen.
+Threading. A generation runs one decode step per `next()` on the lazy response iterator
+`answer` returns, and every response is yielded the moment its event arrives. Two front
+doors draw on it: `Infer` here, the synchronous servicer the Lumen hub hosts on its own grpc
+server (one worker thread per stream: that server's thread pool must be larger than
+``max_concurrency + max_queue``, see `server_thread_pool_size`), and our own server's asyncio
+front door (`transports.grpc_aio`), which reads streams itself and draws each step in a thread
+pool. Both go through `respond`. At most `admission.max_concurrency` generations run at once
+and at most `admission.max_queue` wait for a slot; the rest are answered UNAVAILABLE at once.
 
-Memory. A stream buffers at most a few unfinished chunked uploads, and all streams together
-at most `upload_budget_bytes` (a chunk beyond it fails its upload with UNAVAILABLE).
+Memory. A stream's unfinished chunked uploads hold at most one payload's worth of bytes, and
+all streams' together at most `upload_budget_bytes` (a chunk beyond either fails its upload
+with UNAVAILABLE).
 
 Cancellation. Between two events the handler checks the call: a client that cancelled or
 disconnected stops its generation there and frees its slot (grpc also stops pulling from the
@@ -310,35 +309,35 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     # ------------------------------------------------------------------ rpc: Infer
 
     def Infer(self, request_iterator: Iterable[Any], context: Any) -> Iterator[ml_service_pb2.InferResponse]:
-        """Answer every request of the stream, in order; chunked payloads are reassembled."""
-        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes, budget=self.uploads)
+        """Answer every request of the stream, in order; chunked payloads are reassembled.
+
+        This is the synchronous servicer the Lumen hub hosts on its own grpc server; our own
+        server's front door (`transports.grpc_aio`) reads streams itself and calls `respond`.
+        """
+        assembler = self.new_assembler()
         terminated = watch_termination(context)
         try:
             for request in _requests_until_gone(request_iterator):
-                yield from self._on_request(request, assembler, CallControl(context, terminated))
+                yield from respond(request, assembler, CallControl(context, terminated), self.answer)
         finally:
             # However the stream ends (client gone, server stopping too), its uploads are freed;
             # those of a stream that ended normally are answered below.
             abandoned = assembler.abandon()
-        for correlation_id, exc in abandoned:
-            log.info("correlation_id=%s error=INVALID_ARGUMENT %s", correlation_id, exc)
-            yield error_response(correlation_id, exc)
+        yield from abandoned_responses(abandoned)
 
-    def _on_request(
-        self, request: Any, assembler: ChunkAssembler, control: CallControl
-    ) -> Iterator[ml_service_pb2.InferResponse]:
-        correlation_id = request.correlation_id or uuid.uuid4().hex
-        try:
-            complete = assembler.feed(request, correlation_id)
-        except (InputError, UploadsBusy) as exc:
-            _log_refusal(correlation_id, request.task, exc)
-            yield error_response(correlation_id, exc)
-            return
-        if complete is not None:
-            yield from self._answer(complete, control)
+    def new_assembler(self, budget: UploadBudget | None = None) -> ChunkAssembler:
+        """A stream's chunk reassembly, drawing on `budget` (the service's own by default)."""
+        return ChunkAssembler(self.settings.limits.max_payload_bytes, budget=budget or self.uploads)
 
-    def _answer(self, request: CompleteRequest, control: CallControl) -> Iterator[ml_service_pb2.InferResponse]:
-        """Route one complete request to its task; every failure becomes one final error response."""
+    @property
+    def shutting_down(self) -> bool:
+        return self._admission.closed
+
+    def answer(self, request: CompleteRequest, control: CallControl) -> Iterator[ml_service_pb2.InferResponse]:
+        """Route one complete request to its task; every failure becomes one final error response.
+
+        Lazy: the work happens as the responses are drawn, one decode step per `next()`.
+        """
         started = time.perf_counter()
         failure: ml_service_pb2.InferResponse | None = None
         with self._controls_lock:
@@ -348,8 +347,12 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
                 raise Unavailable("the server is shutting down")
             task = self._registry.get(request.task)
             yield from task.handler(request, control, started)
-        except ClientGone:
+        except (ClientGone, GeneratorExit) as exc:
+            # ClientGone: seen at a decode step. GeneratorExit: the transport stopped drawing
+            # responses (the call ended between two of them) and closed us.
             log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, shown(request.task))
+            if isinstance(exc, GeneratorExit):
+                raise
         except Exception as exc:
             # Yielded after the except block: the exception's traceback would otherwise keep
             # the abandoned generation's frames (and KV cache) alive while the client reads.
@@ -504,6 +507,34 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
 
 GeneralFastVLMService = FastVLMService
+
+Answer = Callable[[CompleteRequest, CallControl], Iterator[ml_service_pb2.InferResponse]]
+
+
+def respond(
+    request: Any, assembler: ChunkAssembler, control: CallControl, answer: Answer
+) -> Iterator[ml_service_pb2.InferResponse]:
+    """One message of a stream: into the stream's assembler, and a complete request to `answer`.
+
+    A message that is a chunk of an unfinished upload gets no response; a refused one gets
+    one final error. Shared by the synchronous servicer and our server's front door.
+    """
+    correlation_id = request.correlation_id or uuid.uuid4().hex
+    try:
+        complete = assembler.feed(request, correlation_id)
+    except (InputError, UploadsBusy) as exc:
+        _log_refusal(correlation_id, request.task, exc)
+        yield error_response(correlation_id, exc)
+        return
+    if complete is not None:
+        yield from answer(complete, control)
+
+
+def abandoned_responses(abandoned: Iterable[tuple[str, Exception]]) -> Iterator[ml_service_pb2.InferResponse]:
+    """The answers for uploads left unfinished (a stream ended, or an upload went silent)."""
+    for correlation_id, exc in abandoned:
+        _log_refusal(correlation_id, "", exc)
+        yield error_response(correlation_id, exc)
 
 
 def _requests_until_gone(request_iterator: Iterable[Any]) -> Iterator[Any]:

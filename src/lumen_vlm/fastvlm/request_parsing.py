@@ -20,16 +20,17 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..generation import SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
 from ..text import invalid_text, shown
-from .admission import Unavailable
+from .admission import DeadlineExceeded, Unavailable
 from .exceptions import InputError
 from .fastvlm_model import GenerationParams, GenerationRequest
 from .image import IMAGE_MIMES, ImageLimits, check_image_bytes, image_limits
@@ -77,6 +78,10 @@ class RequestError(InputError):
 
 class UploadsBusy(Unavailable):
     """The service holds as many unfinished chunked upload bytes as it may: retry later."""
+
+
+class UploadTimedOut(DeadlineExceeded):
+    """A chunked upload sent nothing for too long and was dropped."""
 
 
 # --------------------------------------------------------------------------- scalar values
@@ -358,6 +363,13 @@ class UploadBudget:
             self._used -= size
 
 
+class _Position(NamedTuple):
+    """Where a message that could not be read said it belongs in an upload."""
+
+    seq: int
+    total: int
+
+
 @dataclass
 class _Upload:
     task: str
@@ -366,6 +378,7 @@ class _Upload:
     total: int
     buffer: bytearray = field(default_factory=bytearray)
     next_seq: int = 0
+    last_chunk_at: float = field(default_factory=time.monotonic)
 
 
 class _FailedUpload:
@@ -410,14 +423,18 @@ class ChunkAssembler:
 
     Memory is bounded: each upload by `max_payload_bytes`, at most `max_uploads` uploads open
     on a stream at once, at most `max_failed` failed uploads remembered, and, with a `budget`
-    shared by every stream, the bytes of all unfinished uploads together. The owner calls
-    `abandon` when the stream ends, however it ends, to give the budget back.
+    shared by every stream, the bytes of all unfinished uploads together; one stream's
+    unfinished uploads may hold at most `max_payload_bytes` of the budget together, so one
+    client cannot take it all. Time is bounded too: the owner calls `expire` to drop uploads
+    that received no chunk for a while (it knows when the stream is idle), and `abandon` when
+    the stream ends, however it ends, to give the budget back.
     """
 
     def __init__(
         self, max_payload_bytes: int, max_uploads: int = 4, max_failed: int = 16, budget: UploadBudget | None = None
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
+        self.max_stream_bytes = max_payload_bytes  # this stream's share of the budget
         self.max_uploads = max_uploads
         self._max_failed = max_failed
         self._budget = budget
@@ -445,6 +462,41 @@ class ChunkAssembler:
             raise
         return self._finish(correlation_id) if upload.next_seq == upload.total else None
 
+    def next_expiry(self, idle_s: float) -> float | None:
+        """When (time.monotonic()) the stalest open upload will have been idle for `idle_s`."""
+        if not self._uploads:
+            return None
+        return min(upload.last_chunk_at for upload in self._uploads.values()) + idle_s
+
+    def expire(self, idle_s: float, now: float | None = None) -> list[tuple[str, UploadTimedOut]]:
+        """Drop the uploads that received no chunk for `idle_s` seconds; an error for each.
+
+        Their bytes go back to the budget, and their late chunks are dropped quietly: the
+        error is the upload's one answer.
+        """
+        now = time.monotonic() if now is None else now
+        stale = [(cid, up) for cid, up in self._uploads.items() if now - up.last_chunk_at >= idle_s]
+        errors = []
+        for correlation_id, upload in stale:
+            self._fail(correlation_id, None, upload)
+            errors.append(
+                (
+                    correlation_id,
+                    UploadTimedOut(
+                        f"the chunked upload received {upload.next_seq} of {upload.total} chunks, then nothing for "
+                        f"{idle_s:g} s (upload_idle_timeout_s); it was dropped, send it again"
+                    ),
+                )
+            )
+        return errors
+
+    def reject(self, correlation_id: str, seq: int, total: int) -> None:
+        """A message of this stream that could not be read claimed this place in an upload:
+        fail that upload (it can no longer complete) so that its later chunks are dropped quietly."""
+        upload = self._uploads.get(correlation_id)
+        if upload is not None or total > 1:
+            self._fail(correlation_id, _Position(seq, total), upload)
+
     def abandon(self) -> list[tuple[str, ChunkError]]:
         """Errors for the uploads still open when the stream ends: they never completed.
 
@@ -466,6 +518,11 @@ class ChunkAssembler:
     # ------------------------------------------------------------------ steps
 
     def _single(self, request: Any, correlation_id: str) -> CompleteRequest:
+        if request.seq != 0:
+            raise ChunkError(
+                f"seq is {request.seq} but total is {request.total}: a request that is not chunked has seq 0, "
+                "and a chunked one starts at seq 0 of total > 1"
+            )
         upload = self._uploads.get(correlation_id)
         if upload is not None:
             self._fail(correlation_id, request, upload)
@@ -540,10 +597,17 @@ class ChunkAssembler:
         size = len(upload.buffer) + len(request.payload)
         if size > self.max_payload_bytes:
             raise ChunkError(f"the chunked payload exceeds the limit of {self.max_payload_bytes} bytes")
+        held = sum(len(other.buffer) for other in self._uploads.values())
+        if held + len(request.payload) > self.max_stream_bytes:
+            raise UploadsBusy(
+                f"this stream's unfinished chunked uploads would hold {held + len(request.payload)} bytes, more "
+                f"than one stream may ({self.max_stream_bytes} bytes, max_payload_bytes): finish an upload first"
+            )
         if self._budget is not None:
             self._budget.reserve(len(request.payload))
         upload.buffer += request.payload
         upload.next_seq += 1
+        upload.last_chunk_at = time.monotonic()
 
     def _release(self, upload: _Upload) -> None:
         if self._budget is not None:
@@ -556,18 +620,21 @@ class ChunkAssembler:
         self._release(upload)
         return CompleteRequest(correlation_id, upload.task, upload.meta, payload, upload.payload_mime)
 
-    def _fail(self, correlation_id: str, request: Any, upload: _Upload | None) -> None:
-        """Forget the upload's bytes; remember which of its chunks were seen, to drop the rest."""
+    def _fail(self, correlation_id: str, request: Any | None, upload: _Upload | None) -> None:
+        """Forget the upload's bytes; remember which of its chunks were seen, to drop the rest.
+
+        `request` is the chunk that failed it (anything with seq and total), None if none did.
+        """
         self._uploads.pop(correlation_id, None)
         if upload is not None:
             self._release(upload)
-        total = upload.total if upload is not None else int(request.total)
+        total = upload.total if upload is not None else int(request.total) if request is not None else 0
         if not 1 < total <= MAX_CHUNKS:
             return
         failed = _FailedUpload(total)
         for seq in range(upload.next_seq if upload is not None else 0):
             failed.see(seq)
-        if request.total == total:
+        if request is not None and request.total == total:
             failed.see(request.seq)
         if failed.complete:
             return

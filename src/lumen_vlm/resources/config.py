@@ -93,6 +93,9 @@ class VLMOptions(BaseModel):
     max_queue: _NonNegativeInt | None = None  # 0: no waiting, busy means UNAVAILABLE at once
     queue_timeout_s: _PositiveFloat | None = None
     shutdown_grace_s: _NonNegativeFloat | None = None
+    max_streams: _PositiveInt | None = None
+    stream_idle_timeout_s: _PositiveFloat | None = None
+    upload_idle_timeout_s: _PositiveFloat | None = None
     intra_op_threads: _NonNegativeInt | None = None  # 0: ONNX Runtime's default
 
 
@@ -107,7 +110,15 @@ _LIMIT_FIELDS = {
     "max_stop_sequence_chars": "max_stop_sequence_chars",
     "max_messages_chars": "max_messages_chars",
 }
-_ADMISSION_FIELDS = ("max_concurrency", "max_queue", "queue_timeout_s", "shutdown_grace_s")
+_ADMISSION_FIELDS = (
+    "max_concurrency",
+    "max_queue",
+    "queue_timeout_s",
+    "shutdown_grace_s",
+    "max_streams",
+    "stream_idle_timeout_s",
+    "upload_idle_timeout_s",
+)
 
 _SERVICE_KEYS = (*Services.model_fields, "vlm_settings")
 _SHORT_TOP_KEYS = ("cache_dir", "server", "services")

@@ -62,6 +62,11 @@ class AdmissionSettings:
     max_queue: int = 16  # requests waiting for a slot; beyond it UNAVAILABLE at once
     queue_timeout_s: float = 60.0  # longest wait for a slot before UNAVAILABLE
     shutdown_grace_s: float = 20.0  # in-flight generations may finish within this on SIGTERM
+    # The gRPC front door: open Infer streams at once (beyond it RESOURCE_EXHAUSTED; health and
+    # capabilities never count), and how long a stream or a chunked upload may stay silent.
+    max_streams: int = 256
+    stream_idle_timeout_s: float = 300.0  # no request in flight and nothing received: UNAVAILABLE
+    upload_idle_timeout_s: float = 30.0  # an unfinished chunked upload with no new chunk is dropped
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,309 @@
+"""Our server's gRPC front door: `home_native.v1.Inference` on grpc's asyncio server.
+
+Why asyncio. On grpc's synchronous server every open call holds a worker thread, so a
+client that opens streams and sends nothing takes the workers one by one, and with them
+health checks, which are calls too (38 idle streams made a default server unreachable).
+Here an open stream is a coroutine: idle streams cost a few kilobytes, health and
+capability calls are answered on the event loop whatever the Infer load, and nothing the
+event loop runs ever blocks. The model work stays synchronous: each stream hands its
+requests, one decode step at a time, to a thread pool (`respond` and
+`FastVLMService.answer`, the same code the Lumen hub runs on its own synchronous server).
+
+What a stream may cost is bounded here:
+* at most `admission.max_streams` Infer streams are open at once; one more is refused with
+  RESOURCE_EXHAUSTED (health never counts);
+* a stream with no request in flight that receives nothing for
+  `admission.stream_idle_timeout_s` is ended with UNAVAILABLE;
+* an unfinished chunked upload that receives no chunk for `admission.upload_idle_timeout_s`
+  is dropped and answered DEADLINE_EXCEEDED; the stream goes on;
+* a message that cannot be read (not UTF-8 where the protocol says text) is answered
+  INVALID_ARGUMENT (`wire.read_infer_request`); the stream goes on.
+Until the model is ready (`install`), health says NOT_SERVING and every complete request is
+answered UNAVAILABLE; chunks are reassembled by the normal rules all along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from ..fastvlm.admission import CallControl, Unavailable
+from ..fastvlm.fastvlm_service import (
+    FastVLMService,
+    abandoned_responses,
+    error_response,
+    respond,
+    upload_budget_bytes,
+)
+from ..fastvlm.request_parsing import ChunkAssembler, CompleteRequest, RequestError, UploadBudget
+from ..proto import ml_service_pb2
+from ..resources.settings import VLMSettings
+from .wire import UnreadableRequest, read_infer_request
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = ml_service_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+InferResponse = ml_service_pb2.InferResponse
+
+# Threads for model work: every running and every waiting generation holds one (a waiting one
+# blocks in admission), plus a few for refusals and chunk bookkeeping meanwhile.
+_SPARE_THREADS = 4
+
+_END = object()  # the request stream ended
+_SILENT = object()  # nothing arrived within the timeout
+_DONE = object()  # a response iterator is exhausted
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """HTTP/2 keepalive: find dead peers, and accept the pings live clients send.
+
+    The server pings a connection that has been quiet for a minute and drops it if no answer
+    comes within 20 s (a peer that vanished without closing its TCP connection). Client pings
+    are accepted every 5 s, with or without calls: the Go SDK pings every 10 s, and grpc's
+    default (one ping per 5 minutes without data) would answer it with GOAWAY "too_many_pings".
+    """
+    return [
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+class ThreadSideCall:
+    """What the synchronous service reads of an asyncio call, safe to read from any thread.
+
+    The aio context belongs to the event loop; the service only needs to know whether the
+    call is still on and how much time it has left, so both are captured here.
+    """
+
+    def __init__(self, context: Any) -> None:
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self.ended = threading.Event()
+        context.add_done_callback(lambda _: self.ended.set())
+
+    def is_active(self) -> bool:
+        return not self.ended.is_set()
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+
+class _StreamReader:
+    """The stream's messages, read ahead by one, with a timeout on each wait.
+
+    A separate task reads, so that giving up on a wait never cancels grpc's read itself.
+    """
+
+    def __init__(self, request_iterator: AsyncIterator[Any]) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self._task = asyncio.ensure_future(self._pump(request_iterator))
+        self._waiting: asyncio.Future[Any] | None = None
+
+    async def _pump(self, request_iterator: AsyncIterator[Any]) -> None:
+        try:
+            async for message in request_iterator:
+                await self._queue.put(message)
+        except grpc.RpcError:
+            log.debug("request stream ended by the client", exc_info=True)
+        await self._queue.put(_END)
+
+    async def next(self, timeout: float) -> Any:
+        """The next message, `_END`, or `_SILENT` when nothing came within `timeout` seconds."""
+        if self._waiting is None:
+            self._waiting = asyncio.ensure_future(self._queue.get())
+        done, _ = await asyncio.wait({self._waiting}, timeout=max(0.0, timeout))
+        if not done:
+            return _SILENT
+        message, self._waiting = self._waiting.result(), None
+        return message
+
+    def close(self) -> None:
+        for task in (self._waiting, self._task):
+            if task is not None:
+                task.cancel()
+
+
+class AsyncInference:
+    """The `Inference` service on an asyncio server, over a `FastVLMService` once one is installed."""
+
+    def __init__(self, settings: VLMSettings) -> None:
+        self.settings = settings
+        self.service: FastVLMService | None = None
+        self.uploads = UploadBudget(upload_budget_bytes(settings))
+        admission = settings.admission
+        self._executor = ThreadPoolExecutor(
+            max_workers=admission.max_concurrency + admission.max_queue + _SPARE_THREADS,
+            thread_name_prefix="infer",
+        )
+        self._open_streams = 0  # touched on the event loop only
+
+    def install(self, service: FastVLMService) -> None:
+        self.service = service
+
+    def close(self) -> None:
+        """Stop taking model work; what is still running finishes on its own (see VLMServer)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's methods, Infer with our own deserializer (see `wire`)."""
+        serialize = InferResponse.SerializeToString
+        capability = ml_service_pb2.Capability.SerializeToString
+        empty = empty_pb2.Empty.FromString
+        methods = {
+            "Infer": grpc.stream_stream_rpc_method_handler(
+                self.Infer, request_deserializer=read_infer_request, response_serializer=serialize
+            ),
+            "GetCapabilities": grpc.unary_unary_rpc_method_handler(
+                self.GetCapabilities, request_deserializer=empty, response_serializer=capability
+            ),
+            "StreamCapabilities": grpc.unary_stream_rpc_method_handler(
+                self.StreamCapabilities, request_deserializer=empty, response_serializer=capability
+            ),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                self.Health, request_deserializer=empty, response_serializer=empty_pb2.Empty.SerializeToString
+            ),
+        }
+        return grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods)
+
+    # ------------------------------------------------------------------ capabilities, health
+
+    async def _ready_service(self, context: Any) -> FastVLMService:
+        if self.service is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        assert self.service is not None
+        return self.service
+
+    async def GetCapabilities(self, request: Any, context: Any) -> ml_service_pb2.Capability:
+        return (await self._ready_service(context)).capability()
+
+    async def StreamCapabilities(self, request: Any, context: Any) -> AsyncIterator[ml_service_pb2.Capability]:
+        yield (await self._ready_service(context)).capability()
+
+    async def Health(self, request: Any, context: Any) -> empty_pb2.Empty:
+        """Empty while serving; UNAVAILABLE while loading and once shutdown began."""
+        if (await self._ready_service(context)).shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return empty_pb2.Empty()
+
+    # ------------------------------------------------------------------ Infer
+
+    async def Infer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[InferResponse]:
+        """Answer every request of the stream, in order, within the stream limits above."""
+        max_streams = self.settings.admission.max_streams
+        if self._open_streams >= max_streams:
+            log.info("refused an Infer stream: %d are open (max_streams=%d)", self._open_streams, max_streams)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open Infer streams ({max_streams}, max_streams); close idle streams or retry later",
+            )
+        self._open_streams += 1
+        try:
+            async for response in self._serve_stream(request_iterator, context):
+                yield response
+        finally:
+            self._open_streams -= 1
+
+    async def _serve_stream(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[InferResponse]:
+        admission = self.settings.admission
+        reader = _StreamReader(request_iterator)
+        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes, budget=self.uploads)
+        call = ThreadSideCall(context)
+        control = CallControl(call, call.ended)
+        try:
+            while True:
+                upload_due = assembler.next_expiry(admission.upload_idle_timeout_s)
+                wait_s = admission.stream_idle_timeout_s if upload_due is None else upload_due - time.monotonic()
+                message = await reader.next(wait_s)
+                if message is _END:
+                    break
+                if message is _SILENT and upload_due is None:
+                    await self._end_idle_stream(context)
+                responses = self._expired_uploads(assembler) if message is _SILENT else None
+                if isinstance(message, UnreadableRequest):
+                    responses = iter([_unreadable_response(message, assembler)])
+                if responses is None:
+                    responses = respond(message, assembler, control, self._answer)
+                async for response in self._drawn_in_thread(responses, call):
+                    yield response
+        finally:
+            reader.close()
+            abandoned = assembler.abandon()
+        for response in abandoned_responses(abandoned):
+            yield response
+
+    async def _end_idle_stream(self, context: Any) -> None:
+        idle_s = self.settings.admission.stream_idle_timeout_s
+        log.info("closing an Infer stream idle for %g s (stream_idle_timeout_s)", idle_s)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the stream was idle for {idle_s:g} s with no request in flight (stream_idle_timeout_s); "
+            "open a new stream for the next request",
+        )
+
+    def _expired_uploads(self, assembler: ChunkAssembler) -> Iterator[InferResponse]:
+        return abandoned_responses(assembler.expire(self.settings.admission.upload_idle_timeout_s))
+
+    def _answer(self, request: CompleteRequest, control: CallControl) -> Iterator[InferResponse]:
+        """A complete request, answered by the service, or UNAVAILABLE while the model loads."""
+        if self.service is None:
+            return iter([error_response(request.correlation_id, Unavailable("the model is still loading"), 0.0)])
+        return self.service.answer(request, control)
+
+    async def _drawn_in_thread(self, responses: Iterator[InferResponse], call: ThreadSideCall) -> AsyncIterator[Any]:
+        """`responses`, each drawn by the thread pool: one decode step per draw, off the event loop.
+
+        Left before the end only when the call is over (the client cancelled or went away,
+        or the server is stopping): the generation is told (`call.ended`, seen at its next
+        decode step) and closed in the pool once the draw in progress returns, which gives
+        its slot back.
+        """
+        pending: Future[Any] | None = None
+        finished = False
+        try:
+            while True:
+                pending = self._executor.submit(next, responses, _DONE)
+                response = await asyncio.wrap_future(pending)
+                pending = None
+                if response is _DONE:
+                    finished = True
+                    return
+                yield response
+        finally:
+            if not finished:
+                call.ended.set()
+                self._close_after(responses, pending)
+
+    def _close_after(self, responses: Iterator[Any], pending: Future[Any] | None) -> None:
+        """Close `responses` in the pool once the draw `pending` (if any) has returned."""
+        close = getattr(responses, "close", None)
+        if not callable(close):
+            return
+
+        def submit_close(_: object = None) -> None:
+            with contextlib.suppress(RuntimeError):  # a pool shut down: the process is exiting
+                self._executor.submit(close)
+
+        if pending is None:
+            submit_close()
+        else:
+            pending.add_done_callback(submit_close)
+
+
+def _unreadable_response(message: UnreadableRequest, assembler: ChunkAssembler) -> InferResponse:
+    """INVALID_ARGUMENT for a message that could not be read; an upload it belonged to fails."""
+    assembler.reject(message.correlation_id, message.seq, message.total)
+    log.info("correlation_id=%r error=INVALID_ARGUMENT %s", message.correlation_id[:64], message.reason)
+    return error_response(message.correlation_id, RequestError(message.reason))
