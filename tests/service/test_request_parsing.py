@@ -11,6 +11,7 @@ from lumen_vlm.fastvlm.exceptions import ImageError, PromptError
 from lumen_vlm.fastvlm.image import ImageLimits
 from lumen_vlm.fastvlm.request_parsing import (
     DRAWN_SEED_BITS,
+    MAX_CORRELATION_ID_BYTES,
     ChunkAssembler,
     ChunkError,
     CompleteRequest,
@@ -18,6 +19,7 @@ from lumen_vlm.fastvlm.request_parsing import (
     UploadBudget,
     UploadsBusy,
     build_generation_request,
+    check_correlation_id,
     check_image_payload,
     normalize_mime,
     parse_bool,
@@ -217,6 +219,26 @@ def test_unknown_keys_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> N
     request = CompleteRequest("c", "vlm_generate", {"prompt": "hi", "client": "go-sdk"})
     build_generation_request(request, LIMITS)
     assert any("client" in record.getMessage() and record.levelname == "DEBUG" for record in caplog.records)
+
+
+def test_unknown_keys_are_logged_escaped_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A thousand made-up keys, each holding a newline, give one short line that names the first few."""
+    caplog.set_level("DEBUG", logger="lumen_vlm.fastvlm.request_parsing")
+    keys = {f"key{i:04d}\n12:00:00 ERROR lumen_vlm.server: FORGED": "v" for i in range(1000)}
+    build_generation_request(CompleteRequest("c\nid", "vlm_generate", {"prompt": "hi", **keys}), LIMITS)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and len(message) < 1000, message[:2000]
+    assert "'c\\nid'" in message and "key0000" in message and "1000 in all" in message
+
+
+def test_correlation_id_bound_counts_utf8_bytes() -> None:
+    assert MAX_CORRELATION_ID_BYTES == 256
+    for accepted in ("", "c" * 256, "é" * 128):
+        check_correlation_id(accepted)
+    for refused in ("c" * 257, "é" * 129, "€" * 86):
+        with pytest.raises(RequestError, match=f"correlation_id is {len(refused.encode())} bytes.*limit of 256"):
+            check_correlation_id(refused)
 
 
 # --------------------------------------------------------------------------- chunks

@@ -27,6 +27,7 @@ the context are used, each optionally, so a hub may pass a context of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -44,12 +45,20 @@ from .. import __version__
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
-from ..text import shown
+from ..text import SHOWN_TEXT_CHARS, shown, shown_id
 from .admission import Admission, CallControl, ClientGone, ServiceError, Unavailable, watch_termination
 from .exceptions import InputError
 from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
 from .image import IMAGE_MIMES
-from .request_parsing import ChunkAssembler, CompleteRequest, UploadBudget, UploadsBusy, build_generation_request
+from .request_parsing import (
+    MAX_CORRELATION_ID_BYTES,
+    ChunkAssembler,
+    CompleteRequest,
+    UploadBudget,
+    UploadsBusy,
+    build_generation_request,
+    check_correlation_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ def error_code_for(exc: BaseException) -> int:
 def _log_refusal(correlation_id: str, task: str, exc: BaseException) -> None:
     """One line for a request answered with an error the client caused or may retry."""
     name = ErrorCode.Name(error_code_for(exc)).removeprefix("ERROR_CODE_")
-    log.info("correlation_id=%s task=%s error=%s %s", correlation_id, shown(task), name, exc)
+    log.info("correlation_id=%s task=%s error=%s %s", shown_id(correlation_id), shown(task), name, exc)
 
 
 # --------------------------------------------------------------------------- responses
@@ -321,7 +330,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             # those of a stream that ended normally are answered below.
             abandoned = assembler.abandon()
         for correlation_id, exc in abandoned:
-            log.info("correlation_id=%s error=INVALID_ARGUMENT %s", correlation_id, exc)
+            log.info("correlation_id=%s error=INVALID_ARGUMENT %s", shown_id(correlation_id), exc)
             yield error_response(correlation_id, exc)
 
     def _on_request(
@@ -329,6 +338,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     ) -> Iterator[ml_service_pb2.InferResponse]:
         correlation_id = request.correlation_id or uuid.uuid4().hex
         try:
+            check_correlation_id(request.correlation_id)  # first: every line about the request carries it
             complete = assembler.feed(request, correlation_id)
         except (InputError, UploadsBusy) as exc:
             _log_refusal(correlation_id, request.task, exc)
@@ -349,7 +359,11 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             task = self._registry.get(request.task)
             yield from task.handler(request, control, started)
         except ClientGone:
-            log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, shown(request.task))
+            log.info(
+                "correlation_id=%s task=%s cancelled by the client",
+                shown_id(request.correlation_id),
+                shown(request.task),
+            )
         except Exception as exc:
             # Yielded after the except block: the exception's traceback would otherwise keep
             # the abandoned generation's frames (and KV cache) alive while the client reads.
@@ -364,7 +378,9 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         lat_ms = (time.perf_counter() - started) * 1000.0
         if error_code_for(exc) == ErrorCode.ERROR_CODE_INTERNAL:
             log.exception(
-                "correlation_id=%s task=%s failed with an internal error", request.correlation_id, shown(request.task)
+                "correlation_id=%s task=%s failed with an internal error",
+                shown_id(request.correlation_id),
+                shown(request.task),
             )
         else:
             _log_refusal(request.correlation_id, request.task, exc)
@@ -376,7 +392,11 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         self, request: CompleteRequest, control: CallControl, started: float, *, streaming: bool
     ) -> Iterator[ml_service_pb2.InferResponse]:
         generation = build_generation_request(request, self.settings.limits)  # before admission: cheap
-        log.debug("correlation_id=%s messages=%r", request.correlation_id, generation.messages)
+        log.debug(
+            "correlation_id=%s messages=%s",
+            shown_id(request.correlation_id),
+            shown(json.dumps(generation.messages, ensure_ascii=False), SHOWN_TEXT_CHARS),
+        )
         control.check()
         with self._admission.slot(self.settings.admission.queue_timeout_s, control):
             control.check()
@@ -415,8 +435,8 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         body = result_json(result, generation, prepared, self.model_id, streaming_chunks)
         log.info(
             "correlation_id=%s task=%s input_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f lat_ms=%.1f",
-            request.correlation_id,
-            request.task,
+            shown_id(request.correlation_id),
+            shown(request.task),
             result.input_tokens,
             result.generated_tokens,
             result.finish_reason.value,
@@ -478,6 +498,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_stop_sequences": limits.max_stop_sequences,
             "max_stop_sequence_chars": limits.max_stop_sequence_chars,
             "max_messages_chars": limits.max_messages_chars,
+            "max_correlation_id_bytes": MAX_CORRELATION_ID_BYTES,
         }
 
     def _build_capability(self) -> ml_service_pb2.Capability:

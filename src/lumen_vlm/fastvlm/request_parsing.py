@@ -11,6 +11,9 @@ Meta values are strings on the wire. Clients format them differently (the Go SDK
 ``"%.1f"`` floats, other clients ``"256"``), so numbers are parsed leniently but bounded
 strictly; bools are true/false/1/0/yes/no in any case. Unknown keys are ignored (clients add
 their own), and logged at DEBUG.
+
+A correlation_id is at most `MAX_CORRELATION_ID_BYTES`: every response and log line about a
+request carries it, so an unbounded one would cost its size again in each.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from ..generation import SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
-from ..text import invalid_text, shown
+from ..text import invalid_text, shown, shown_id, shown_list
 from .admission import Unavailable
 from .exceptions import InputError
 from .fastvlm_model import GenerationParams, GenerationRequest
@@ -49,6 +52,9 @@ MAX_SEED = 2**63 - 1
 # Bits of a seed drawn for an unseeded sampled request: 53 keep it exact in any JSON reader
 # (JavaScript numbers are doubles), so the reported seed can always be sent back.
 DRAWN_SEED_BITS = 53
+# A UUID is 36 bytes, a W3C trace id 32 and a traceparent 55: 256 leaves room for any id
+# scheme (a client prefix, a trace id and a span) while keeping every line that names it short.
+MAX_CORRELATION_ID_BYTES = 256
 
 KNOWN_META_KEYS = frozenset(
     {
@@ -77,6 +83,18 @@ class RequestError(InputError):
 
 class UploadsBusy(Unavailable):
     """The service holds as many unfinished chunked upload bytes as it may: retry later."""
+
+
+# --------------------------------------------------------------------------- the request's id
+
+
+def check_correlation_id(correlation_id: str) -> None:
+    """Refuse a correlation_id longer than `MAX_CORRELATION_ID_BYTES` in UTF-8 (an empty one is fine)."""
+    size = len(correlation_id.encode("utf-8", "surrogatepass"))  # counts whatever the wire decoded to
+    if size > MAX_CORRELATION_ID_BYTES:
+        raise RequestError(
+            f"correlation_id is {size} bytes, more than the limit of {MAX_CORRELATION_ID_BYTES} bytes (UTF-8)"
+        )
 
 
 # --------------------------------------------------------------------------- scalar values
@@ -306,7 +324,9 @@ def build_generation_request(request: CompleteRequest, limits: GenerationLimits)
     """Validate a request's payload and meta into the model manager's request. Raises InputError."""
     unknown = sorted(set(request.meta) - KNOWN_META_KEYS)
     if unknown:
-        log.debug("correlation_id=%s ignores unknown meta keys: %s", request.correlation_id, ", ".join(unknown))
+        log.debug(
+            "correlation_id=%s ignores unknown meta keys: %s", shown_id(request.correlation_id), shown_list(unknown)
+        )
     image = check_image_payload(request.payload, request.payload_mime, image_limits(limits))
     return GenerationRequest(
         messages=parse_messages(request.meta, limits),
