@@ -181,7 +181,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -
         assert json.loads(final.result)["generated_tokens"] == 300
         assert proc.exit_code(timeout=60) == 0
         # The generation was still running when the server began shutting down.
-        assert index_of(proc.lines, "shutting down") < index_of(proc.lines, "correlation_id=long")
+        assert index_of(proc.lines, "shutting down") < index_of(proc.lines, "correlation_id='long'")
 
 
 def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_health_is_not_serving_after_sigterm_while_work_finishes(tmp_path: Path)
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert not any("correlation_id=long" in line for line in proc.lines)  # still generating
+            assert not any("correlation_id='long'" in line for line in proc.lines)  # still generating
             final = list(responses)[-1]
         assert final.is_final and not final.HasField("error"), final
         assert proc.exit_code(timeout=60) == 0

@@ -61,6 +61,9 @@ CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "max_new_tokens_zero": (bad(PNG, max_new_tokens="0"), ("max_new_tokens",)),
     "max_new_tokens_huge": (bad(PNG, max_new_tokens=str(10**9)), ("max_new_tokens", "1000000000")),
     "max_new_tokens_fraction": (bad(PNG, max_new_tokens="2.5"), ("max_new_tokens",)),
+    "max_new_tokens_underscores": (bad(PNG, max_new_tokens="1_0"), ("max_new_tokens", "1_0")),
+    "max_new_tokens_padded": (bad(PNG, max_new_tokens=" 4"), ("max_new_tokens", "ascii")),
+    "temperature_arabic_indic_digits": (bad(PNG, temperature="٠.٥"), ("temperature", "ascii")),
     "temperature_negative": (bad(PNG, temperature="-1"), ("temperature",)),
     "temperature_word": (bad(PNG, temperature="hot"), ("temperature", "hot")),
     "temperature_nan": (bad(PNG, temperature="nan"), ("temperature",)),
@@ -153,3 +156,84 @@ def test_error_messages_do_not_echo_unbounded_client_text(
     assert response.error.code == INVALID
     assert "xxxx" in response.error.message and len(response.error.message) < 300, response.error.message[:400]
     assert all(len(record.getMessage()) < 500 for record in caplog.records)
+
+
+# --------------------------------------------------------------------------- client strings in the log
+
+FORGED = "12:00:00 ERROR lumen_vlm.server: FORGED"
+
+
+def formatted(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Each captured record as the log handler writes it (none here carries a traceback)."""
+    return [caplog.handler.format(record) for record in caplog.records]
+
+
+def test_client_strings_cannot_forge_a_log_line(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    """An id, task, meta key or message holding a newline stays inside its own record, at every level."""
+    caplog.set_level("DEBUG", logger="lumen_vlm")
+    forged = "\n" + FORGED
+    answered = make_request(
+        image=PNG,
+        correlation_id="answered" + forged,
+        messages=[{"role": "user", "content": "Describe it." + forged}],
+        max_new_tokens="2",
+        **{"client_key" + forged: "1"},
+    )
+    refused = make_request(image=PNG, correlation_id="refused" + forged, task="vlm_translate" + forged)
+    unfinished = ml_service_pb2.InferRequest(  # chunk 0 of 2, never finished: answered when the stream ends
+        correlation_id="unfinished" + forged, task="vlm_generate", payload=PNG[:64], seq=0, total=2, offset=0
+    )
+    by_id = finals(infer(served, [answered, refused, unfinished]))
+    assert set(by_id) == {"answered" + forged, "refused" + forged, "unfinished" + forged}
+    assert not by_id["answered" + forged].HasField("error")
+    assert by_id["refused" + forged].error.code == INVALID and by_id["unfinished" + forged].error.code == INVALID
+
+    assert not any(line.startswith(FORGED) for line in caplog.text.splitlines())
+    assert all("\n" not in line for line in formatted(caplog))
+    for name in ("answered", "refused", "unfinished"):  # each of them was logged, escaped
+        assert any(repr(name + forged) in line for line in formatted(caplog)), name
+
+
+def test_an_overlong_correlation_id_is_refused_and_logged_short(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="lumen_vlm")
+    huge = "i" * MIB
+    responses = infer(served, [good_request(huge), good_request("after")])
+    by_id = finals(responses)
+    assert len(responses) == 2
+    error = by_id[huge].error  # the id is echoed as it was sent
+    assert error.code == INVALID
+    assert "correlation_id" in error.message and "256 bytes" in error.message, error.message
+    assert result_of(by_id["after"])["generated_tokens"] == 4
+    logged = [line for line in formatted(caplog) if "iiii" in line]
+    assert logged and sum(len(line.encode("utf-8")) for line in logged) < 1024
+
+
+@pytest.mark.parametrize("correlation_id", ["c" * 256, "é" * 128, "€" * 85 + "c"], ids=["ascii", "2-byte", "3-byte"])
+def test_a_correlation_id_of_256_bytes_is_accepted(served: Served, correlation_id: str) -> None:
+    assert len(correlation_id.encode("utf-8")) == 256
+    (response,) = infer(served, [good_request(correlation_id)])
+    assert response.correlation_id == correlation_id
+    assert result_of(response)["generated_tokens"] == 4
+
+
+@pytest.mark.parametrize("correlation_id", ["c" * 257, "€" * 86], ids=["ascii", "86-characters"])
+def test_a_correlation_id_over_256_bytes_is_refused(served: Served, correlation_id: str) -> None:
+    (response,) = infer(served, [good_request(correlation_id)])
+    assert response.correlation_id == correlation_id
+    assert response.error.code == INVALID
+    assert f"correlation_id is {len(correlation_id.encode('utf-8'))} bytes" in response.error.message
+
+
+def test_debug_lines_stay_short_for_long_messages(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    """The messages and the rendered prompt are cut in DEBUG lines too."""
+    caplog.set_level("DEBUG", logger="lumen_vlm")
+    long_text = "word " * 30_000  # under max_messages_chars; more tokens than the tiny model's context
+    (response,) = infer(
+        served, [make_request(image=PNG, correlation_id="long", messages=[{"role": "user", "content": long_text}])]
+    )
+    assert response.error.code == INVALID
+    debug = [record.getMessage() for record in caplog.records if record.levelname == "DEBUG"]
+    assert any("messages=" in message for message in debug) and any("prompt" in message for message in debug)
+    assert all(len(message) < 1000 for message in debug), max(len(message) for message in debug)

@@ -50,6 +50,7 @@ def test_get_capabilities(served: Served) -> None:
         assert limits["max_stop_sequences"] == str(settings.limits.max_stop_sequences)
         assert limits["max_stop_sequence_chars"] == str(settings.limits.max_stop_sequence_chars)
         assert limits["max_messages_chars"] == str(settings.limits.max_messages_chars)
+        assert limits["max_correlation_id_bytes"] == "256"
         assert limits["context_length"] == "1024"
         assert limits["max_concurrency"] == "2"
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import pytest
 
 from lumen_vlm.fastvlm.exceptions import ImageError, PromptError
+from lumen_vlm.fastvlm.fastvlm_model import GenerationParams
 from lumen_vlm.fastvlm.image import ImageLimits
 from lumen_vlm.fastvlm.request_parsing import (
     DRAWN_SEED_BITS,
+    MAX_CORRELATION_ID_BYTES,
     ChunkAssembler,
     ChunkError,
     CompleteRequest,
@@ -18,6 +21,7 @@ from lumen_vlm.fastvlm.request_parsing import (
     UploadBudget,
     UploadsBusy,
     build_generation_request,
+    check_correlation_id,
     check_image_payload,
     normalize_mime,
     parse_bool,
@@ -36,20 +40,89 @@ from .conftest import image_bytes
 LIMITS = GenerationLimits(default_max_new_tokens=100, max_new_tokens=500)
 
 
-@pytest.mark.parametrize(("raw", "value"), [("256", 256), (" 256 ", 256), ("256.0", 256), ("1e2", 100)])
-def test_ints_in_any_notation(raw: str, value: int) -> None:
-    assert parse_int("n", raw, 1, 1000) == value
+@pytest.mark.parametrize(("raw", "value"), [("256", 256), ("256.0", 256), ("256.00", 256), ("-3", -3), ("007", 7)])
+def test_ints(raw: str, value: int) -> None:
+    assert parse_int("n", raw, -10, 1000) == value
 
 
-@pytest.mark.parametrize("raw", ["abc", "2.5", "", "inf", "nan", "0x10"])
+# Forms Python's int() or float() take that no client sends: padded, "1_0", other scripts'
+# digits (Arabic-Indic, Devanagari, full-width), a sign, hex, exponents, inf/nan, half a number.
+LENIENT_INTS = [" 256", "256 ", "\t256", "256\n", "1_0", "١٠", "१०", "１０", "+10", "0x10", "1e2", "10.", ".0", "-"]
+LENIENT_FLOATS = [" 0.5", "0.5 ", "0_5", "0.5_0", "٠.٥", "０.５", "+0.5", ".5", "5.", "1e", "0x1p-1", "inf", "-inf"]
+LENIENT_FLOATS += ["nan", "NaN", "Infinity", "infinity", "1,5", "0.5e1.0", ""]
+
+
+@pytest.mark.parametrize("raw", ["abc", "2.5", "", "inf", "nan", "0x10", *LENIENT_INTS])
 def test_ints_refused(raw: str) -> None:
     with pytest.raises(RequestError, match="'n'"):
         parse_int("n", raw, 0, 1000)
 
 
-@pytest.mark.parametrize(("raw", "value"), [("0.7", 0.7), ("%.1f" % 0.7, 0.7), ("1", 1.0), (" 0.25 ", 0.25)])  # noqa: UP031 - the Go SDK's format
+def test_a_huge_integer_is_out_of_range_with_a_short_message() -> None:
+    with pytest.raises(RequestError, match="between 0 and 1000") as raised:
+        parse_int("n", "9" * 100_000, 0, 1000)  # more digits than int() converts
+    assert len(str(raised.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("0.7", 0.7), (f"{0.7:.1f}", 0.7), ("1", 1.0), ("1e-1", 0.1), ("-0.0", 0.0)]
+)
 def test_floats(raw: str, value: float) -> None:
     assert parse_float("t", raw, 0.0, 2.0) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("raw", LENIENT_FLOATS)
+def test_floats_refused(raw: str) -> None:
+    with pytest.raises(RequestError, match="'t'"):
+        parse_float("t", raw, -10.0, 10.0)
+
+
+INT_KEYS = ["max_new_tokens", "top_k", "seed"]
+FLOAT_KEYS = ["temperature", "top_p", "repetition_penalty"]
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [(key, raw) for key in INT_KEYS for raw in LENIENT_INTS if raw.strip()]
+    + [(key, raw) for key in FLOAT_KEYS for raw in LENIENT_FLOATS if raw.strip()],
+)
+def test_a_lenient_number_in_meta_is_refused_naming_its_key(key: str, raw: str) -> None:
+    """Through the request's own path; a blank value is no value (the key's default), not an error."""
+    with pytest.raises(RequestError, match=f"meta '{key}'"):
+        parse_generation_params({key: raw}, LIMITS)
+
+
+def go_sdk_meta(max_tokens: int, temperature: float, top_p: float, penalty: float, flag: bool) -> dict[str, str]:
+    """The meta the Go SDK's generation options write (pkg/types/generation.go): max_new_tokens
+    with "%d", temperature, top_p and repetition_penalty with "%.1f", do_sample and
+    add_generation_prompt with strconv.FormatBool, stop_sequences with json.Marshal."""
+    return {
+        "max_new_tokens": f"{max_tokens:d}",
+        "temperature": f"{temperature:.1f}",
+        "top_p": f"{top_p:.1f}",
+        "repetition_penalty": f"{penalty:.1f}",
+        "do_sample": "true" if flag else "false",
+        "add_generation_prompt": "true" if flag else "false",
+        "stop_sequences": json.dumps(["\n\n", "###"], separators=(",", ":")),
+    }
+
+
+def test_every_form_the_go_sdk_sends_is_accepted() -> None:
+    def params(**values: Any) -> GenerationParams:
+        defaults: dict[str, Any] = {"max_tokens": 4, "temperature": 0.7, "top_p": 1.0, "penalty": 1.0, "flag": True}
+        return parse_generation_params(go_sdk_meta(**{**defaults, **values}), LIMITS)
+
+    tenths = [i / 10 for i in range(101)]  # 0.0 .. 10.0: every "%.1f" value in any of the ranges
+    for max_tokens in range(1, LIMITS.max_new_tokens + 1):
+        assert params(max_tokens=max_tokens).max_new_tokens == max_tokens
+    for temperature in [-0.01, *(t for t in tenths if t <= 2.0)]:  # a tiny negative prints "-0.0"
+        assert params(temperature=temperature, flag=False).sampling.temperature == pytest.approx(round(temperature, 1))
+    for top_p in (p for p in tenths if 0.0 < p <= 1.0):
+        assert params(top_p=top_p).sampling.top_p == pytest.approx(top_p)
+    for penalty in (p for p in tenths if p > 0.0):
+        assert params(penalty=penalty).sampling.repetition_penalty == pytest.approx(penalty)
+    # The SDK's other integers (strconv.Itoa, e.g. top_k), and a reported seed sent back as it came.
+    assert parse_sampling({"temperature": "0.7", "top_k": "40", "seed": str(2**63 - 1)}).seed == 2**63 - 1
 
 
 def test_open_lower_bound() -> None:
@@ -217,6 +290,26 @@ def test_unknown_keys_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> N
     request = CompleteRequest("c", "vlm_generate", {"prompt": "hi", "client": "go-sdk"})
     build_generation_request(request, LIMITS)
     assert any("client" in record.getMessage() and record.levelname == "DEBUG" for record in caplog.records)
+
+
+def test_unknown_keys_are_logged_escaped_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A thousand made-up keys, each holding a newline, give one short line that names the first few."""
+    caplog.set_level("DEBUG", logger="lumen_vlm.fastvlm.request_parsing")
+    keys = {f"key{i:04d}\n12:00:00 ERROR lumen_vlm.server: FORGED": "v" for i in range(1000)}
+    build_generation_request(CompleteRequest("c\nid", "vlm_generate", {"prompt": "hi", **keys}), LIMITS)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and len(message) < 1000, message[:2000]
+    assert "'c\\nid'" in message and "key0000" in message and "1000 in all" in message
+
+
+def test_correlation_id_bound_counts_utf8_bytes() -> None:
+    assert MAX_CORRELATION_ID_BYTES == 256
+    for accepted in ("", "c" * 256, "é" * 128):
+        check_correlation_id(accepted)
+    for refused in ("c" * 257, "é" * 129, "€" * 86):
+        with pytest.raises(RequestError, match=f"correlation_id is {len(refused.encode())} bytes.*limit of 256"):
+            check_correlation_id(refused)
 
 
 # --------------------------------------------------------------------------- chunks

@@ -37,6 +37,7 @@ from ..resources.exceptions import ConfigError, ModelFilesError
 from ..resources.model_files import ModelFacts, ModelFiles, load_tokenizer, locate_model_files, read_model_facts
 from ..resources.model_spec import ImageSpec, ResizeMode
 from ..resources.settings import VLMSettings
+from ..text import SHOWN_TEXT_CHARS, shown
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
 from .prompt import ChatTemplate, encode_prompt, ensure_image_token, render_messages
@@ -320,7 +321,7 @@ class FastVLMModelManager:
     def render(self, messages: Sequence[Any], has_image: bool, add_generation_prompt: bool) -> str:
         """Validate the messages and render the prompt text (with one image placeholder)."""
         prompt = render_messages(messages, self.template, has_image, add_generation_prompt)
-        log.debug("prompt: %r", prompt)
+        log.debug("prompt: %s", shown(prompt, SHOWN_TEXT_CHARS))
         return prompt
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:

@@ -26,6 +26,7 @@ the context are used, each optionally, so a hub may pass a context of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -43,12 +44,20 @@ from .. import __version__
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
-from ..text import shown
+from ..text import SHOWN_TEXT_CHARS, shown, shown_id
 from .admission import Admission, CallControl, ClientGone, ServiceError, Unavailable, watch_termination
 from .exceptions import InputError
 from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
 from .image import IMAGE_MIMES
-from .request_parsing import ChunkAssembler, CompleteRequest, UploadBudget, UploadsBusy, build_generation_request
+from .request_parsing import (
+    MAX_CORRELATION_ID_BYTES,
+    ChunkAssembler,
+    CompleteRequest,
+    UploadBudget,
+    UploadsBusy,
+    build_generation_request,
+    check_correlation_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +90,7 @@ def error_code_for(exc: BaseException) -> int:
 def _log_refusal(correlation_id: str, task: str, exc: BaseException) -> None:
     """One line for a request answered with an error the client caused or may retry."""
     name = ErrorCode.Name(error_code_for(exc)).removeprefix("ERROR_CODE_")
-    log.info("correlation_id=%s task=%s error=%s %s", correlation_id, shown(task), name, exc)
+    log.info("correlation_id=%s task=%s error=%s %s", shown_id(correlation_id), shown(task), name, exc)
 
 
 # --------------------------------------------------------------------------- responses
@@ -350,7 +359,11 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         except (ClientGone, GeneratorExit) as exc:
             # ClientGone: seen at a decode step. GeneratorExit: the transport stopped drawing
             # responses (the call ended between two of them) and closed us.
-            log.info("correlation_id=%s task=%s cancelled by the client", request.correlation_id, shown(request.task))
+            log.info(
+                "correlation_id=%s task=%s cancelled by the client",
+                shown_id(request.correlation_id),
+                shown(request.task),
+            )
             if isinstance(exc, GeneratorExit):
                 raise
         except Exception as exc:
@@ -367,7 +380,9 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         lat_ms = (time.perf_counter() - started) * 1000.0
         if error_code_for(exc) == ErrorCode.ERROR_CODE_INTERNAL:
             log.exception(
-                "correlation_id=%s task=%s failed with an internal error", request.correlation_id, shown(request.task)
+                "correlation_id=%s task=%s failed with an internal error",
+                shown_id(request.correlation_id),
+                shown(request.task),
             )
         else:
             _log_refusal(request.correlation_id, request.task, exc)
@@ -379,7 +394,11 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         self, request: CompleteRequest, control: CallControl, started: float, *, streaming: bool
     ) -> Iterator[ml_service_pb2.InferResponse]:
         generation = build_generation_request(request, self.settings.limits)  # before admission: cheap
-        log.debug("correlation_id=%s messages=%r", request.correlation_id, generation.messages)
+        log.debug(
+            "correlation_id=%s messages=%s",
+            shown_id(request.correlation_id),
+            shown(json.dumps(generation.messages, ensure_ascii=False), SHOWN_TEXT_CHARS),
+        )
         control.check()
         with self._admission.slot(self.settings.admission.queue_timeout_s, control):
             control.check()
@@ -418,8 +437,8 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         body = result_json(result, generation, prepared, self.model_id, streaming_chunks)
         log.info(
             "correlation_id=%s task=%s input_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f lat_ms=%.1f",
-            request.correlation_id,
-            request.task,
+            shown_id(request.correlation_id),
+            shown(request.task),
             result.input_tokens,
             result.generated_tokens,
             result.finish_reason.value,
@@ -481,6 +500,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_stop_sequences": limits.max_stop_sequences,
             "max_stop_sequence_chars": limits.max_stop_sequence_chars,
             "max_messages_chars": limits.max_messages_chars,
+            "max_correlation_id_bytes": MAX_CORRELATION_ID_BYTES,
         }
 
     def _build_capability(self) -> ml_service_pb2.Capability:
@@ -521,6 +541,7 @@ def respond(
     """
     correlation_id = request.correlation_id or uuid.uuid4().hex
     try:
+        check_correlation_id(request.correlation_id)  # first: every line about the request carries it
         complete = assembler.feed(request, correlation_id)
     except (InputError, UploadsBusy) as exc:
         _log_refusal(correlation_id, request.task, exc)

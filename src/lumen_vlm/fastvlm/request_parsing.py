@@ -7,10 +7,14 @@ generation slot. Every refusal is an `InputError` (INVALID_ARGUMENT on the wire)
 they own and this module only calls: `image.check_image_bytes` (size, signature) and
 `prompt.normalize_messages` (roles, content). Echoed client values go through `text.shown`.
 
-Meta values are strings on the wire. Clients format them differently (the Go SDK sends
-``"%.1f"`` floats, other clients ``"256"``), so numbers are parsed leniently but bounded
-strictly; bools are true/false/1/0/yes/no in any case. Unknown keys are ignored (clients add
-their own), and logged at DEBUG.
+Meta values are strings on the wire. Numbers must be plain ASCII decimal, as every client
+formats them (the Go SDK sends ``"%d"`` integers and ``"%.1f"`` floats, so an integer may also
+be written ``"256.0"``): no spaces, underscores, other scripts' digits, hex, inf or nan, which
+Python's int() and float() would take. Bools are true/false/1/0/yes/no in any case. Unknown
+keys are ignored (clients add their own), and logged at DEBUG.
+
+A correlation_id is at most `MAX_CORRELATION_ID_BYTES`: every response and log line about a
+request carries it, so an unbounded one would cost its size again in each.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -29,7 +34,7 @@ from typing import Any, NamedTuple
 from ..generation import SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
-from ..text import invalid_text, shown
+from ..text import invalid_text, shown, shown_id, shown_list
 from .admission import DeadlineExceeded, Unavailable
 from .exceptions import InputError
 from .fastvlm_model import GenerationParams, GenerationRequest
@@ -50,6 +55,9 @@ MAX_SEED = 2**63 - 1
 # Bits of a seed drawn for an unseeded sampled request: 53 keep it exact in any JSON reader
 # (JavaScript numbers are doubles), so the reported seed can always be sent back.
 DRAWN_SEED_BITS = 53
+# A UUID is 36 bytes, a W3C trace id 32 and a traceparent 55: 256 leaves room for any id
+# scheme (a client prefix, a trace id and a span) while keeping every line that names it short.
+MAX_CORRELATION_ID_BYTES = 256
 
 KNOWN_META_KEYS = frozenset(
     {
@@ -84,33 +92,49 @@ class UploadTimedOut(DeadlineExceeded):
     """A chunked upload sent nothing for too long and was dropped."""
 
 
+# --------------------------------------------------------------------------- the request's id
+
+
+def check_correlation_id(correlation_id: str) -> None:
+    """Refuse a correlation_id longer than `MAX_CORRELATION_ID_BYTES` in UTF-8 (an empty one is fine)."""
+    size = len(correlation_id.encode("utf-8", "surrogatepass"))  # counts whatever the wire decoded to
+    if size > MAX_CORRELATION_ID_BYTES:
+        raise RequestError(
+            f"correlation_id is {size} bytes, more than the limit of {MAX_CORRELATION_ID_BYTES} bytes (UTF-8)"
+        )
+
+
 # --------------------------------------------------------------------------- scalar values
+
+# What a number may look like, in place of int() and float(), which also take spaces, "1_0",
+# other scripts' digits ("١٠"), inf and nan. [0-9], never \d, which matches those digits too.
+# A decimal is a JSON number; an integer is one without exponent or fraction, but "256.0" (an
+# integral "%.1f", the Go SDK's float format) is one too.
+_INTEGER = re.compile(r"-?[0-9]+(?:\.0+)?")
+_DECIMAL = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 
 
 def parse_int(key: str, raw: str, low: int, high: int) -> int:
-    """An integer in [low, high]; "256" and "256.0" both give 256."""
-    text = raw.strip()
+    """An integer in [low, high], in ASCII digits with an optional "-"; "256" and "256.0" both give 256."""
+    if not _INTEGER.fullmatch(raw):
+        raise RequestError(f"meta '{key}' must be an integer in ASCII digits, such as 256 or 256.0, got {shown(raw)}")
+    out_of_range = RequestError(f"meta '{key}' must be between {low} and {high}, got {shown(raw)}")
     try:
-        value = int(text)
-    except ValueError:
-        try:
-            number = float(text)
-        except ValueError:
-            raise RequestError(f"meta '{key}' must be an integer, got {shown(raw)}") from None
-        if not number.is_integer():
-            raise RequestError(f"meta '{key}' must be an integer, got {shown(raw)}") from None
-        value = int(number)
+        value = int(raw.split(".", 1)[0])
+    except ValueError:  # more digits than int() converts (4,300): far outside any bound
+        raise out_of_range from None
     if not low <= value <= high:
-        raise RequestError(f"meta '{key}' must be between {low} and {high}, got {value}")
+        raise out_of_range
     return value
 
 
 def parse_float(key: str, raw: str, low: float, high: float, *, low_open: bool = False) -> float:
-    """A finite float in [low, high] (or (low, high] when low_open)."""
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise RequestError(f"meta '{key}' must be a number, got {shown(raw)}") from None
+    """A finite float in [low, high] (or (low, high] when low_open), in ASCII decimal notation."""
+    if not _DECIMAL.fullmatch(raw):
+        raise RequestError(
+            f"meta '{key}' must be a number in ASCII decimal notation, such as 0.7 or 1e-3, got {shown(raw)}"
+        )
+    value = float(raw)
     below = value <= low if low_open else value < low
     if not math.isfinite(value) or below or value > high:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
@@ -311,7 +335,9 @@ def build_generation_request(request: CompleteRequest, limits: GenerationLimits)
     """Validate a request's payload and meta into the model manager's request. Raises InputError."""
     unknown = sorted(set(request.meta) - KNOWN_META_KEYS)
     if unknown:
-        log.debug("correlation_id=%s ignores unknown meta keys: %s", request.correlation_id, ", ".join(unknown))
+        log.debug(
+            "correlation_id=%s ignores unknown meta keys: %s", shown_id(request.correlation_id), shown_list(unknown)
+        )
     image = check_image_payload(request.payload, request.payload_mime, image_limits(limits))
     return GenerationRequest(
         messages=parse_messages(request.meta, limits),

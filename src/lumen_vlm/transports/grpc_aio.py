@@ -47,6 +47,7 @@ from ..fastvlm.fastvlm_service import (
 from ..fastvlm.request_parsing import ChunkAssembler, CompleteRequest, RequestError, UploadBudget
 from ..proto import ml_service_pb2
 from ..resources.settings import VLMSettings
+from ..text import shown_id
 from .wire import UnreadableRequest, read_infer_request
 
 log = logging.getLogger(__name__)
@@ -305,5 +306,5 @@ class AsyncInference:
 def _unreadable_response(message: UnreadableRequest, assembler: ChunkAssembler) -> InferResponse:
     """INVALID_ARGUMENT for a message that could not be read; an upload it belonged to fails."""
     assembler.reject(message.correlation_id, message.seq, message.total)
-    log.info("correlation_id=%r error=INVALID_ARGUMENT %s", message.correlation_id[:64], message.reason)
+    log.info("correlation_id=%s error=INVALID_ARGUMENT %s", shown_id(message.correlation_id), message.reason)
     return error_response(message.correlation_id, RequestError(message.reason))
