@@ -173,8 +173,8 @@ def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, spec: ImageSp
         # PIL itself raises DecompressionBombError past 2x its MAX_IMAGE_PIXELS (and only warns
         # below that); our own check, made from the header, is the real bound. Neither PIL's
         # limit nor a warnings filter is changed: both are process-wide and racy under threads.
-        # Not closed: its file is our bytes in memory, and closing would free the decoded
-        # pixels, so that keeping them would take a copy as large as the image.
+        # Never closed: its file is only our bytes in memory, and keeping the pixels past a
+        # close would take a copy as large as the decoded image.
         img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
         # Image.open has read the header only: refuse absurd sizes before decoding.
         if img.format not in _PIL_FORMATS[mime]:
