@@ -15,6 +15,7 @@ from lumen_vlm.fastvlm.exceptions import ImageError, InputError
 from lumen_vlm.fastvlm.image import (
     ImageLimits,
     check_image_bytes,
+    check_image_size,
     image_to_pixels,
     load_image,
     preprocess,
@@ -51,6 +52,15 @@ def png_with_size(width: int, height: int) -> bytes:
     chunk[4:12] = struct.pack(">II", width, height)
     crc = struct.pack(">I", zlib.crc32(bytes(chunk)))
     return data[:12] + bytes(chunk) + crc + data[33:]
+
+
+def jpeg_with_size(width: int, height: int) -> bytes:
+    """A valid 8x8 JPEG whose frame header (SOF0) claims width x height."""
+    data = bytearray(encode(Image.new("RGB", (8, 8)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    assert struct.unpack(">HH", data[sof + 5 : sof + 9]) == (8, 8)  # height, then width
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 def expected_norm(value: int, mean: float, std: float) -> np.float32:
@@ -273,8 +283,9 @@ def test_pil_bomb_error_becomes_image_error_without_global_changes() -> None:
     # 400 M pixels is over twice PIL's MAX_IMAGE_PIXELS, where PIL itself refuses in open().
     max_pixels_before = Image.MAX_IMAGE_PIXELS
     filters_before = list(warnings.filters)
-    with pytest.raises(ImageError, match="too large to decode safely"):
+    with pytest.raises(ImageError, match="too large to decode safely") as error:
         load_image(png_with_size(20_000, 20_000), ImageLimits(max_pixels=10**12))
+    assert "20000x20000 = 400000000 pixels" in str(error.value)
     assert max_pixels_before == Image.MAX_IMAGE_PIXELS
     assert warnings.filters == filters_before
 
@@ -293,6 +304,124 @@ def test_extreme_aspect_ratio_is_refused_before_allocating() -> None:
             preprocess(thin, ImageSpec(size=1024, mode=mode))
     with pytest.raises(ImageError, match="aspect ratio"):
         image_to_pixels(encode(thin, "PNG"), ImageSpec(size=1024, mode=ResizeMode.CROP))
+
+
+@pytest.mark.parametrize("make", [png_with_size, jpeg_with_size])
+def test_a_decompression_bomb_is_refused_naming_max_image_pixels(make) -> None:
+    # 400 M pixels: PIL's own bomb check refuses it inside Image.open, before our header check.
+    data = make(20_000, 20_000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    max_pixels_before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError) as error:
+        load_image(data)
+    message = str(error.value)
+    assert "20000x20000 = 400000000 pixels" in message
+    assert "max_image_pixels = 50000000" in message
+    assert "178956970" not in message  # PIL's limit is not ours
+    assert max_pixels_before == Image.MAX_IMAGE_PIXELS
+
+
+# --- the memory bound: no image preprocessing makes may exceed max_image_pixels -----------------
+
+SMALL_LIMITS = ImageLimits(max_pixels=10_000)
+
+
+@pytest.mark.parametrize(
+    ("mode", "under", "over", "needed"),
+    [
+        (ResizeMode.PAD, (100, 1), (101, 1), "101x101 padded square = 10201 pixels"),
+        (ResizeMode.PAD, (1, 100), (1, 101), "101x101 padded square = 10201 pixels"),
+        (ResizeMode.CROP, (1, 9), (1, 10), "32x320 resized image = 10240 pixels"),  # under: 32x288
+        (ResizeMode.CROP, (9, 1), (10, 1), "320x32 resized image = 10240 pixels"),
+    ],
+)
+def test_no_intermediate_image_may_exceed_max_image_pixels(
+    mode: ResizeMode, under: tuple[int, int], over: tuple[int, int], needed: str
+) -> None:
+    spec = ImageSpec(size=32, mode=mode)
+    assert preprocess(noise(*under), spec, SMALL_LIMITS).shape == (1, 3, 32, 32)
+    assert image_to_pixels(encode(noise(*under), "PNG"), spec, SMALL_LIMITS).shape == (1, 3, 32, 32)
+    for refuse in (
+        lambda: preprocess(noise(*over), spec, SMALL_LIMITS),
+        lambda: image_to_pixels(encode(noise(*over), "PNG"), spec, SMALL_LIMITS),
+    ):
+        with pytest.raises(ImageError) as error:
+            refuse()
+        message = str(error.value)
+        assert f"image {over[0]}x{over[1]} has too extreme an aspect ratio for {mode.value} mode" in message
+        assert needed in message
+        assert "more than the limit of max_image_pixels = 10000 pixels" in message
+
+
+def test_the_bound_is_checked_from_the_header_before_decoding() -> None:
+    # The IHDR claims 12247x1 over a 1x1 image: decoding would fail, so only a check made from
+    # the header alone can give this answer.
+    data = png_with_size(12_247, 1)
+    with pytest.raises(ImageError, match="12247x12247 padded square"):
+        image_to_pixels(data, ImageSpec(size=1024, mode=ResizeMode.PAD))
+    with pytest.raises(ImageError, match="corrupt or truncated"):  # without a spec: a decode error
+        load_image(data)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop_under", "crop_over"),
+    # The tiny test model's input and FastVLM-0.5B's. CROP resizes 1 x h to size x int(size * h).
+    [(256, 762, 763), (1024, 47, 48)],
+)
+def test_the_thin_shapes_of_issue_9_at_the_default_limit(size: int, crop_under: int, crop_over: int) -> None:
+    # Checked from the sizes alone: the accepted ones need ~200 MB to preprocess.
+    limits = ImageLimits()
+    pad, crop = ImageSpec(size=size, mode=ResizeMode.PAD), ImageSpec(size=size, mode=ResizeMode.CROP)
+    check_image_size(7071, 1, limits, pad)  # a 7071x7071 square: 49 999 041 pixels
+    check_image_size(1, 7071, limits, pad)
+    check_image_size(1, crop_under, limits, crop)
+    check_image_size(crop_under, 1, limits, crop)
+    refused = [
+        (7072, 1, pad),
+        (1, crop_over, crop),
+        (crop_over, 1, crop),
+        (12_247, 1, pad),  # issue 9: a 115-byte PNG that cost 0.6 GB
+        (1, 1464, crop),  # issue 9: an 86-byte PNG that cost 1.4 GB
+    ]
+    for width, height, spec in refused:
+        with pytest.raises(ImageError, match="max_image_pixels = 50000000 pixels"):
+            check_image_size(width, height, limits, spec)
+
+
+ORDINARY_PHOTOS = [
+    (6000, 4000),  # 24 MP, 3:2
+    (5656, 4242),  # 24 MP, 4:3
+    (4032, 3024),  # 12 MP phone
+    (3840, 2160),  # 4K screenshot
+]
+
+
+@pytest.mark.parametrize("mode", list(ResizeMode))
+@pytest.mark.parametrize("size", [256, 1024])
+def test_ordinary_photos_fit_the_default_limits(mode: ResizeMode, size: int) -> None:
+    spec = ImageSpec(size=size, mode=mode)
+    for width, height in ORDINARY_PHOTOS:
+        check_image_size(width, height, ImageLimits(), spec)
+        check_image_size(height, width, ImageLimits(), spec)
+
+
+def test_a_phone_photo_is_preprocessed_in_pad_mode() -> None:
+    # The padded square (4032x4032) is the largest image made for it: 16 M pixels.
+    data = encode(solid(4032, 3024, (200, 100, 50)), "PNG")
+    pixels = image_to_pixels(data, ImageSpec(size=1024, mode=ResizeMode.PAD))
+    assert pixels.shape == (1, 3, 1024, 1024)
+    assert np.allclose(pixels[0, :, 512, 512], np.array([200, 100, 50]) / 255)
+
+
+def test_the_models_input_square_is_allowed_under_a_lower_max_image_pixels() -> None:
+    limits = ImageLimits(max_pixels=100)
+    for mode in ResizeMode:
+        spec = ImageSpec(size=32, mode=mode)
+        assert preprocess(noise(10, 10), spec, limits).shape == (1, 3, 32, 32)  # upscaled to 32x32
+    assert preprocess(noise(10, 5), ImageSpec(size=32, mode=ResizeMode.PAD), limits).shape == (1, 3, 32, 32)
+    with pytest.raises(ImageError, match=r"35x32 resized image = 1120 pixels, more than the limit of 1024 pixels"):
+        preprocess(noise(10, 9), ImageSpec(size=32, mode=ResizeMode.CROP), limits)
 
 
 # --- preprocessing ------------------------------------------------------------------------------

@@ -10,6 +10,13 @@ Three steps, each usable on its own:
 * `preprocess` turns an RGB image into the float32 `[1, 3, size, size]` array the encoder
   takes, bit for bit as the reference pipelines do (see `ResizeMode`).
 * `image_to_pixels` is both in one call.
+
+Memory: one rule bounds what an image may cost, `max_image_pixels` (`ImageLimits.max_pixels`).
+The decoded image and every image preprocessing makes from it (the padded square, Pillow's
+resize temporary and the resized image) may each have at most that many pixels; the model's own
+`size x size` input is always allowed. `check_image_size` applies it from the header, before
+anything is decoded. The padded square and the shortest-edge resize grow with the aspect ratio,
+so without it a tiny, thin image (an 86-byte 1x1464 PNG) would cost gigabytes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,6 +39,7 @@ __all__ = [
     "IMAGE_MIMES",
     "ImageLimits",
     "check_image_bytes",
+    "check_image_size",
     "image_limits",
     "image_to_pixels",
     "load_image",
@@ -41,17 +50,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Sizes above which an image is refused.
+    """Sizes above which an image is refused, both checked before decoding.
 
-    `max_bytes` and `max_pixels` are checked before decoding. `max_work_pixels` bounds the
-    intermediate image `preprocess` builds (the square canvas in PAD mode, the shortest-edge
-    resize in CROP mode): both grow with the aspect ratio, so a small but extremely thin image
-    would otherwise need gigabytes.
+    `max_bytes` is the settings' `max_payload_bytes`. `max_pixels` is `max_image_pixels`: it
+    bounds the decoded image and each image preprocessing makes from it (see `check_image_size`).
     """
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_work_pixels: int = 150_000_000
+    max_bytes: int = GenerationLimits.max_payload_bytes
+    max_pixels: int = GenerationLimits.max_image_pixels
 
 
 _DEFAULT_LIMITS = ImageLimits()
@@ -71,8 +77,9 @@ _PIL_FORMATS: dict[str, frozenset[str]] = {
     "image/webp": frozenset({"WEBP"}),
 }
 IMAGE_MIMES = tuple(_PIL_FORMATS)  # what requests may send, and capabilities advertise
-# The plugins Image.open may try; MPO is reached through the JPEG plugin.
-_OPEN_FORMATS = ("JPEG", "PNG", "WEBP")
+# MIME type -> the plugin that opens it; MPO is reached through the JPEG plugin.
+_PLUGINS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+_OPEN_FORMATS = tuple(_PLUGINS.values())  # the plugins Image.open may try
 
 # Errors PIL (and the zlib / struct code under it) raises on malformed input.
 # UnidentifiedImageError is an OSError; DecompressionBombError is an Exception of its own.
@@ -121,42 +128,71 @@ def check_image_bytes(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, declar
     return mime
 
 
-def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Image:
+def check_image_size(
+    width: int, height: int, limits: ImageLimits = _DEFAULT_LIMITS, spec: ImageSpec | None = None
+) -> None:
+    """Refuse, from its size alone, an image too large to decode or (given the `spec` it will be
+    preprocessed for) to preprocess. This is the one memory rule, see the module's docstring.
+
+    Raises `ImageError` for an empty size, more than `limits.max_pixels` pixels, and an image
+    whose preprocessing would make one with more than `max(limits.max_pixels, spec.size ** 2)`.
+    """
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has an empty size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"more than the limit of max_image_pixels = {limits.max_pixels} pixels"
+        )
+    if spec is None:
+        return
+    work = max(_intermediate_images(width, height, spec), key=lambda image: image.pixels)
+    # The model's own input is always allowed, even under a max_image_pixels set below it.
+    bound = max(limits.max_pixels, spec.size * spec.size)
+    if work.pixels > bound:
+        limit = f"max_image_pixels = {limits.max_pixels} pixels"
+        if bound > limits.max_pixels:
+            limit = f"{bound} pixels (the model's {spec.size}x{spec.size} input; {limit} is lower)"
+        raise ImageError(
+            f"image {width}x{height} has too extreme an aspect ratio for {spec.mode.value} mode: preprocessing "
+            f"it would need a {work.width}x{work.height} {work.name} = {work.pixels} pixels, "
+            f"more than the limit of {limit}"
+        )
+
+
+def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, spec: ImageSpec | None = None) -> Image.Image:
     """Decode untrusted image bytes into an upright RGB image.
 
-    Raises `ImageError` for what `check_image_bytes` refuses, images with more than
-    `limits.max_pixels` pixels (checked from the header alone), and files that are corrupt or
+    Raises `ImageError` for what `check_image_bytes` refuses, images `check_image_size` refuses
+    (checked from the header alone, with `spec` when given), and files that are corrupt or
     truncated. Animated images give their first frame.
     """
     mime = check_image_bytes(data, limits)
 
     try:
         # PIL itself raises DecompressionBombError past 2x its MAX_IMAGE_PIXELS (and only warns
-        # below that); our own max_pixels check, made from the header, is the real bound. No
-        # warnings filter is changed: that would be process-wide and racy under threads.
-        with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as img:
-            # Image.open has read the header only: refuse absurd sizes before decoding.
-            if img.format not in _PIL_FORMATS[mime]:
-                raise ImageError(
-                    f"image content ({img.format}) does not match its signature ({mime}); "
-                    "only JPEG, PNG and WebP are accepted"
-                )
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageError(f"image has an empty size ({width}x{height})")
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, "
-                    f"more than the limit of {limits.max_pixels} pixels"
-                )
-            # Image.open leaves an animated image on its first frame, and load() decodes
-            # only the current frame: animated images give their first frame.
-            img.load()  # full decode: truncated or corrupt data fails here
-            upright = ImageOps.exif_transpose(img)  # a new image, detached from the file
+        # below that); our own check, made from the header, is the real bound. Neither PIL's
+        # limit nor a warnings filter is changed: both are process-wide and racy under threads.
+        # Never closed: its file is only our bytes in memory, and keeping the pixels past a
+        # close would take a copy as large as the decoded image.
+        img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+        # Image.open has read the header only: refuse absurd sizes before decoding.
+        if img.format not in _PIL_FORMATS[mime]:
+            raise ImageError(
+                f"image content ({img.format}) does not match its signature ({mime}); "
+                "only JPEG, PNG and WebP are accepted"
+            )
+        # The EXIF orientation applied below only swaps width and height, which changes none
+        # of the sizes checked; `preprocess` checks the upright image again anyway.
+        check_image_size(*img.size, limits, spec)
+        # Image.open leaves an animated image on its first frame, and load() decodes only the
+        # current frame: animated images give their first frame.
+        img.load()  # full decode: truncated or corrupt data fails here
+        ImageOps.exif_transpose(img, in_place=True)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is too large to decode safely: {exc}") from exc
+        raise _bomb_error(data, mime, limits, spec, exc) from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageError(f"cannot read the {_name(mime)} image: its header is not valid") from exc
     except _DECODE_ERRORS as exc:
@@ -167,10 +203,10 @@ def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS) -> Image.Imag
     # palette images take their palette colours), with no compositing over black or white.
     # (transformers' convert_to_rgb composites over white instead; we follow the model's
     # reference.)
-    if upright.mode == "RGB":
-        return upright
+    if img.mode == "RGB":
+        return img
     try:
-        return upright.convert("RGB")
+        return img.convert("RGB")
     except _DECODE_ERRORS as exc:
         raise ImageError(f"cannot convert the {_name(mime)} image to RGB ({exc})") from exc
 
@@ -184,42 +220,15 @@ def preprocess(image: Image.Image, spec: ImageSpec, limits: ImageLimits = _DEFAU
     `spec.size`, centre-crop, rescale, normalize. Results are bit-identical to
     `CLIPImageProcessorPil` on the same (padded) image.
 
-    Raises `ImageError` if the aspect ratio is so extreme that the intermediate image would
-    exceed `limits.max_work_pixels`.
+    Raises `ImageError` for an image `check_image_size` refuses (an aspect ratio so extreme
+    that the padded square or the resized image would be too large), before allocating them.
     """
+    if spec.mode not in (ResizeMode.PAD, ResizeMode.CROP):
+        raise ValueError(f"unknown resize mode {spec.mode!r}")
+    check_image_size(*image.size, limits, spec)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    size = spec.size
-    width, height = image.size
-
-    if spec.mode == ResizeMode.PAD:
-        side = max(width, height)
-        _check_work_pixels(width, height, side * side, limits)
-        if width != height:
-            # ml-fastvlm's expand2square, with background tuple(int(x * 255) for x in image_mean).
-            background = tuple(int(m * 255) for m in spec.image_mean)
-            canvas = Image.new("RGB", (side, side), background)
-            canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-            image = canvas
-            width = height = side
-    elif spec.mode != ResizeMode.CROP:
-        raise ValueError(f"unknown resize mode {spec.mode!r}")
-
-    # transformers' get_resize_output_image_size(default_to_square=False): the short side
-    # becomes `size`, the long side int(size * long / short) (truncated, not rounded).
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
-    _check_work_pixels(width, height, new_width * new_height, limits)
-    resized = image.resize((new_width, new_height), resample=spec.resample)
-    pixels = np.asarray(resized)  # HWC uint8
-
-    # transformers' center_crop: offsets floor((orig - crop) / 2). The short side already
-    # equals `size`, so the crop never needs padding.
-    top = (new_height - size) // 2
-    left = (new_width - size) // 2
-    pixels = pixels[top : top + size, left : left + size]
+    pixels = _resized_centre(image, spec)  # HWC uint8; the larger images made for it are freed
 
     # transformers' rescale: upcast to float64, multiply, downcast to float32.
     scaled = (pixels.astype(np.float64) * spec.rescale_factor).astype(np.float32)
@@ -232,16 +241,92 @@ def preprocess(image: Image.Image, spec: ImageSpec, limits: ImageLimits = _DEFAU
 
 
 def image_to_pixels(data: bytes, spec: ImageSpec, limits: ImageLimits = _DEFAULT_LIMITS) -> np.ndarray:
-    """`load_image` then `preprocess`: untrusted bytes to the encoder's float32 `[1, 3, S, S]`."""
-    return preprocess(load_image(data, limits), spec, limits)
+    """`load_image` then `preprocess`: untrusted bytes to the encoder's float32 `[1, 3, S, S]`.
+
+    The preprocessing for `spec` is checked from the header, before the image is decoded."""
+    return preprocess(load_image(data, limits, spec), spec, limits)
 
 
-def _check_work_pixels(width: int, height: int, work_pixels: int, limits: ImageLimits) -> None:
-    if work_pixels > limits.max_work_pixels:
-        raise ImageError(
-            f"image aspect ratio {width}x{height} is too extreme: preprocessing it would need "
-            f"{work_pixels} pixels, more than the limit of {limits.max_work_pixels} pixels"
-        )
+def _resized_centre(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """The `spec.size` square centre of the resized (in PAD mode first padded) RGB image, as
+    HWC uint8. The padded square and the whole resized image die when this returns."""
+    size = spec.size
+    width, height = image.size
+    if spec.mode == ResizeMode.PAD and width != height:
+        # ml-fastvlm's expand2square, with background tuple(int(x * 255) for x in image_mean).
+        side = max(width, height)
+        background = tuple(int(m * 255) for m in spec.image_mean)
+        canvas = Image.new("RGB", (side, side), background)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        image = canvas
+        width = height = side
+
+    new_width, new_height = _shortest_edge_size(width, height, size)
+    resized = image.resize((new_width, new_height), resample=spec.resample)
+    # transformers' center_crop: offsets floor((orig - crop) / 2). The short side already
+    # equals `size`, so the crop never needs padding. Cropped in PIL, so that only the
+    # centre is copied into numpy, not the whole (in CROP mode, long) resized image.
+    top = (new_height - size) // 2
+    left = (new_width - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """transformers' get_resize_output_image_size(default_to_square=False): the short side
+    becomes `size`, the long side int(size * long / short) (truncated, not rounded)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+class _WorkImage(NamedTuple):
+    """An image `preprocess` makes on the way to the encoder's input."""
+
+    name: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _intermediate_images(width: int, height: int, spec: ImageSpec) -> list[_WorkImage]:
+    """The images `preprocess` makes from a `width x height` image for `spec`."""
+    images: list[_WorkImage] = []
+    if spec.mode == ResizeMode.PAD and width != height:
+        width = height = max(width, height)
+        images.append(_WorkImage("padded square", width, height))
+    new_width, new_height = _shortest_edge_size(width, height, spec.size)
+    if new_width != width and new_height != height:
+        # Pillow resizes in two passes, the horizontal one first, into a temporary of at most
+        # new_width x height (only the rows the vertical pass reads).
+        images.append(_WorkImage("resize temporary", new_width, height))
+    images.append(_WorkImage("resized image", new_width, new_height))
+    return images
+
+
+def _bomb_error(
+    data: bytes, mime: str, limits: ImageLimits, spec: ImageSpec | None, exc: Image.DecompressionBombError
+) -> ImageError:
+    """Our refusal of an image that PIL's own bomb check refused inside Image.open, before we saw its size.
+
+    The header is read again by the format's plugin alone, which makes no bomb check, so that
+    the message gives the image's size and our limit, like `check_image_size`'s.
+    """
+    Image.init()  # Image.open has registered every plugin already; this makes it certain
+    factory, _accept = Image.OPEN[_PLUGINS[mime]]
+    with factory(io.BytesIO(data), "") as header:
+        width, height = header.size
+    try:
+        check_image_size(width, height, limits, spec)
+    except ImageError as ours:
+        return ours
+    # Only when max_image_pixels is set above PIL's own limit.
+    return ImageError(
+        f"image is {width}x{height} = {width * height} pixels, too large to decode safely: max_image_pixels = "
+        f"{limits.max_pixels} allows it, but the decoder does not ({exc})"
+    )
 
 
 def _name(mime: str) -> str:
