@@ -128,6 +128,8 @@ class VLMServer:
                 log.warning("grace period over: cancelling the generations still running")
                 self.service.cancel_all()  # each stops at its next decode step
                 idle = self.service.wait_idle(_CANCEL_WAIT_S)
+        if not idle:  # a model step outlasts the wait: answer its request without it
+            self._on_loop(self.inference.abandon_in_flight())
         # Calls still open (idle streams, answers not yet sent) end now.
         self._on_loop(self.server.stop(_STOP_GRACE_S))
         self.inference.close()

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from lumen_vlm.fastvlm.admission import Admission
+from lumen_vlm.fastvlm.admission import Admission, CallControl, CallEnd, ClientGone
 from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import (
@@ -203,23 +203,16 @@ def test_in_flight_generations_may_finish_after_begin_shutdown(
 # --------------------------------------------------------------------------- the slot hand-over
 
 
-class _NoCall:
-    """A call that is never cancelled and has no deadline."""
-
-    def check(self) -> None:
-        pass
-
-
 def test_a_released_slot_goes_straight_to_the_head_of_the_queue() -> None:
     # Before: release() only decremented the count, so until the waiter woke a newcomer saw
     # "0 generations running, 1 waiting" and was refused with a slot free.
     admission = Admission(max_concurrency=1, max_queue=1)
-    holder = admission.slot(5.0, _NoCall())  # type: ignore[arg-type]
+    holder = admission.slot(5.0, CallControl(None))
     holder.__enter__()
     admitted = threading.Event()
 
     def wait_in_line() -> None:
-        with admission.slot(5.0, _NoCall()):  # type: ignore[arg-type]
+        with admission.slot(5.0, CallControl(None)):
             admitted.set()
             time.sleep(0.2)
 
@@ -232,4 +225,30 @@ def test_a_released_slot_goes_straight_to_the_head_of_the_queue() -> None:
     assert (admission.active, admission.waiting) == (1, 0)
     waiter.join(5)
     assert admitted.is_set()
+    assert (admission.active, admission.waiting) == (0, 0)
+
+
+def test_a_waiter_whose_call_ends_leaves_the_queue_at_once() -> None:
+    # Its thread looks only every 50 ms; a newcomer arriving meanwhile found the queue full.
+    admission = Admission(max_concurrency=1, max_queue=1)
+    holder = admission.slot(5.0, CallControl(None))
+    holder.__enter__()
+    ended = CallEnd()
+    gave_up: list[BaseException] = []
+
+    def wait_in_line() -> None:
+        try:
+            with admission.slot(5.0, CallControl(None, ended)):
+                pass
+        except BaseException as exc:
+            gave_up.append(exc)
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    assert wait_until(lambda: admission.waiting == 1, timeout=5)
+    ended.set()  # the transport learns of the cancel
+    assert admission.waiting == 0, "its place went with the call, in the same thread"
+    waiter.join(5)
+    assert len(gave_up) == 1 and isinstance(gave_up[0], ClientGone)
+    holder.__exit__(None, None, None)
     assert (admission.active, admission.waiting) == (0, 0)

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,9 @@ from ..proto import ml_service_pb2
 
 log = logging.getLogger(__name__)
 ErrorCode = ml_service_pb2.ErrorCode
+
+# What a generation cancelled by the server's shutdown is answered (UNAVAILABLE).
+CANCELLED_AT_SHUTDOWN = "the server is shutting down; the generation was cancelled"
 
 # A waiting request re-checks its call this often, so a cancelled waiter leaves the queue
 # promptly even on a context without add_callback.
@@ -48,12 +51,52 @@ class ClientGone(Exception):
     """The client cancelled or disconnected: stop, nothing can be answered."""
 
 
-def watch_termination(context: Any) -> threading.Event:
-    """An event set when the RPC terminates (cancelled, disconnected, deadline, or done).
+class CallEnd:
+    """Set once, when the call ends; then runs what was registered with `on_end`.
+
+    A threading.Event with callbacks: a request waiting for a slot registers its withdrawal
+    from the queue, so that a cancelled call gives its place back the moment the transport
+    learns of the cancel, not when its waiting thread next looks.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self, *_: Any) -> None:  # grpc passes nothing, aio's done callback the context
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run `callback` when the call ends (at once if it has); returns a function that unregisters it."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return lambda: self._unregister(callback)
+        callback()
+        return lambda: None
+
+    def _unregister(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+
+def watch_termination(context: Any) -> CallEnd:
+    """A `CallEnd` set when the RPC terminates (cancelled, disconnected, deadline, or done).
 
     Registered once per stream: grpc keeps every callback until the RPC ends.
     """
-    terminated = threading.Event()
+    terminated = CallEnd()
     add_callback = getattr(context, "add_callback", None)
     if callable(add_callback):
         try:
@@ -70,7 +113,7 @@ class CallControl:
     with grpc's context, a hub's own context, or none at all.
     """
 
-    def __init__(self, context: Any, terminated: threading.Event | None = None) -> None:
+    def __init__(self, context: Any, terminated: CallEnd | None = None) -> None:
         self._context = context
         self._terminated = terminated or watch_termination(context)
         self.server_cancelled = threading.Event()  # cancel_all(): the server is going down
@@ -96,10 +139,14 @@ class CallControl:
         except Exception:
             return True
 
+    def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run `callback` when the call ends; returns a function that unregisters it."""
+        return self._terminated.on_end(callback)
+
     def check(self) -> None:
         """Raise if the request must stop: Unavailable, DeadlineExceeded or ClientGone."""
         if self.server_cancelled.is_set():
-            raise Unavailable("the server is shutting down; the generation was cancelled")
+            raise Unavailable(CANCELLED_AT_SHUTDOWN)
         remaining = self.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed")
@@ -111,12 +158,14 @@ class CallControl:
 
 
 class _Ticket:
-    """A place in the queue; `granted` once a released slot was handed to it."""
+    """A request's place in the queue, through its states (changed under the Admission lock):
+    WAITING in the queue; GRANTED a released slot, not yet taken up; HELD by the running
+    request; WITHDRAWN because its call ended first."""
 
-    __slots__ = ("granted",)
+    __slots__ = ("state",)
 
     def __init__(self) -> None:
-        self.granted = False
+        self.state = "WAITING"
 
 
 class Admission:
@@ -185,27 +234,43 @@ class Admission:
                     f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
                 )
             self._queue.append(ticket)
+        unregister = control.on_end(lambda: self._withdraw(ticket))
         try:
             self._wait_for_turn(ticket, started, queue_timeout_s, control)
         except BaseException:
             with self._cond:
-                if ticket.granted:  # handed a slot just as we gave up: pass it on
-                    self._release_locked()
-                else:
-                    self._queue.remove(ticket)
-                    self._cond.notify_all()  # wait_idle may be waiting for the queue to empty
+                self._give_up(ticket)
             raise
+        finally:
+            unregister()
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """The call of a waiting request ended: its place goes at once, not when its thread
+        next wakes (a slot already handed to it is passed on)."""
+        with self._cond:
+            if ticket.state != "HELD":
+                self._give_up(ticket)
+                ticket.state = "WITHDRAWN"
+
+    def _give_up(self, ticket: _Ticket) -> None:
+        """Leave the queue, or pass on a slot handed over but not taken up (lock held)."""
+        if ticket.state == "WAITING" and ticket in self._queue:
+            self._queue.remove(ticket)
+            self._cond.notify_all()  # wait_idle may be waiting for the queue to empty
+        elif ticket.state == "GRANTED":
+            self._release_locked()
+        ticket.state = "WITHDRAWN"
 
     def _wait_for_turn(self, ticket: _Ticket, started: float, queue_timeout_s: float, control: CallControl) -> None:
         while True:
             with self._cond:
-                self._raise_if_closed()  # before `granted`: a slot handed over now is passed on
-                if ticket.granted:
+                self._raise_if_closed()  # before taking a slot: one handed over now is passed on
+                if ticket.state == "WITHDRAWN":
+                    raise ClientGone()
+                if ticket.state == "GRANTED":
+                    ticket.state = "HELD"
                     return
                 self._cond.wait(_WAIT_SLICE_S)
-                self._raise_if_closed()
-                if ticket.granted:
-                    return
             # Checked outside our lock: the context takes grpc's own lock. A deadline that
             # passes while waiting answers DEADLINE_EXCEEDED from here.
             control.check()
@@ -220,7 +285,7 @@ class Admission:
     def _release_locked(self) -> None:
         """Free a slot, or hand it to the head of the queue (the count stays the same)."""
         if self._queue:
-            self._queue.popleft().granted = True
+            self._queue.popleft().state = "GRANTED"
         else:
             self._active -= 1
         self._cond.notify_all()

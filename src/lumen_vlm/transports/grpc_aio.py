@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from ..fastvlm.admission import CallControl, Unavailable
+from ..fastvlm.admission import CANCELLED_AT_SHUTDOWN, CallControl, CallEnd, Unavailable
 from ..fastvlm.fastvlm_service import (
     FastVLMService,
     abandoned_responses,
@@ -92,8 +92,8 @@ class ThreadSideCall:
     def __init__(self, context: Any) -> None:
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else time.monotonic() + remaining
-        self.ended = threading.Event()
-        context.add_done_callback(lambda _: self.ended.set())
+        self.ended = CallEnd()  # set on the event loop; a waiting request then leaves the queue at once
+        context.add_done_callback(self.ended.set)
 
     def is_active(self) -> bool:
         return not self.ended.is_set()
@@ -150,6 +150,7 @@ class AsyncInference:
             thread_name_prefix="infer",
         )
         self._open_streams = 0  # touched on the event loop only
+        self._abandoned = asyncio.Event()
 
     def install(self, service: FastVLMService) -> None:
         self.service = service
@@ -236,8 +237,13 @@ class AsyncInference:
                 if isinstance(message, UnreadableRequest):
                     responses = iter([_unreadable_response(message, assembler)])
                 if responses is None:
+                    if not message.correlation_id:  # named here, so that an abandoned answer has it
+                        message.correlation_id = uuid.uuid4().hex
                     responses = respond(message, assembler, control, self._answer)
-                async for response in self._drawn_in_thread(responses, call):
+                    correlation_id = message.correlation_id
+                else:
+                    correlation_id = ""
+                async for response in self._drawn_in_thread(responses, call, correlation_id):
                     yield response
         finally:
             reader.close()
@@ -263,29 +269,43 @@ class AsyncInference:
             return iter([error_response(request.correlation_id, Unavailable("the model is still loading"), 0.0)])
         return self.service.answer(request, control)
 
-    async def _drawn_in_thread(self, responses: Iterator[InferResponse], call: ThreadSideCall) -> AsyncIterator[Any]:
+    async def _drawn_in_thread(
+        self, responses: Iterator[InferResponse], call: ThreadSideCall, correlation_id: str
+    ) -> AsyncIterator[Any]:
         """`responses`, each drawn by the thread pool: one decode step per draw, off the event loop.
 
         Left before the end only when the call is over (the client cancelled or went away,
         or the server is stopping): the generation is told (`call.ended`, seen at its next
         decode step) and closed in the pool once the draw in progress returns, which gives
-        its slot back.
+        its slot back. When shutdown cannot wait for a draw any longer (`abandon_in_flight`),
+        the request in flight is answered UNAVAILABLE here, under `correlation_id`.
         """
         pending: Future[Any] | None = None
         finished = False
+        abandoned = asyncio.ensure_future(self._abandoned.wait())
         try:
             while True:
                 pending = self._executor.submit(next, responses, _DONE)
-                response = await asyncio.wrap_future(pending)
-                pending = None
+                draw = asyncio.wrap_future(pending)
+                await asyncio.wait({draw, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+                if not draw.done():
+                    if correlation_id:
+                        yield error_response(correlation_id, Unavailable(CANCELLED_AT_SHUTDOWN))
+                    return
+                response, pending = draw.result(), None
                 if response is _DONE:
                     finished = True
                     return
                 yield response
         finally:
+            abandoned.cancel()
             if not finished:
                 call.ended.set()
                 self._close_after(responses, pending)
+
+    async def abandon_in_flight(self) -> None:
+        """Shutdown's last step: every stream stops waiting for the model and answers at once."""
+        self._abandoned.set()
 
     def _close_after(self, responses: Iterator[Any], pending: Future[Any] | None) -> None:
         """Close `responses` in the pool once the draw `pending` (if any) has returned."""
