@@ -61,16 +61,25 @@ def test_sigterm_with_nothing_running_exits_within_1_s(start_server: Callable[..
     assert took <= IDLE_EXIT_S, f"exited {took:.1f} s after SIGTERM with nothing running"
 
 
-def test_sigterm_after_a_non_utf8_request_exits_within_1_s(start_server: Callable[..., Server]) -> None:
+def test_sigterm_after_a_non_utf8_request_exits_within_the_grace_plus_1_s(start_server: Callable[..., Server]) -> None:
+    """Nothing runs; the clients that sent the bad bytes are still connected, their streams open.
+
+    On main the hang after bad bytes is a race (about one run in two with one stream), so
+    several streams send them.
+    """
     server = start_server(shutdown_grace_s=GRACE_S)
-    with server.channel() as channel:  # the client stays connected, as a long-lived one does
-        stream = OpenStream(channel)
-        stream.send(with_raw_bytes(request(correlation_id="bad", prompt="a XXXX"), "XXXX", b"\xff\xfe\xfd\xfc"))
-        stream.send_end()
-        stream.ended(timeout=5.0)  # answered and closed (before the fix: the stream died INTERNAL)
-        took = seconds_to_exit(server)
+    bad = with_raw_bytes(request(correlation_id="bad", prompt="a XXXX"), "XXXX", b"\xff\xfe\xfd\xfc")
+    channels = [server.channel() for _ in range(4)]
+    streams = [OpenStream(channel) for channel in channels]
+    for stream in streams:
+        stream.send(bad)
+    for stream in streams:
+        stream.ended(timeout=1.0)  # answered (before the fix: the stream died INTERNAL)
+    took = seconds_to_exit(server)
+    for stream, channel in zip(streams, channels, strict=True):
         stream.close()
-    assert took <= IDLE_EXIT_S, f"exited {took:.1f} s after SIGTERM, nothing running, after a non-UTF-8 request"
+        channel.close()
+    assert took <= GRACE_S + 1.0, f"exited {took:.1f} s after SIGTERM, nothing running, after a non-UTF-8 request"
 
 
 def test_sigterm_with_idle_streams_open_exits_within_the_grace_plus_1_s(start_server: Callable[..., Server]) -> None:
