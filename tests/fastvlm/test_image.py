@@ -325,19 +325,24 @@ def test_a_decompression_bomb_is_refused_naming_max_image_pixels(make) -> None:
 # --- the memory bound: no image preprocessing makes may exceed max_image_pixels -----------------
 
 SMALL_LIMITS = ImageLimits(max_pixels=10_000)
+MADE_LIMIT = "more than the limit of max_image_pixels = 10000 pixels"
+READ_LIMIT = "more than the limit of 20000 pixels (it may read 2 x max_image_pixels = 10000 pixels)"
 
 
 @pytest.mark.parametrize(
-    ("mode", "under", "over", "needed"),
+    ("mode", "under", "over", "needed", "limit"),
     [
-        (ResizeMode.PAD, (100, 1), (101, 1), "101x101 padded square = 10201 pixels"),
-        (ResizeMode.PAD, (1, 100), (1, 101), "101x101 padded square = 10201 pixels"),
-        (ResizeMode.CROP, (1, 9), (1, 10), "32x320 resized image = 10240 pixels"),  # under: 32x288
-        (ResizeMode.CROP, (9, 1), (10, 1), "320x32 resized image = 10240 pixels"),
+        # Pad mode makes no padded square: a landscape image's largest image is the resize
+        # temporary, 32 pixels wide and as tall as the square (under: 32x312).
+        (ResizeMode.PAD, (312, 1), (313, 1), "need a 32x313 resize temporary = 10016 pixels", MADE_LIMIT),
+        # A portrait image's strips read its whole square, which may be twice the limit (under: 141x141).
+        (ResizeMode.PAD, (1, 141), (1, 142), "read a 142x142 padded square = 20164 pixels", READ_LIMIT),
+        (ResizeMode.CROP, (1, 9), (1, 10), "need a 32x320 resized image = 10240 pixels", MADE_LIMIT),  # under: 32x288
+        (ResizeMode.CROP, (9, 1), (10, 1), "need a 320x32 resized image = 10240 pixels", MADE_LIMIT),
     ],
 )
 def test_no_intermediate_image_may_exceed_max_image_pixels(
-    mode: ResizeMode, under: tuple[int, int], over: tuple[int, int], needed: str
+    mode: ResizeMode, under: tuple[int, int], over: tuple[int, int], needed: str, limit: str
 ) -> None:
     spec = ImageSpec(size=32, mode=mode)
     assert preprocess(noise(*under), spec, SMALL_LIMITS).shape == (1, 3, 32, 32)
@@ -351,37 +356,41 @@ def test_no_intermediate_image_may_exceed_max_image_pixels(
         message = str(error.value)
         assert f"image {over[0]}x{over[1]} has too extreme an aspect ratio for {mode.value} mode" in message
         assert needed in message
-        assert "more than the limit of max_image_pixels = 10000 pixels" in message
+        assert limit in message
 
 
 def test_the_bound_is_checked_from_the_header_before_decoding() -> None:
-    # The IHDR claims 12247x1 over a 1x1 image: decoding would fail, so only a check made from
+    # The IHDR claims 48829x1 over a 1x1 image: decoding would fail, so only a check made from
     # the header alone can give this answer.
-    data = png_with_size(12_247, 1)
-    with pytest.raises(ImageError, match="12247x12247 padded square"):
+    data = png_with_size(48_829, 1)
+    with pytest.raises(ImageError, match="1024x48829 resize temporary"):
         image_to_pixels(data, ImageSpec(size=1024, mode=ResizeMode.PAD))
     with pytest.raises(ImageError, match="corrupt or truncated"):  # without a spec: a decode error
         load_image(data)
 
 
 @pytest.mark.parametrize(
-    ("size", "crop_under", "crop_over"),
-    # The tiny test model's input and FastVLM-0.5B's. CROP resizes 1 x h to size x int(size * h).
-    [(256, 762, 763), (1024, 47, 48)],
+    ("size", "pad_under", "crop_under", "crop_over"),
+    # The tiny test model's input and FastVLM-0.5B's. PAD makes a size x w resize temporary for
+    # w x 1; CROP resizes 1 x h to size x int(size * h).
+    [(256, 195_312, 762, 763), (1024, 48_828, 47, 48)],
 )
-def test_the_thin_shapes_of_issue_9_at_the_default_limit(size: int, crop_under: int, crop_over: int) -> None:
-    # Checked from the sizes alone: the accepted ones need ~200 MB to preprocess.
+def test_the_thin_shapes_of_issue_9_at_the_default_limit(
+    size: int, pad_under: int, crop_under: int, crop_over: int
+) -> None:
+    # Checked from the sizes alone: the thinnest accepted ones need ~200 MB to preprocess.
     limits = ImageLimits()
     pad, crop = ImageSpec(size=size, mode=ResizeMode.PAD), ImageSpec(size=size, mode=ResizeMode.CROP)
-    check_image_size(7071, 1, limits, pad)  # a 7071x7071 square: 49 999 041 pixels
-    check_image_size(1, 7071, limits, pad)
+    check_image_size(pad_under, 1, limits, pad)  # a resize temporary of at most 50 000 000 pixels
+    check_image_size(1, 10_000, limits, pad)  # a 10000x10000 square read in strips: 2 x 50 M pixels
+    check_image_size(12_247, 1, limits, pad)  # issue 9's 115-byte PNG: now a 12.5 M-pixel temporary at most
     check_image_size(1, crop_under, limits, crop)
     check_image_size(crop_under, 1, limits, crop)
     refused = [
-        (7072, 1, pad),
+        (pad_under + 1, 1, pad),
+        (1, 10_001, pad),
         (1, crop_over, crop),
         (crop_over, 1, crop),
-        (12_247, 1, pad),  # issue 9: a 115-byte PNG that cost 0.6 GB
         (1, 1464, crop),  # issue 9: an 86-byte PNG that cost 1.4 GB
     ]
     for width, height, spec in refused:
@@ -394,6 +403,9 @@ ORDINARY_PHOTOS = [
     (5656, 4242),  # 24 MP, 4:3
     (4032, 3024),  # 12 MP phone
     (3840, 2160),  # 4K screenshot
+    (8192, 5464),  # 45 MP, 3:2
+    (8160, 6120),  # 50 MP, 4:3
+    (10_000, 5000),  # 50 MP, 2:1: every image up to 2:1 within max_image_pixels is accepted
 ]
 
 
@@ -407,7 +419,7 @@ def test_ordinary_photos_fit_the_default_limits(mode: ResizeMode, size: int) -> 
 
 
 def test_a_phone_photo_is_preprocessed_in_pad_mode() -> None:
-    # The padded square (4032x4032) is the largest image made for it: 16 M pixels.
+    # No padded square is made: the largest image made for it is the 1024x4032 resize temporary.
     data = encode(solid(4032, 3024, (200, 100, 50)), "PNG")
     pixels = image_to_pixels(data, ImageSpec(size=1024, mode=ResizeMode.PAD))
     assert pixels.shape == (1, 3, 1024, 1024)
@@ -424,7 +436,49 @@ def test_the_models_input_square_is_allowed_under_a_lower_max_image_pixels() -> 
         preprocess(noise(10, 9), ImageSpec(size=32, mode=ResizeMode.CROP), limits)
 
 
+def test_an_image_the_exif_orientation_makes_portrait_is_checked_upright() -> None:
+    # Stored 142x1 (a 32x142 resize temporary: accepted from the header), upright 1x142: its
+    # 142x142 square would be read, more than twice SMALL_LIMITS. Refused before it is padded.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees
+    data = encode(solid(142, 1, (9, 9, 9)), "JPEG", exif=exif)
+    spec = ImageSpec(size=32, mode=ResizeMode.PAD)
+    with pytest.raises(ImageError, match="image 1x142 has too extreme an aspect ratio for pad mode"):
+        image_to_pixels(data, spec, SMALL_LIMITS)
+    assert image_to_pixels(encode(solid(142, 1, (9, 9, 9)), "JPEG"), spec, SMALL_LIMITS).shape == (1, 3, 32, 32)
+
+
 # --- preprocessing ------------------------------------------------------------------------------
+
+
+def expand2square(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """ml-fastvlm's expand2square: the image centred on a square of int(mean * 255)."""
+    width, height = image.size
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in spec.image_mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+# Thin, portrait, landscape, odd, one strip and several (64 rows each, 32 for size 32), the image
+# starting inside a strip, the square's side under, equal to and over the model's input.
+PAD_SHAPES = [(1, 2), (2, 1), (1, 150), (150, 1), (7, 200), (200, 7), (63, 64), (64, 63), (31, 32), (32, 31)]
+PAD_SHAPES += [(130, 97), (97, 130), (20, 31), (31, 20), (301, 150), (150, 301), (3, 129), (129, 3)]
+PAD_SHAPES += [(100, 37), (37, 100)]
+PAD_SHAPES += [(int(w), int(h)) for w, h in np.random.default_rng(9).integers(1, 320, (8, 2))]
+
+
+# PIL's NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX and HAMMING: any of them a preprocessor_config may name.
+@pytest.mark.parametrize("resample", range(6))
+@pytest.mark.parametrize("size", [32, 100])
+def test_pad_mode_is_bit_identical_to_resizing_the_padded_square(resample: int, size: int) -> None:
+    # The square itself goes the plain way (a square image is only resized): the reference.
+    for mean in [(0.0, 0.0, 0.0), CLIP_MEAN]:
+        spec = ImageSpec(size=size, image_mean=mean, image_std=CLIP_STD, resample=resample, mode=ResizeMode.PAD)
+        for seed, (width, height) in enumerate(PAD_SHAPES):
+            image = noise(width, height, seed)
+            expected = preprocess(expand2square(image, spec), spec)
+            assert np.array_equal(preprocess(image, spec), expected), (width, height)
 
 
 @pytest.mark.parametrize("mode", list(ResizeMode))

@@ -4,7 +4,9 @@ A real `lumen-vlm` process is sent the thinnest images its `max_image_pixels` st
 some just past it, several at once, in both resize modes; its peak resident memory (VmHWM from
 /proc, reset first through /proc/<pid>/clear_refs) may grow by at most `RSS_GROWTH_BOUND`.
 Before the fix, one 86-byte 1x1464 PNG in crop mode raised it by 0.9-1.4 GB and one 115-byte
-12247x1 PNG in pad mode by 0.6 GB, whatever max_image_pixels said.
+12247x1 PNG in pad mode by 0.6 GB, whatever max_image_pixels said. Pad mode now makes no padded
+square (it is resized in strips), so the 12247x1 PNG is accepted under the default limits and
+costs a few MB.
 """
 
 from __future__ import annotations
@@ -33,24 +35,29 @@ CLIENT_THREADS = 8
 MAX_CONCURRENCY = 2  # images are preprocessed inside a generation slot: at most 2 at once
 
 # The tiny test model's input is 256x256. Under 1 M pixels the thinnest images accepted are
-# 1000x1 in pad mode (a 1000x1000 padded square, 1 000 000 pixels) and 1x15 in crop mode
-# (a 256x3840 resized image, 983 040 pixels); one pixel more is refused.
+# 3906x1 in pad mode (a 256x3906 resize temporary, 999 936 pixels), 1x1414 in pad mode (its
+# 1414x1414 square, read in strips, 1 999 396 pixels: pad mode may read twice the limit) and
+# 1x15 in crop mode (a 256x3840 resized image, 983 040 pixels); one pixel more is refused.
 MAX_IMAGE_PIXELS = 1_000_000
-ACCEPTED = [("pad", 1000, 1), ("pad", 1, 1000), ("crop", 1, 15), ("crop", 15, 1)]
+ACCEPTED = [("pad", 3906, 1), ("pad", 1, 1414), ("crop", 1, 15), ("crop", 15, 1)]
 REFUSED = [
-    ("pad", 1001, 1),
+    ("pad", 3907, 1),
+    ("pad", 1, 1415),
     ("crop", 1, 16),
     ("pad", 12_247, 1),  # issue 9: 115 bytes, 0.6 GB before the fix
     ("crop", 1, 1464),  # issue 9: 86 bytes, 1.4 GB before the fix
 ]
-# The default max_image_pixels, 50 M: the shapes of issue 9 and the first ones past the limit
-# for the tiny model (a 7072x7072 padded square; a 256x195328 resized image).
-DEFAULT_REFUSED = [("pad", 12_247, 1), ("crop", 1, 1464), ("pad", 7072, 1), ("crop", 1, 763)]
+# The default max_image_pixels, 50 M: issue 9's pad shape, now accepted (a 256x12247 resize
+# temporary, 12.5 MB), its crop shape and the first ones past the limit for the tiny model (a
+# 256x195313 resize temporary; a 10001x10001 square to read; a 256x195328 resized image).
+DEFAULT_ACCEPTED = [("pad", 12_247, 1)]
+DEFAULT_REFUSED = [("crop", 1, 1464), ("pad", 195_313, 1), ("pad", 1, 10_001), ("crop", 1, 763)]
 # Each accepted image above needs at most ~10 MB while preprocessed: its largest intermediate
-# is 1 M pixels at 4 bytes, the resize temporary 1 MB, the float arrays 4 MB. Two run at once,
-# but every gRPC thread that preprocessed one may keep its peak in its own malloc arena, so up
-# to 8 x 10 MB may stay resident (measured: 18 MB for the first 16 such images, from 8 clients).
-# One refused shape alone cost 580 MB to 1.4 GB before the fix.
+# is 1 M pixels at 4 bytes (the 1x1414 one makes a 256x1414 temporary and 64-row strips of its
+# square), Pillow's crop-mode resize temporary 1 MB, the float arrays 4 MB; issue 9's 12247x1
+# needs ~15 MB. Two run at once, but every gRPC thread that preprocessed one may keep its peak
+# in its own malloc arena, so up to 8 x 10 MB may stay resident (measured: 18 MB for the first
+# 16 such images, from 8 clients). One refused shape alone cost 580 MB to 1.4 GB before the fix.
 RSS_GROWTH_BOUND = 100 * MIB
 
 Answers = dict[str, ml_service_pb2.InferResponse]  # by correlation_id
@@ -152,7 +159,9 @@ def assert_memory_bounded(peak_growth: int, rss_growth: int) -> None:
 def assert_refused(answer: ml_service_pb2.InferResponse, max_image_pixels: int) -> None:
     assert answer.error.code == ErrorCode.ERROR_CODE_INVALID_ARGUMENT, answer
     assert "too extreme an aspect ratio" in answer.error.message
-    assert f"more than the limit of max_image_pixels = {max_image_pixels} pixels" in answer.error.message
+    # A made image's limit is max_image_pixels, a read square's twice that: both name it.
+    assert "more than the limit of " in answer.error.message
+    assert f"max_image_pixels = {max_image_pixels} pixels" in answer.error.message
 
 
 def test_the_thinnest_images_accepted_and_refused_cost_little_memory(tmp_path: Path) -> None:
@@ -173,13 +182,17 @@ def test_the_thinnest_images_accepted_and_refused_cost_little_memory(tmp_path: P
     assert_memory_bounded(peak_growth, rss_growth)
 
 
-def test_the_shapes_of_issue_9_are_refused_under_the_default_limits(tmp_path: Path) -> None:
+def test_the_shapes_of_issue_9_under_the_default_limits(tmp_path: Path) -> None:
     default = GenerationLimits().max_image_pixels
     with image_server(tmp_path, max_concurrency=MAX_CONCURRENCY) as (address, memory):
+        accepted = shape_requests(DEFAULT_ACCEPTED, range(1, 5))
         refused = shape_requests(DEFAULT_REFUSED, range(1, 3))
-        answers, peak_growth, rss_growth = measured(memory, lambda: send_all(address, refused))
+        answers, peak_growth, rss_growth = measured(memory, lambda: send_all(address, accepted + refused))
 
-    assert len(answers) == len(refused)
+    assert len(answers) == len(accepted) + len(refused)
+    for message in accepted:
+        answer = answers[message.correlation_id]
+        assert answer.is_final and not answer.HasField("error"), answer
     for message in refused:
         assert_refused(answers[message.correlation_id], default)
     assert_memory_bounded(peak_growth, rss_growth)

@@ -12,11 +12,14 @@ Three steps, each usable on its own:
 * `image_to_pixels` is both in one call.
 
 Memory: one rule bounds what an image may cost, `max_image_pixels` (`ImageLimits.max_pixels`).
-The decoded image and every image preprocessing makes from it (the padded square, Pillow's
-resize temporary and the resized image) may each have at most that many pixels; the model's own
-`size x size` input is always allowed. `check_image_size` applies it from the header, before
-anything is decoded. The padded square and the shortest-edge resize grow with the aspect ratio,
-so without it a tiny, thin image (an 86-byte 1x1464 PNG) would cost gigabytes.
+The decoded image and every image preprocessing makes from it may each have at most that many
+pixels; the model's own `size x size` input is always allowed. `check_image_size` applies it
+from the header, before anything is decoded. In pad mode the padded square is never made: it is
+resized in strips of rows (see `_pad_and_resize`), so what grows with the aspect ratio is the
+resize temporary, `size` pixels wide and as tall as the square's side. The strips do still read
+every padded row that holds the image, for a portrait image the whole square: that read may be
+twice as large (`_READ_ALLOWANCE`), which bounds the time a thin portrait image costs. Without
+these bounds a tiny, thin image (an 86-byte 1x1464 PNG) would cost gigabytes.
 """
 
 from __future__ import annotations
@@ -135,7 +138,8 @@ def check_image_size(
     preprocessed for) to preprocess. This is the one memory rule, see the module's docstring.
 
     Raises `ImageError` for an empty size, more than `limits.max_pixels` pixels, and an image
-    whose preprocessing would make one with more than `max(limits.max_pixels, spec.size ** 2)`.
+    whose preprocessing would make one with more than `max(limits.max_pixels, spec.size ** 2)`
+    pixels, or (pad mode) read a padded square with more than `_READ_ALLOWANCE` times that.
     """
     if width <= 0 or height <= 0:
         raise ImageError(f"image has an empty size ({width}x{height})")
@@ -146,18 +150,33 @@ def check_image_size(
         )
     if spec is None:
         return
-    work = max(_intermediate_images(width, height, spec), key=lambda image: image.pixels)
     # The model's own input is always allowed, even under a max_image_pixels set below it.
     bound = max(limits.max_pixels, spec.size * spec.size)
-    if work.pixels > bound:
-        limit = f"max_image_pixels = {limits.max_pixels} pixels"
-        if bound > limits.max_pixels:
-            limit = f"{bound} pixels (the model's {spec.size}x{spec.size} input; {limit} is lower)"
-        raise ImageError(
-            f"image {width}x{height} has too extreme an aspect ratio for {spec.mode.value} mode: preprocessing "
-            f"it would need a {work.width}x{work.height} {work.name} = {work.pixels} pixels, "
-            f"more than the limit of {limit}"
+    for work in _intermediate_images(width, height, spec):
+        allowed = bound * _READ_ALLOWANCE if work.read_only else bound
+        if work.pixels > allowed:
+            raise ImageError(
+                f"image {width}x{height} has too extreme an aspect ratio for {spec.mode.value} mode: preprocessing "
+                f"it would {'read' if work.read_only else 'need'} a {work.width}x{work.height} {work.name} = "
+                f"{work.pixels} pixels, more than the limit of {_limit_text(limits, spec, work.read_only)}"
+            )
+
+
+def _limit_text(limits: ImageLimits, spec: ImageSpec, read_only: bool) -> str:
+    """The limit `check_image_size` holds a made (or, `read_only`, a read) image to, in words
+    that always give max_image_pixels' value."""
+    setting = f"max_image_pixels = {limits.max_pixels} pixels"
+    model_input = spec.size * spec.size
+    if read_only and model_input > limits.max_pixels:
+        return (
+            f"{_READ_ALLOWANCE * model_input} pixels (it may read {_READ_ALLOWANCE} x the model's "
+            f"{spec.size}x{spec.size} input; {setting} is lower)"
         )
+    if read_only:
+        return f"{_READ_ALLOWANCE * limits.max_pixels} pixels (it may read {_READ_ALLOWANCE} x {setting})"
+    if model_input > limits.max_pixels:
+        return f"{model_input} pixels (the model's {spec.size}x{spec.size} input; {setting} is lower)"
+    return setting
 
 
 def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, spec: ImageSpec | None = None) -> Image.Image:
@@ -182,8 +201,10 @@ def load_image(data: bytes, limits: ImageLimits = _DEFAULT_LIMITS, spec: ImageSp
                 f"image content ({img.format}) does not match its signature ({mime}); "
                 "only JPEG, PNG and WebP are accepted"
             )
-        # The EXIF orientation applied below only swaps width and height, which changes none
-        # of the sizes checked; `preprocess` checks the upright image again anyway.
+        # The EXIF orientation applied below may swap width and height. That changes only pad
+        # mode's read bound (a portrait image reads its whole padded square), and `preprocess`
+        # checks the upright image again before it makes anything: such an image costs at most
+        # its decoding, which max_image_pixels bounds.
         check_image_size(*img.size, limits, spec)
         # Image.open leaves an animated image on its first frame, and load() decodes only the
         # current frame: animated images give their first frame.
@@ -221,7 +242,7 @@ def preprocess(image: Image.Image, spec: ImageSpec, limits: ImageLimits = _DEFAU
     `CLIPImageProcessorPil` on the same (padded) image.
 
     Raises `ImageError` for an image `check_image_size` refuses (an aspect ratio so extreme
-    that the padded square or the resized image would be too large), before allocating them.
+    that an image made on the way would be too large), before allocating anything.
     """
     if spec.mode not in (ResizeMode.PAD, ResizeMode.CROP):
         raise ValueError(f"unknown resize mode {spec.mode!r}")
@@ -249,17 +270,11 @@ def image_to_pixels(data: bytes, spec: ImageSpec, limits: ImageLimits = _DEFAULT
 
 def _resized_centre(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """The `spec.size` square centre of the resized (in PAD mode first padded) RGB image, as
-    HWC uint8. The padded square and the whole resized image die when this returns."""
+    HWC uint8. The larger images made on the way die when this returns."""
     size = spec.size
     width, height = image.size
     if spec.mode == ResizeMode.PAD and width != height:
-        # ml-fastvlm's expand2square, with background tuple(int(x * 255) for x in image_mean).
-        side = max(width, height)
-        background = tuple(int(m * 255) for m in spec.image_mean)
-        canvas = Image.new("RGB", (side, side), background)
-        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-        image = canvas
-        width = height = side
+        return np.asarray(_pad_and_resize(image, spec))
 
     new_width, new_height = _shortest_edge_size(width, height, size)
     resized = image.resize((new_width, new_height), resample=spec.resample)
@@ -271,6 +286,39 @@ def _resized_centre(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.asarray(resized.crop((left, top, left + size, top + size)))
 
 
+def _pad_and_resize(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """ml-fastvlm's expand2square (the image centred on a square of the mean colour), resized to
+    `spec.size x spec.size`: bit for bit `square.resize((size, size))`, without the square.
+
+    Pillow resizes in two passes: a horizontal one into an 8-bit temporary `size` pixels wide
+    and as tall as the input, then a vertical one. The horizontal pass treats each row on its
+    own, so it is made here for the square's rows that hold the image a strip at a time (each
+    strip resized alone, its height unchanged: a horizontal pass only), and for its rows of
+    background alone once (they are all the same). The vertical pass is Pillow's own, on the
+    stacked temporary. The largest image made is that temporary, `size x side` pixels.
+    """
+    size, resample = spec.size, spec.resample
+    width, height = image.size
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    # ml-fastvlm's background: tuple(int(x * 255) for x in image_mean).
+    background = tuple(int(m * 255) for m in spec.image_mean)
+    rows = _strip_rows(size)
+    temporary = Image.new("RGB", (size, side))
+    if height < side:  # a landscape image: rows of background alone above and below it
+        row = Image.new("RGB", (side, 1), background).resize((size, 1), resample)
+        block = Image.new("RGB", (size, rows))
+        for y in range(rows):
+            block.paste(row, (0, y))
+        for y in range(0, side, rows):  # everywhere; the image's rows are overwritten below
+            temporary.paste(block, (0, y))  # Pillow clips the last one at the bottom edge
+    for y in range(top, top + height, rows):
+        strip = Image.new("RGB", (side, min(rows, top + height - y)), background)
+        strip.paste(image, (left, top - y))  # only the image rows inside the strip are copied
+        temporary.paste(strip.resize((size, strip.height), resample), (0, y))
+    return temporary.resize((size, size), resample)
+
+
 def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
     """transformers' get_resize_output_image_size(default_to_square=False): the short side
     becomes `size`, the long side int(size * long / short) (truncated, not rounded)."""
@@ -279,25 +327,53 @@ def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+# Rows of the padded square pad mode resizes at once (fewer for a model input under 64 pixels, so
+# that a strip is never larger than the resize temporary).
+_STRIP_ROWS = 64
+# Pad mode's strips read every padded row that holds the image: a portrait image's whole square.
+# That read may have this many times max_image_pixels: twice, so that every image within
+# max_image_pixels up to 2:1 is accepted in either orientation (a 50 M-pixel 2:1 portrait image
+# reads a 100 M-pixel square, about a second), while a thin portrait image cannot keep a core
+# busy for long (Pillow's horizontal pass takes ~10 ns a pixel read: the 2.4 G-pixel square of a
+# 1x48828 image would take half a minute).
+_READ_ALLOWANCE = 2
+
+
 class _WorkImage(NamedTuple):
-    """An image `preprocess` makes on the way to the encoder's input."""
+    """An image `preprocess` makes (or, `read_only`, only reads in strips) on the way to the
+    encoder's input."""
 
     name: str
     width: int
     height: int
+    read_only: bool = False
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
 
+def _strip_rows(size: int) -> int:
+    """How many rows of the padded square `_pad_and_resize` resizes at once for a `size` input."""
+    return min(_STRIP_ROWS, size)
+
+
 def _intermediate_images(width: int, height: int, spec: ImageSpec) -> list[_WorkImage]:
-    """The images `preprocess` makes from a `width x height` image for `spec`."""
-    images: list[_WorkImage] = []
+    """The images `preprocess` makes, or reads, from a `width x height` image for `spec`."""
+    size = spec.size
     if spec.mode == ResizeMode.PAD and width != height:
-        width = height = max(width, height)
-        images.append(_WorkImage("padded square", width, height))
-    new_width, new_height = _shortest_edge_size(width, height, spec.size)
+        side = max(width, height)  # see _pad_and_resize
+        # Every row of a portrait image's square holds image pixels: the strips read it whole.
+        # (A landscape image's strips read its own rows, and one row of background.)
+        read = [_WorkImage("padded square", side, side, read_only=True)] if height > width else []
+        return [
+            *read,
+            _WorkImage("strip of the padded square", side, min(_strip_rows(size), height)),
+            _WorkImage("resize temporary", size, side),
+            _WorkImage("resized image", size, size),
+        ]
+    images: list[_WorkImage] = []
+    new_width, new_height = _shortest_edge_size(width, height, size)
     if new_width != width and new_height != height:
         # Pillow resizes in two passes, the horizontal one first, into a temporary of at most
         # new_width x height (only the rows the vertical pass reads).
