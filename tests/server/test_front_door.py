@@ -329,3 +329,22 @@ def test_deltas_arrive_while_health_answers(start: Any, manager: Any) -> None:
             break
         texts.append(response.result.decode())
     assert "".join(texts) == final["text"]
+
+
+def test_an_upload_without_correlation_id_is_answered_once(start: Any) -> None:
+    # The front door named every id-less message before the assembler saw it, so each chunk
+    # looked like an upload of its own: chunk 0 was held until the upload timeout and every
+    # later chunk got an "out of order" error of its own.
+    server, channel = start()
+    image = image_bytes()
+    third = len(image) // 3
+    parts = [chunk("", seq, 3, image[seq * third : (seq + 1) * third], seq * third) for seq in range(3)]
+    responses = raw_stream(
+        channel, [part.SerializeToString() for part in parts] + [good_request("after").SerializeToString()]
+    )
+    assert [r.correlation_id == "after" for r in responses] == [False, True], responses
+    refused = responses[0]
+    assert refused.error.code == ErrorCode.ERROR_CODE_INVALID_ARGUMENT and "correlation_id" in refused.error.message
+    assert refused.correlation_id, "the answer carries an id the server made up"
+    assert result_of(responses[1])["generated_tokens"] >= 1
+    assert server.inference.uploads.used == 0

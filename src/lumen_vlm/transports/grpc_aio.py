@@ -237,10 +237,9 @@ class AsyncInference:
                 if isinstance(message, UnreadableRequest):
                     responses = iter([_unreadable_response(message, assembler)])
                 if responses is None:
-                    if not message.correlation_id:  # named here, so that an abandoned answer has it
-                        message.correlation_id = uuid.uuid4().hex
-                    responses = respond(message, assembler, control, self._answer)
-                    correlation_id = message.correlation_id
+                    # Named here, so that an abandoned answer has it too.
+                    correlation_id = message.correlation_id or uuid.uuid4().hex
+                    responses = respond(message, assembler, control, self._answer, correlation_id)
                 else:
                     correlation_id = ""
                 async for response in self._drawn_in_thread(responses, call, correlation_id):
