@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,39 @@ def test_one_stream_cannot_take_the_whole_upload_budget(start: Any) -> None:
     assert wait_until(lambda: server.inference.uploads.used == 6000, timeout=10)
     greedy.close()
     other.close()
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A thread pool that counts what was submitted to it."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(max_workers=workers)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_a_chunk_read_before_its_client_cancelled_holds_no_budget_after(start: Any) -> None:
+    # The chunk is fed in the pool; when the pool is busy the client may cancel first, and
+    # the stream's uploads are abandoned before the chunk is fed. Its bytes then stayed
+    # reserved for good: a few such cancels and every chunked upload was refused.
+    server, channel = start()
+    pool = CountingPool(1)
+    server.inference._executor = pool
+    gate = threading.Event()
+    pool.submit(gate.wait, 30)  # the pool's one thread is busy
+    try:
+        stream = Stream(stub_of(channel))
+        stream.send(chunk("late", 0, 2, image_bytes()[:1000], 0))
+        assert wait_until(lambda: pool.submitted == 2, timeout=10), "the chunk waits for the pool"
+        stream.call.cancel()
+        assert wait_until(lambda: server.inference._open_streams == 0, timeout=10), "the stream is gone"
+    finally:
+        gate.set()
+    pool.submit(lambda: None).result(timeout=10)  # the chunk has been fed by now
+    assert server.inference.uploads.used == 0
 
 
 # --------------------------------------------------------------------------- malformed messages
