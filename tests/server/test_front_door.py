@@ -29,6 +29,7 @@ from lumen_vlm.resources.settings import ServerSettings
 from lumen_vlm.server import VLMServer
 
 from ..service.conftest import (
+    MIB,
     ThrottledManager,
     good_request,
     image_bytes,
@@ -384,3 +385,28 @@ def test_an_upload_without_correlation_id_is_answered_once(start: Any) -> None:
     assert refused.correlation_id, "the answer carries an id the server made up"
     assert result_of(responses[1])["generated_tokens"] >= 1
     assert server.inference.uploads.used == 0
+
+
+def test_a_message_that_cannot_be_read_with_an_overlong_id_is_answered_and_the_stream_goes_on(start: Any) -> None:
+    # Its id was echoed escaped, four characters for each byte that is not UTF-8: past the
+    # largest message the server may send, which ended the stream; and the id was kept to
+    # drop the rest of its "upload" (up to 16 such ids per stream, each as large as a message).
+    _, channel = start(max_payload_bytes=MIB)
+    bad = make_request(correlation_id="PLACEHOLDER")
+    bad.seq, bad.total = 0, 2
+    bad = bad.SerializeToString().replace(b"\n\x0bPLACEHOLDER", b"\n" + _varint(MIB) + b"\xff" * MIB)
+    assert len(bad) > MIB
+    responses = raw_stream(channel, [bad, good_request("after").SerializeToString()])
+    assert [r.correlation_id for r in responses] == ["", "after"]
+    assert responses[0].error.code == ErrorCode.ERROR_CODE_INVALID_ARGUMENT
+    assert "correlation_id" in responses[0].error.message and "256" in responses[0].error.message
+    assert result_of(responses[1])["generated_tokens"] >= 1
+
+
+def _varint(value: int) -> bytes:
+    """A protobuf length prefix."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
