@@ -71,12 +71,12 @@ def keepalive_options() -> list[tuple[str, int]]:
     comes within 20 s (a peer that vanished without closing its TCP connection). Client pings
     are accepted every 5 s, with or without calls: the Go SDK pings every 10 s, and grpc's
     default (one ping per 5 minutes without data) would answer it with GOAWAY "too_many_pings".
+    (`min_ping_interval_without_data_ms` is the bound on *received* pings, despite its name.)
     """
     return [
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
