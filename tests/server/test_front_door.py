@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from lumen_vlm.resources.settings import ServerSettings
 from lumen_vlm.server import VLMServer
 
 from ..service.conftest import (
+    MIB,
     ThrottledManager,
     good_request,
     image_bytes,
@@ -94,24 +97,25 @@ def assert_healthy(channel: grpc.Channel) -> None:
 def test_idle_streams_never_silence_health_and_the_ones_past_max_streams_are_refused(start: Any) -> None:
     # On the synchronous server, max_concurrency + max_queue + 32 idle streams took every
     # worker: health then failed with RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!".
+    # Which 8 of the 40 streams reach the server first is not the order they were opened in.
     server, channel = start(max_streams=8)
     idle = [Stream(stub_of(channel)) for _ in range(8 + 32)]
     try:
         for _ in range(3):
             assert_healthy(channel)
-        refused = 0
-        for stream in idle[8:]:
-            with pytest.raises(grpc.RpcError) as info:
-                stream.next()
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_streams" in info.value.details()
-            refused += 1
-        assert refused == 32
+        assert wait_until(lambda: sum(stream.call.done() for stream in idle) >= 32, timeout=10)
+        time.sleep(0.3)  # none more
+        refused = [stream for stream in idle if stream.call.done()]
+        assert len(refused) == 32
+        for stream in refused:
+            assert stream.call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams" in stream.call.details()
         assert_healthy(channel)
         # A stream that leaves gives its place to a new one, which is served.
-        idle[0].close()
+        leaving = next(stream for stream in idle if not stream.call.done())
+        leaving.close()
         with pytest.raises(StopIteration):
-            idle[0].next()
+            leaving.next()
         assert wait_until(lambda: server.inference._open_streams < 8, timeout=10)
         fresh = Stream(stub_of(channel))
         fresh.send(good_request("fresh"))
@@ -192,6 +196,39 @@ def test_one_stream_cannot_take_the_whole_upload_budget(start: Any) -> None:
     assert wait_until(lambda: server.inference.uploads.used == 6000, timeout=10)
     greedy.close()
     other.close()
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A thread pool that counts what was submitted to it."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(max_workers=workers)
+        self.submitted = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_a_chunk_read_before_its_client_cancelled_holds_no_budget_after(start: Any) -> None:
+    # The chunk is fed in the pool; when the pool is busy the client may cancel first, and
+    # the stream's uploads are abandoned before the chunk is fed. Its bytes then stayed
+    # reserved for good: a few such cancels and every chunked upload was refused.
+    server, channel = start()
+    pool = CountingPool(1)
+    server.inference._executor = pool
+    gate = threading.Event()
+    pool.submit(gate.wait, 30)  # the pool's one thread is busy
+    try:
+        stream = Stream(stub_of(channel))
+        stream.send(chunk("late", 0, 2, image_bytes()[:1000], 0))
+        assert wait_until(lambda: pool.submitted == 2, timeout=10), "the chunk waits for the pool"
+        stream.call.cancel()
+        assert wait_until(lambda: server.inference._open_streams == 0, timeout=10), "the stream is gone"
+    finally:
+        gate.set()
+    pool.submit(lambda: None).result(timeout=10)  # the chunk has been fed by now
+    assert server.inference.uploads.used == 0
 
 
 # --------------------------------------------------------------------------- malformed messages
@@ -329,3 +366,47 @@ def test_deltas_arrive_while_health_answers(start: Any, manager: Any) -> None:
             break
         texts.append(response.result.decode())
     assert "".join(texts) == final["text"]
+
+
+def test_an_upload_without_correlation_id_is_answered_once(start: Any) -> None:
+    # The front door named every id-less message before the assembler saw it, so each chunk
+    # looked like an upload of its own: chunk 0 was held until the upload timeout and every
+    # later chunk got an "out of order" error of its own.
+    server, channel = start()
+    image = image_bytes()
+    third = len(image) // 3
+    parts = [chunk("", seq, 3, image[seq * third : (seq + 1) * third], seq * third) for seq in range(3)]
+    responses = raw_stream(
+        channel, [part.SerializeToString() for part in parts] + [good_request("after").SerializeToString()]
+    )
+    assert [r.correlation_id == "after" for r in responses] == [False, True], responses
+    refused = responses[0]
+    assert refused.error.code == ErrorCode.ERROR_CODE_INVALID_ARGUMENT and "correlation_id" in refused.error.message
+    assert refused.correlation_id, "the answer carries an id the server made up"
+    assert result_of(responses[1])["generated_tokens"] >= 1
+    assert server.inference.uploads.used == 0
+
+
+def test_a_message_that_cannot_be_read_with_an_overlong_id_is_answered_and_the_stream_goes_on(start: Any) -> None:
+    # Its id was echoed escaped, four characters for each byte that is not UTF-8: past the
+    # largest message the server may send, which ended the stream; and the id was kept to
+    # drop the rest of its "upload" (up to 16 such ids per stream, each as large as a message).
+    _, channel = start(max_payload_bytes=MIB)
+    bad = make_request(correlation_id="PLACEHOLDER")
+    bad.seq, bad.total = 0, 2
+    bad = bad.SerializeToString().replace(b"\n\x0bPLACEHOLDER", b"\n" + _varint(MIB) + b"\xff" * MIB)
+    assert len(bad) > MIB
+    responses = raw_stream(channel, [bad, good_request("after").SerializeToString()])
+    assert [r.correlation_id for r in responses] == ["", "after"]
+    assert responses[0].error.code == ErrorCode.ERROR_CODE_INVALID_ARGUMENT
+    assert "correlation_id" in responses[0].error.message and "256" in responses[0].error.message
+    assert result_of(responses[1])["generated_tokens"] >= 1
+
+
+def _varint(value: int) -> bytes:
+    """A protobuf length prefix."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])

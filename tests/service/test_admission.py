@@ -252,3 +252,35 @@ def test_a_waiter_whose_call_ends_leaves_the_queue_at_once() -> None:
     assert len(gave_up) == 1 and isinstance(gave_up[0], ClientGone)
     holder.__exit__(None, None, None)
     assert (admission.active, admission.waiting) == (0, 0)
+
+
+def test_a_slot_handed_to_a_waiter_whose_call_then_ends_goes_to_the_next_one() -> None:
+    # The slot is handed over (GRANTED) under the lock; the call ends before the waiter's
+    # thread takes it up. The slot must pass on, not be lost nor held by the leaver.
+    admission = Admission(max_concurrency=1, max_queue=2)
+    holder = admission.slot(5.0, CallControl(None))
+    holder.__enter__()
+    first_ends = CallEnd()
+    outcomes: dict[str, str] = {}
+
+    def wait_in_line(name: str, ended: CallEnd) -> None:
+        try:
+            with admission.slot(5.0, CallControl(None, ended)):
+                outcomes[name] = "admitted"
+        except ClientGone:
+            outcomes[name] = "gone"
+
+    first = threading.Thread(target=wait_in_line, args=("first", first_ends))
+    first.start()
+    assert wait_until(lambda: admission.waiting == 1, timeout=5)
+    second = threading.Thread(target=wait_in_line, args=("second", CallEnd()))
+    second.start()
+    assert wait_until(lambda: admission.waiting == 2, timeout=5)
+    with admission._cond:  # the waiters cannot run in between: the slot stays handed over, not taken
+        holder.__exit__(None, None, None)
+        first_ends.set()
+        assert (admission.active, admission.waiting) == (1, 0), "the slot went on to the second waiter"
+    first.join(5)
+    second.join(5)
+    assert outcomes == {"first": "gone", "second": "admitted"}
+    assert (admission.active, admission.waiting) == (0, 0)

@@ -396,6 +396,19 @@ def test_a_failed_upload_frees_its_budget() -> None:
     assert budget.used == 0
 
 
+def test_an_abandoned_assembler_takes_nothing_more() -> None:
+    # Our front door feeds a chunk in a pool thread; a client that cancels meanwhile has its
+    # stream abandoned first. The chunk that comes after must not hold budget for nobody.
+    budget = UploadBudget(100)
+    assembler = ChunkAssembler(100, budget=budget)
+    assembler.feed(chunk(0, 3, b"aaaa", 0), "c")
+    assert len(assembler.abandon()) == 1
+    assert assembler.feed(chunk(0, 3, b"bbbb", 0, "late"), "late") is None
+    assert assembler.feed(chunk(0, 1, b"", 0, "plain"), "plain") is None
+    assert budget.used == 0 and assembler.open_uploads == 0
+    assert assembler.abandon() == []
+
+
 def test_build_generation_request_is_quiet_about_known_keys(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="lumen_vlm.fastvlm.request_parsing")
     build_generation_request(CompleteRequest("c", "vlm_generate", {"prompt": "hi", "seed": "1"}), LIMITS)

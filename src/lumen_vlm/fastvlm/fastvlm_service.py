@@ -532,14 +532,20 @@ Answer = Callable[[CompleteRequest, CallControl], Iterator[ml_service_pb2.InferR
 
 
 def respond(
-    request: Any, assembler: ChunkAssembler, control: CallControl, answer: Answer
+    request: Any,
+    assembler: ChunkAssembler,
+    control: CallControl,
+    answer: Answer,
+    correlation_id: str = "",
 ) -> Iterator[ml_service_pb2.InferResponse]:
     """One message of a stream: into the stream's assembler, and a complete request to `answer`.
 
     A message that is a chunk of an unfinished upload gets no response; a refused one gets
-    one final error. Shared by the synchronous servicer and our server's front door.
+    one final error. `correlation_id` names a message that has none (a fresh id by default);
+    the message itself is left as it came, because the assembler must see that it had none
+    (see `ChunkAssembler`). Shared by the synchronous servicer and our server's front door.
     """
-    correlation_id = request.correlation_id or uuid.uuid4().hex
+    correlation_id = request.correlation_id or correlation_id or uuid.uuid4().hex
     try:
         check_correlation_id(request.correlation_id)  # first: every line about the request carries it
         complete = assembler.feed(request, correlation_id)

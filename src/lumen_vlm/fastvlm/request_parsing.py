@@ -454,6 +454,11 @@ class ChunkAssembler:
     client cannot take it all. Time is bounded too: the owner calls `expire` to drop uploads
     that received no chunk for a while (it knows when the stream is idle), and `abandon` when
     the stream ends, however it ends, to give the budget back.
+
+    Thread-safe, because our front door feeds a chunk in a pool thread while the stream itself
+    lives on the event loop: a client that cancels while its chunk waits for the pool has its
+    stream abandoned first. An abandoned assembler takes nothing more (`feed` returns None),
+    so that chunk cannot hold budget for a stream that is gone.
     """
 
     def __init__(
@@ -467,9 +472,16 @@ class ChunkAssembler:
         self._uploads: dict[str, _Upload] = {}
         self._failed: OrderedDict[str, _FailedUpload] = OrderedDict()
         self._idless_total: int | None = None  # the id-less upload whose chunks are being dropped
+        self._lock = threading.Lock()
+        self._abandoned = False
 
     def feed(self, request: Any, correlation_id: str) -> CompleteRequest | None:
-        """The complete request once its last chunk is in, None while an upload is incomplete."""
+        """The complete request once its last chunk is in, None while an upload is incomplete
+        (or once the stream was abandoned)."""
+        with self._lock:
+            return None if self._abandoned else self._feed(request, correlation_id)
+
+    def _feed(self, request: Any, correlation_id: str) -> CompleteRequest | None:
         if request.total <= 1:
             return self._single(request, correlation_id)
         if not request.correlation_id:
@@ -490,9 +502,10 @@ class ChunkAssembler:
 
     def next_expiry(self, idle_s: float) -> float | None:
         """When (time.monotonic()) the stalest open upload will have been idle for `idle_s`."""
-        if not self._uploads:
-            return None
-        return min(upload.last_chunk_at for upload in self._uploads.values()) + idle_s
+        with self._lock:
+            if not self._uploads:
+                return None
+            return min(upload.last_chunk_at for upload in self._uploads.values()) + idle_s
 
     def expire(self, idle_s: float, now: float | None = None) -> list[tuple[str, UploadTimedOut]]:
         """Drop the uploads that received no chunk for `idle_s` seconds; an error for each.
@@ -501,40 +514,45 @@ class ChunkAssembler:
         error is the upload's one answer.
         """
         now = time.monotonic() if now is None else now
-        stale = [(cid, up) for cid, up in self._uploads.items() if now - up.last_chunk_at >= idle_s]
         errors = []
-        for correlation_id, upload in stale:
-            self._fail(correlation_id, None, upload)
-            errors.append(
-                (
-                    correlation_id,
-                    UploadTimedOut(
-                        f"the chunked upload received {upload.next_seq} of {upload.total} chunks, then nothing for "
-                        f"{idle_s:g} s (upload_idle_timeout_s); it was dropped, send it again"
-                    ),
+        with self._lock:
+            stale = [(cid, up) for cid, up in self._uploads.items() if now - up.last_chunk_at >= idle_s]
+            for correlation_id, upload in stale:
+                self._fail(correlation_id, None, upload)
+                errors.append(
+                    (
+                        correlation_id,
+                        UploadTimedOut(
+                            f"the chunked upload received {upload.next_seq} of {upload.total} chunks, then nothing "
+                            f"for {idle_s:g} s (upload_idle_timeout_s); it was dropped, send it again"
+                        ),
+                    )
                 )
-            )
         return errors
 
     def reject(self, correlation_id: str, seq: int, total: int) -> None:
         """A message of this stream that could not be read claimed this place in an upload:
         fail that upload (it can no longer complete) so that its later chunks are dropped quietly."""
-        upload = self._uploads.get(correlation_id)
-        if upload is not None or total > 1:
-            self._fail(correlation_id, _Position(seq, total), upload)
+        with self._lock:
+            upload = self._uploads.get(correlation_id)
+            if upload is not None or total > 1:
+                self._fail(correlation_id, _Position(seq, total), upload)
 
     def abandon(self) -> list[tuple[str, ChunkError]]:
         """Errors for the uploads still open when the stream ends: they never completed.
 
-        Their bytes go back to the budget; a second call finds nothing left.
+        Their bytes go back to the budget; a second call finds nothing left, and `feed` takes
+        nothing more.
         """
-        errors = [
-            (cid, ChunkError(f"the stream ended after {up.next_seq} of {up.total} chunks of the payload"))
-            for cid, up in self._uploads.items()
-        ]
-        for upload in self._uploads.values():
-            self._release(upload)
-        self._uploads.clear()
+        with self._lock:
+            self._abandoned = True
+            errors = [
+                (cid, ChunkError(f"the stream ended after {up.next_seq} of {up.total} chunks of the payload"))
+                for cid, up in self._uploads.items()
+            ]
+            for upload in self._uploads.values():
+                self._release(upload)
+            self._uploads.clear()
         return errors
 
     @property

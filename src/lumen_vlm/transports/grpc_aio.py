@@ -71,12 +71,12 @@ def keepalive_options() -> list[tuple[str, int]]:
     comes within 20 s (a peer that vanished without closing its TCP connection). Client pings
     are accepted every 5 s, with or without calls: the Go SDK pings every 10 s, and grpc's
     default (one ping per 5 minutes without data) would answer it with GOAWAY "too_many_pings".
+    (`min_ping_interval_without_data_ms` is the bound on *received* pings, despite its name.)
     """
     return [
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
@@ -237,10 +237,9 @@ class AsyncInference:
                 if isinstance(message, UnreadableRequest):
                     responses = iter([_unreadable_response(message, assembler)])
                 if responses is None:
-                    if not message.correlation_id:  # named here, so that an abandoned answer has it
-                        message.correlation_id = uuid.uuid4().hex
-                    responses = respond(message, assembler, control, self._answer)
-                    correlation_id = message.correlation_id
+                    # Named here, so that an abandoned answer has it too.
+                    correlation_id = message.correlation_id or uuid.uuid4().hex
+                    responses = respond(message, assembler, control, self._answer, correlation_id)
                 else:
                     correlation_id = ""
                 async for response in self._drawn_in_thread(responses, call, correlation_id):

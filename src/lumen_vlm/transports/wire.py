@@ -10,6 +10,10 @@ To say which field is at fault and whom to answer, the bytes are read a second t
 *lenient* twin of `InferRequest`, built at import from our own descriptor: the same field
 numbers, with every `string` turned into `bytes` (which protobuf does not check), and the
 `meta` map turned into its wire-identical repeated entries (map keys may not be bytes).
+
+Its correlation_id is echoed only within `MAX_CORRELATION_ID_BYTES`, as for any request: an
+id past it is neither echoed (escaped, it could outgrow the largest message the server may
+send, which would end the stream) nor kept to tie the message to an upload.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from ..fastvlm.request_parsing import MAX_CORRELATION_ID_BYTES
 from ..proto import ml_service_pb2
 from ..text import shown
 
@@ -57,6 +62,12 @@ def _explain(data: bytes) -> UnreadableRequest:
         if fields
         else "the message is not a valid InferRequest"
     )
+    if len(lenient.correlation_id) > MAX_CORRELATION_ID_BYTES:
+        reason += (
+            f"; and its correlation_id is {len(lenient.correlation_id)} bytes, more than the limit of "
+            f"{MAX_CORRELATION_ID_BYTES} bytes (UTF-8)"
+        )
+        return UnreadableRequest(reason)
     # The id is echoed so the client can match the answer; undecodable bytes are escaped.
     correlation_id = lenient.correlation_id.decode("utf-8", errors="backslashreplace")
     return UnreadableRequest(reason, correlation_id, int(lenient.seq), int(lenient.total))
