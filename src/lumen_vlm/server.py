@@ -61,6 +61,7 @@ class VLMServer:
         self.inference = AsyncInference(settings)
         self.service: Any = None
         self._mdns: Any = None
+        self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
@@ -116,6 +117,8 @@ class VLMServer:
         then exit without waiting for it). `forced()` turning true (a second SIGINT/SIGTERM)
         cuts the grace period short.
         """
+        if self._stopped:
+            return True
         grace = self.settings.admission.shutdown_grace_s
         deadline = time.monotonic() + grace
         log.info("shutting down: in-flight generations have %g s to finish", grace)
@@ -159,14 +162,21 @@ class VLMServer:
 
     def close(self) -> None:
         """Release everything without draining (start-up failed)."""
+        if self._stopped:
+            return
         self._withdraw_mdns()
         self._on_loop(self.server.stop(0))
         self.inference.close()
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        """Stop and close the event loop; the server is then stopped for good (a second
+        shutdown() or close() does nothing)."""
+        self._stopped = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(5.0)
+        if not self._loop_thread.is_alive():
+            self._loop.close()
 
 
 # What to change, and why a bind failed, by errno: said by `explain_bind_failure`.

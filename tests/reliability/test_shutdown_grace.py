@@ -14,7 +14,7 @@ from .conftest import ErrorCode, OpenStream, Server, request, result_of, with_ra
 
 GRACE_S = 3.0
 STEP_S = 0.05  # 400 steps of 50 ms: 20 s, far past the grace
-IDLE_EXIT_S = 1.0  # with nothing running there is nothing to wait for
+IDLE_EXIT_S = 2.0  # nothing to wait for: well under the 3 s grace, with room for a loaded machine
 
 
 def seconds_to_exit(server: Server) -> float:
@@ -50,7 +50,7 @@ def test_sigterm_during_long_generations_exits_0_within_the_grace_plus_1_s(
         channel.close()
 
 
-def test_sigterm_with_nothing_running_exits_within_1_s(start_server: Callable[..., Server]) -> None:
+def test_sigterm_with_nothing_running_exits_well_within_the_grace(start_server: Callable[..., Server]) -> None:
     server = start_server(shutdown_grace_s=GRACE_S)
     with server.channel() as channel:
         stream = OpenStream(channel)

@@ -16,7 +16,7 @@ from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import MIB, ErrorCode, OpenStream, Server, chunks, request, result_of, running_server
 
-MAX_PAYLOAD = 1 * MIB  # the budget is 4 x this, for all streams together; one stream's share is 1 x
+MAX_PAYLOAD = 1 * MIB  # the budget is 4 x this, for all streams together; one stream's share is 1 x and its meta
 UPLOAD_IDLE_S = 1.0
 REFUSALS = (ErrorCode.ERROR_CODE_UNAVAILABLE, ErrorCode.ERROR_CODE_INVALID_ARGUMENT)
 
@@ -66,14 +66,16 @@ def test_an_idle_upload_is_dropped_with_deadline_exceeded_and_the_stream_goes_on
     stream.close()
 
 
-def test_one_stream_holds_at_most_max_payload_bytes_of_unfinished_uploads(channel: grpc.Channel) -> None:
+def test_one_stream_holds_at_most_its_share_of_unfinished_uploads(channel: grpc.Channel) -> None:
+    """One stream's share is max_payload_bytes and room for its meta (1 MiB): 2 MiB here."""
     stream = OpenStream(channel)
-    size = MAX_PAYLOAD * 6 // 10  # two of these are more than one stream's share
-    stream.send(first_chunk("first", size), first_chunk("second", size))
-    answers = {answer.correlation_id: answer for answer in stream.responses(2, timeout=10)}
-    assert answers["second"].error.code in REFUSALS, answers["second"]
-    assert answers["second"].is_final
-    assert_dropped_for_idleness(answers["first"], "first")  # the one within the share was kept
+    size = MAX_PAYLOAD * 8 // 10  # three of these are more than one stream's share, two are not
+    stream.send(first_chunk("first", size), first_chunk("second", size), first_chunk("third", size))
+    answers = {answer.correlation_id: answer for answer in stream.responses(3, timeout=10)}
+    assert answers["third"].error.code in REFUSALS, answers["third"]
+    assert answers["third"].is_final
+    for kept in ("first", "second"):  # the ones within the share were kept, until they went silent
+        assert_dropped_for_idleness(answers[kept], kept)
     stream.close()
 
 

@@ -167,8 +167,10 @@ def test_a_silent_upload_is_dropped_deadline_exceeded_and_the_stream_goes_on(sta
     server, channel = start(upload_idle_timeout_s=0.5)
     image = image_bytes()
     stream = Stream(stub_of(channel))
-    stream.send(chunk("squat", 0, 3, image[:1000], 0))
-    assert wait_until(lambda: server.inference.uploads.used == 1000, timeout=10)
+    first = chunk("squat", 0, 3, image[:1000], 0)
+    stream.send(first)
+    held = 1000 + meta_size(first)
+    assert wait_until(lambda: server.inference.uploads.used == held, timeout=10)
     dropped = stream.next()
     assert dropped.correlation_id == "squat" and dropped.is_final
     assert dropped.error.code == ErrorCode.ERROR_CODE_DEADLINE_EXCEEDED
@@ -181,19 +183,28 @@ def test_a_silent_upload_is_dropped_deadline_exceeded_and_the_stream_goes_on(sta
     stream.close()
 
 
+def meta_size(request: ml_service_pb2.InferRequest) -> int:
+    """What the upload budget counts for a request's meta: its characters."""
+    return sum(len(key) + len(value) for key, value in request.meta.items())
+
+
 def test_one_stream_cannot_take_the_whole_upload_budget(start: Any) -> None:
-    server, channel = start(max_payload_bytes=4000)
+    # 3 MiB payloads: the budget is 4 x 3 MiB, one stream's share 3 MiB and its meta (1 MiB).
+    server, channel = start()
+    part = b"\x89PNG\r\n\x1a\n" + b"x" * (int(2.5 * MIB) - 8)
     greedy = Stream(stub_of(channel))
-    greedy.send(chunk("a", 0, 2, b"\x89PNG\r\n\x1a\n" + b"x" * 2992, 0))
-    greedy.send(chunk("b", 0, 2, b"\x89PNG\r\n\x1a\n" + b"x" * 2992, 0))
+    first, second = chunk("a", 0, 2, part, 0), chunk("b", 0, 2, part, 0)
+    greedy.send(first)
+    greedy.send(second)
     refused = greedy.next()
     assert refused.correlation_id == "b"
     assert refused.error.code == ErrorCode.ERROR_CODE_UNAVAILABLE
     assert "one stream may" in refused.error.message
-    assert server.inference.uploads.used == 3000
+    held = len(part) + meta_size(first)
+    assert server.inference.uploads.used == held
     other = Stream(stub_of(channel))  # another client still has room
-    other.send(chunk("c", 0, 2, b"\x89PNG\r\n\x1a\n" + b"x" * 2992, 0))
-    assert wait_until(lambda: server.inference.uploads.used == 6000, timeout=10)
+    other.send(chunk("c", 0, 2, part, 0))
+    assert wait_until(lambda: server.inference.uploads.used == 2 * held, timeout=10)
     greedy.close()
     other.close()
 
@@ -348,7 +359,7 @@ def test_shutdown_with_nothing_running_is_immediate(start: Any, manager: Any, ti
         idle = Stream(stub_of(channel))
         began = time.monotonic()
         server.shutdown()
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 2.0  # nothing to wait for: well under the 5 s grace
         idle.close()
 
 
@@ -410,3 +421,15 @@ def _varint(value: int) -> bytes:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     return bytes([*out, value])
+
+
+def test_a_second_shutdown_or_close_does_nothing(manager: Any, tiny_model_dir: Path) -> None:
+    settings = replace(make_settings(tiny_model_dir), server=ServerSettings(host="127.0.0.1", port=0))
+    server = VLMServer(settings)
+    server.start()
+    server.install(FastVLMService(manager, settings))
+    assert server.shutdown()
+    began = time.monotonic()
+    assert server.shutdown()
+    server.close()
+    assert time.monotonic() - began < 1.0, "nothing was waited for"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -370,21 +371,48 @@ def test_chunks_without_a_correlation_id_are_answered_once_per_upload() -> None:
 
 
 def test_the_upload_budget_is_shared_by_every_stream() -> None:
-    budget = UploadBudget(5)
+    held = 3 + len("k") + len("v")  # chunk 0's payload, and the meta the upload keeps
+    budget = UploadBudget(held + 2)
     first, second = ChunkAssembler(100, budget=budget), ChunkAssembler(100, budget=budget)
     first.feed(chunk(0, 3, b"aaa", 0, "x"), "x")
-    assert budget.used == 3
+    assert budget.used == held
     with pytest.raises(UploadsBusy, match="too many uploads in progress"):
         second.feed(chunk(0, 2, b"bbb", 0, "y"), "y")
-    assert budget.used == 3 and second.open_uploads == 0
+    assert budget.used == held and second.open_uploads == 0
     assert second.feed(chunk(1, 2, b"b", 3, "y"), "y") is None  # the refused upload's rest is dropped
     first.feed(chunk(1, 3, b"a", 3, "x"), "x")
     assert first.feed(chunk(2, 3, b"a", 4, "x"), "x") is not None  # completed: its bytes are freed
     assert budget.used == 0
     second.feed(chunk(0, 2, b"bbb", 0, "y"), "y")  # the retry now fits
-    assert budget.used == 3
+    assert budget.used == held
     second.abandon()  # the stream ended
     assert budget.used == 0
+
+
+def test_an_upload_s_meta_counts_against_the_budget() -> None:
+    # A chunk 0 with a megabyte of meta and a 1-byte payload held memory the budget did not see.
+    budget = UploadBudget(10_000)
+    assembler = ChunkAssembler(100, budget=budget)
+    squat = chunk(0, 50, b"x", 0, "squat")
+    squat.meta["prompt"] = "p" * 5_000
+    assembler.feed(squat, "squat")
+    assert budget.used == 1 + len("k") + len("v") + len("prompt") + 5_000
+    with pytest.raises(UploadsBusy):
+        ChunkAssembler(100, budget=budget).feed(squat, "another")
+    assembler.abandon()
+    assert budget.used == 0
+
+
+def test_a_stream_busy_answering_does_not_run_its_uploads_clocks() -> None:
+    assembler = ChunkAssembler(100)
+    assembler.feed(chunk(0, 3, b"ab", 0), "c")
+    started = assembler.next_expiry(30.0)
+    assert started is not None
+    time.sleep(0.01)
+    assembler.touch()  # the owner answered another request meanwhile
+    later = assembler.next_expiry(30.0)
+    assert later is not None and later > started
+    assert assembler.expire(30.0, now=later - 0.001) == []
 
 
 def test_a_failed_upload_frees_its_budget() -> None:

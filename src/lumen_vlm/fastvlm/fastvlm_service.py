@@ -13,9 +13,9 @@ front door (`transports.grpc_aio`), which reads streams itself and draws each st
 pool. Both go through `respond`. At most `admission.max_concurrency` generations run at once
 and at most `admission.max_queue` wait for a slot; the rest are answered UNAVAILABLE at once.
 
-Memory. A stream's unfinished chunked uploads hold at most one payload's worth of bytes, and
-all streams' together at most `upload_budget_bytes` (a chunk beyond either fails its upload
-with UNAVAILABLE).
+Memory. A stream's unfinished chunked uploads hold at most one payload and its meta, and all
+streams' together at most `upload_budget_bytes`, meta counted (a chunk beyond either fails its
+upload with UNAVAILABLE).
 
 Cancellation. Between two events the handler checks the call: a client that cancelled or
 disconnected stops its generation there and frees its slot (grpc also stops pulling from the
@@ -51,6 +51,7 @@ from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationRes
 from .image import IMAGE_MIMES
 from .request_parsing import (
     MAX_CORRELATION_ID_BYTES,
+    MAX_META_BYTES,
     ChunkAssembler,
     CompleteRequest,
     UploadBudget,
@@ -69,8 +70,6 @@ TEXT_MIME = "text/plain;charset=utf-8"
 
 ErrorCode = ml_service_pb2.ErrorCode
 
-# Room for a request's meta (messages can be up to max_messages_chars) beside its payload.
-_MESSAGE_OVERHEAD_BYTES = 1024 * 1024
 # Unfinished chunked uploads, all streams together, may hold this many whole payloads.
 _UPLOAD_BUDGET_PAYLOADS = 4
 
@@ -179,7 +178,7 @@ def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
     SO_REUSEPORT is off: grpc turns it on by default on Linux, and then a second server started
     on a port that is already serving binds without error and takes a share of its connections.
     """
-    limit = settings.limits.max_payload_bytes + _MESSAGE_OVERHEAD_BYTES
+    limit = settings.limits.max_payload_bytes + MAX_META_BYTES
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),

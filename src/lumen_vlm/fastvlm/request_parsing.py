@@ -354,7 +354,16 @@ class ChunkError(RequestError):
     """A chunked upload is broken: out of order, duplicated, overlapping, incomplete, too large."""
 
 
+# Room for a request's meta (messages can be up to max_messages_chars) beside its payload, in
+# one gRPC message; an unfinished upload keeps its meta, so the upload budget counts it too.
+MAX_META_BYTES = 1024 * 1024
+
 MAX_CHUNKS = 65_536  # 20 MiB in chunks of 320 bytes; the Go SDK needs 80 for 20 MiB
+
+
+def _meta_size(meta: Mapping[str, str]) -> int:
+    """What a request's meta costs to keep, roughly: its characters."""
+    return sum(len(key) + len(value) for key, value in meta.items())
 
 
 class UploadBudget:
@@ -405,6 +414,7 @@ class _Upload:
     buffer: bytearray = field(default_factory=bytearray)
     next_seq: int = 0
     last_chunk_at: float = field(default_factory=time.monotonic)
+    held: int = 0  # bytes reserved in the budget: the payload so far and the meta kept with it
 
 
 class _FailedUpload:
@@ -465,7 +475,7 @@ class ChunkAssembler:
         self, max_payload_bytes: int, max_uploads: int = 4, max_failed: int = 16, budget: UploadBudget | None = None
     ) -> None:
         self.max_payload_bytes = max_payload_bytes
-        self.max_stream_bytes = max_payload_bytes  # this stream's share of the budget
+        self.max_stream_bytes = max_payload_bytes + MAX_META_BYTES  # this stream's share of the budget
         self.max_uploads = max_uploads
         self._max_failed = max_failed
         self._budget = budget
@@ -529,6 +539,13 @@ class ChunkAssembler:
                     )
                 )
         return errors
+
+    def touch(self) -> None:
+        """The owner was busy answering, not reading: the open uploads' silence starts now."""
+        with self._lock:
+            now = time.monotonic()
+            for upload in self._uploads.values():
+                upload.last_chunk_at = now
 
     def reject(self, correlation_id: str, seq: int, total: int) -> None:
         """A message of this stream that could not be read claimed this place in an upload:
@@ -641,21 +658,26 @@ class ChunkAssembler:
         size = len(upload.buffer) + len(request.payload)
         if size > self.max_payload_bytes:
             raise ChunkError(f"the chunked payload exceeds the limit of {self.max_payload_bytes} bytes")
-        held = sum(len(other.buffer) for other in self._uploads.values())
-        if held + len(request.payload) > self.max_stream_bytes:
+        # The meta is kept from chunk 0 to the end, so it counts too: else a chunk 0 of 1 MiB
+        # meta and a 1-byte payload would hold memory the budget does not see.
+        adding = len(request.payload) + (_meta_size(upload.meta) if upload.next_seq == 0 else 0)
+        held = sum(other.held for other in self._uploads.values())
+        if held + adding > self.max_stream_bytes:
             raise UploadsBusy(
-                f"this stream's unfinished chunked uploads would hold {held + len(request.payload)} bytes, more "
-                f"than one stream may ({self.max_stream_bytes} bytes, max_payload_bytes): finish an upload first"
+                f"this stream's unfinished chunked uploads would hold {held + adding} bytes, more than one "
+                f"stream may ({self.max_stream_bytes} bytes: max_payload_bytes and its meta): finish an upload first"
             )
         if self._budget is not None:
-            self._budget.reserve(len(request.payload))
+            self._budget.reserve(adding)
+        upload.held += adding
         upload.buffer += request.payload
         upload.next_seq += 1
         upload.last_chunk_at = time.monotonic()
 
     def _release(self, upload: _Upload) -> None:
         if self._budget is not None:
-            self._budget.release(len(upload.buffer))
+            self._budget.release(upload.held)
+        upload.held = 0
         upload.buffer = bytearray()
 
     def _finish(self, correlation_id: str) -> CompleteRequest:

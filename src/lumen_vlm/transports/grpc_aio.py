@@ -78,7 +78,7 @@ def keepalive_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_ping_strikes", 2),  # grpc's default: a ping flood still gets GOAWAY
     ]
 
 
@@ -231,24 +231,31 @@ class AsyncInference:
                 message = await reader.next(wait_s)
                 if message is _END:
                     break
-                if message is _SILENT and upload_due is None:
-                    await self._end_idle_stream(context)
-                responses = self._expired_uploads(assembler) if message is _SILENT else None
-                if isinstance(message, UnreadableRequest):
-                    responses = iter([_unreadable_response(message, assembler)])
-                if responses is None:
-                    # Named here, so that an abandoned answer has it too.
-                    correlation_id = message.correlation_id or uuid.uuid4().hex
-                    responses = respond(message, assembler, control, self._answer, correlation_id)
+                if message is _SILENT:
+                    if upload_due is None:
+                        await self._end_idle_stream(context)  # raises: the call ends
+                    responses, correlation_id = self._expired_uploads(assembler), ""
                 else:
-                    correlation_id = ""
+                    responses, correlation_id = self._responses_to(message, assembler, control)
                 async for response in self._drawn_in_thread(responses, call, correlation_id):
                     yield response
+                if message is not _SILENT:
+                    assembler.touch()  # busy answering is not the client's silence
         finally:
             reader.close()
             abandoned = assembler.abandon()
         for response in abandoned_responses(abandoned):
             yield response
+
+    def _responses_to(
+        self, message: Any, assembler: ChunkAssembler, control: CallControl
+    ) -> tuple[Iterator[InferResponse], str]:
+        """The (lazy) answers to one message, and the id a request in it is answered under."""
+        if isinstance(message, UnreadableRequest):
+            return iter([_unreadable_response(message, assembler)]), ""
+        # Named here, so that an answer abandoned at shutdown has it too.
+        correlation_id = message.correlation_id or uuid.uuid4().hex
+        return respond(message, assembler, control, self._answer, correlation_id), correlation_id
 
     async def _end_idle_stream(self, context: Any) -> None:
         idle_s = self.settings.admission.stream_idle_timeout_s
