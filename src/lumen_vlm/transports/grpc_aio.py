@@ -237,10 +237,14 @@ class AsyncInference:
                     responses, correlation_id = self._expired_uploads(assembler), ""
                 else:
                     responses, correlation_id = self._responses_to(message, assembler, control)
+                answered = False
                 async for response in self._drawn_in_thread(responses, call, correlation_id):
+                    answered = True
                     yield response
-                if message is not _SILENT:
-                    assembler.touch()  # busy answering is not the client's silence
+                if answered and message is not _SILENT:
+                    # Busy answering is not the client's silence. (A chunk that is only stored
+                    # answers nothing, so one upload's chunks never keep another alive.)
+                    assembler.touch()
         finally:
             reader.close()
             abandoned = assembler.abandon()
