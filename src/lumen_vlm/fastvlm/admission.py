@@ -250,7 +250,6 @@ class Admission:
         with self._cond:
             if ticket.state != "HELD":
                 self._give_up(ticket)
-                ticket.state = "WITHDRAWN"
 
     def _give_up(self, ticket: _Ticket) -> None:
         """Leave the queue, or pass on a slot handed over but not taken up (lock held)."""

@@ -322,7 +322,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         This is the synchronous servicer the Lumen hub hosts on its own grpc server; our own
         server's front door (`transports.grpc_aio`) reads streams itself and calls `respond`.
         """
-        assembler = self.new_assembler()
+        assembler = ChunkAssembler(self.settings.limits.max_payload_bytes, budget=self.uploads)
         terminated = watch_termination(context)
         try:
             for request in _requests_until_gone(request_iterator):
@@ -332,10 +332,6 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             # those of a stream that ended normally are answered below.
             abandoned = assembler.abandon()
         yield from abandoned_responses(abandoned)
-
-    def new_assembler(self, budget: UploadBudget | None = None) -> ChunkAssembler:
-        """A stream's chunk reassembly, drawing on `budget` (the service's own by default)."""
-        return ChunkAssembler(self.settings.limits.max_payload_bytes, budget=budget or self.uploads)
 
     @property
     def shutting_down(self) -> bool:

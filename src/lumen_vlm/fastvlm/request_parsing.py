@@ -459,11 +459,12 @@ class ChunkAssembler:
 
     Memory is bounded: each upload by `max_payload_bytes`, at most `max_uploads` uploads open
     on a stream at once, at most `max_failed` failed uploads remembered, and, with a `budget`
-    shared by every stream, the bytes of all unfinished uploads together; one stream's
-    unfinished uploads may hold at most `max_payload_bytes` of the budget together, so one
-    client cannot take it all. Time is bounded too: the owner calls `expire` to drop uploads
-    that received no chunk for a while (it knows when the stream is idle), and `abandon` when
-    the stream ends, however it ends, to give the budget back.
+    shared by every stream, the bytes of all unfinished uploads together (their meta counted);
+    one stream's unfinished uploads may hold at most `max_payload_bytes` and `MAX_META_BYTES`
+    of the budget together, so one client cannot take it all. Time is bounded too: the owner
+    calls `expire` to drop uploads that received no chunk for a while (it knows when the
+    stream is idle), and `abandon` when the stream ends, however it ends, to give the budget
+    back.
 
     Thread-safe, because our front door feeds a chunk in a pool thread while the stream itself
     lives on the event loop: a client that cancels while its chunk waits for the pool has its
