@@ -275,13 +275,3 @@ def health_answers(channel: grpc.Channel, timeout: float) -> None:
     for service in ("", "home_native.v1.Inference"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll `condition` until it holds or `timeout` passes: a bound, never a speed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()

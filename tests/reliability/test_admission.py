@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lumen_vlm.proto import ml_service_pb2_grpc
 
-from .conftest import ErrorCode, OpenStream, Server, request, result_of, wait_until
+from ..service.conftest import wait_until
+from .conftest import ErrorCode, OpenStream, Server, request, result_of
 
 BUSY = re.compile(r"server busy: (\d+) generations running, (\d+) waiting")
 CLIENTS = 8

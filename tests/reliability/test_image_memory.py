@@ -152,6 +152,7 @@ def measured(memory: Memory, send: Callable[[], Answers]) -> tuple[Answers, int,
 
 
 def assert_memory_bounded(peak_growth: int, rss_growth: int) -> None:
+    print(f"peak RSS +{peak_growth / MIB:.0f} MiB, kept +{rss_growth / MIB:.0f} MiB")  # for `pytest -s`
     assert peak_growth < RSS_GROWTH_BOUND, f"peak RSS grew by {peak_growth / MIB:.0f} MiB"
     assert rss_growth < RSS_GROWTH_BOUND, f"RSS grew by {rss_growth / MIB:.0f} MiB and stayed"
 
@@ -164,6 +165,21 @@ def assert_refused(answer: ml_service_pb2.InferResponse, max_image_pixels: int) 
     assert f"max_image_pixels = {max_image_pixels} pixels" in answer.error.message
 
 
+def assert_answered(
+    answers: Answers,
+    accepted: list[ml_service_pb2.InferRequest],
+    refused: list[ml_service_pb2.InferRequest],
+    max_image_pixels: int,
+) -> None:
+    """One answer each: a result for the accepted images, a refusal naming the limit for the others."""
+    assert len(answers) == len(accepted) + len(refused)
+    for message in accepted:
+        answer = answers[message.correlation_id]
+        assert answer.is_final and not answer.HasField("error"), answer
+    for message in refused:
+        assert_refused(answers[message.correlation_id], max_image_pixels)
+
+
 def test_the_thinnest_images_accepted_and_refused_cost_little_memory(tmp_path: Path) -> None:
     with image_server(tmp_path, max_image_pixels=MAX_IMAGE_PIXELS, max_concurrency=MAX_CONCURRENCY) as (
         address,
@@ -173,12 +189,7 @@ def test_the_thinnest_images_accepted_and_refused_cost_little_memory(tmp_path: P
         mixed = [message for pair in zip_longest(accepted, refused) for message in pair if message is not None]
         answers, peak_growth, rss_growth = measured(memory, lambda: send_all(address, mixed))
 
-    assert len(answers) == len(mixed)
-    for message in accepted:
-        answer = answers[message.correlation_id]
-        assert answer.is_final and not answer.HasField("error"), answer
-    for message in refused:
-        assert_refused(answers[message.correlation_id], MAX_IMAGE_PIXELS)
+    assert_answered(answers, accepted, refused, MAX_IMAGE_PIXELS)
     assert_memory_bounded(peak_growth, rss_growth)
 
 
@@ -189,10 +200,5 @@ def test_the_shapes_of_issue_9_under_the_default_limits(tmp_path: Path) -> None:
         refused = shape_requests(DEFAULT_REFUSED, range(1, 3))
         answers, peak_growth, rss_growth = measured(memory, lambda: send_all(address, accepted + refused))
 
-    assert len(answers) == len(accepted) + len(refused)
-    for message in accepted:
-        answer = answers[message.correlation_id]
-        assert answer.is_final and not answer.HasField("error"), answer
-    for message in refused:
-        assert_refused(answers[message.correlation_id], default)
+    assert_answered(answers, accepted, refused, default)
     assert_memory_bounded(peak_growth, rss_growth)

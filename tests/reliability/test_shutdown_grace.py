@@ -23,6 +23,7 @@ def seconds_to_exit(server: Server) -> float:
     server.process.process.send_signal(signal.SIGTERM)
     code = server.process.exit_code(timeout=60)
     took = time.monotonic() - signalled
+    print(f"exited {took:.2f} s after SIGTERM")  # the figure, for `pytest -s`
     assert code == 0, server.log
     return took
 

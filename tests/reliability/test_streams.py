@@ -16,6 +16,7 @@ from google.protobuf import empty_pb2
 
 from lumen_vlm.proto import ml_service_pb2_grpc
 
+from ..service.conftest import wait_until
 from .conftest import (
     OpenStream,
     Server,
@@ -24,7 +25,6 @@ from .conftest import (
     request,
     result_of,
     running_server,
-    wait_until,
 )
 
 MAX_STREAMS = 16
