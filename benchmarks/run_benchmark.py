@@ -10,6 +10,10 @@ same 1024x1024 photo and a ~20-token question, greedy, ignoring EOS so every run
 same number of tokens. The machine's memory read bandwidth is measured just before and after
 each engine, and its decode speed is set against it (bytes of decoder weights read per token).
 
+The concurrency mode (--streams, on by default for Lumen's engines) then drives the same
+process's `Engine`: N streams submitted at once, each a different photo, and a burst of
+--burst photos at once against the same photos one after another (see `concurrency_runs`).
+
 Medians over --runs runs after one warm-up; JSON to --json, a markdown table to stdout.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -29,7 +34,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +46,40 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LUMEN_VLM_BENCH_CACHE", "~/.cache/lumen-vlm/bench")).expanduser()
 QUESTION = "Describe this photo in detail: what objects, colours and people do you see?"
+MESSAGES = [{"role": "user", "content": QUESTION}]
 ENGINES = ("lumen-fp32", "lumen-int8", "lumen-q4", "transformers")
+# The concurrency mode: streams submitted at once, and the burst set against one after another.
+STREAMS = (1, 2, 4, 8)
+BURST_PHOTOS = 16
+# The engine it drives: 8 batch slots of 512 positions each, room for a 1024 px photo's prompt
+# (~330 tokens) and 64 new tokens. The budget is set, not the server's default (16384), so
+# that the RSS target (files + KV budget + 15%) is held to the KV these streams can use.
+BATCH_SLOTS = 8
+KV_BUDGET_TOKENS = BATCH_SLOTS * 512
+# The issue's targets: aggregate decode with 4 streams against 1, per engine; peak RSS with 8
+# streams against the model's files and the KV budget.
+FOUR_STREAM_GAIN = {"lumen-fp32": 3.5, "lumen-int8": 2.5, "lumen-q4": 2.0}
+RSS_HEADROOM = 1.15
+STREAM_TIMEOUT_S = 900.0  # a stream that takes longer has hung: the benchmark fails, not waits
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def make_photo(size: int = 1024) -> bytes:
-    """A deterministic 1024x1024 JPEG with some structure."""
+def make_photo(variant: int = 0, size: int = 1024) -> bytes:
+    """A deterministic 1024x1024 JPEG with some structure; each `variant` has other bytes (its
+    own noise and shapes), so neither the feature cache nor the prefix cache knows it."""
     from PIL import Image, ImageDraw
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(variant)
     base = np.linspace(0, 255, size, dtype=np.float32)
     pixels = np.stack([base[None, :].repeat(size, 0), base[:, None].repeat(size, 1), np.full((size, size), 90.0)], -1)
     pixels += rng.normal(0, 12, pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    draw.ellipse((300, 200, 700, 600), fill=(240, 220, 30))
-    draw.rectangle((100, 750, 900, 950), fill=(20, 120, 40))
+    shift = 37 * variant % 200
+    draw.ellipse((300 + shift, 200, 700 + shift, 600), fill=(240, 220 - variant % 100, 30))
+    draw.rectangle((100, 750 - shift, 900, 950 - shift), fill=(20, 120, 40 + variant % 150))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -145,63 +169,408 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def lumen_worker(model_dir: Path, precision: str, runs: int, new_tokens: int) -> dict[str, Any]:
-    from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
-    from lumen_vlm.fastvlm.image import image_to_pixels
+class EncodeClock:
+    """The model's backend, timing each vision encode: how the benchmark sees the encoder's
+    share of `prepare()` and what an encode costs while other streams decode."""
 
-    # As the server loads it: with ORT's optimized graphs saved in the cache (made on first use).
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.encodes_ms: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        ms, features = timed(lambda: self._backend.encode_image(pixel_values))
+        self.encodes_ms.append(ms)
+        return features
+
+
+def load_manager(model_dir: Path, precision: str) -> tuple[Any, float, EncodeClock]:
+    """The model as the server loads it, with ORT's optimized graphs saved in the cache (made by
+    a first load, not timed); (manager, load ms, its encode clock). EOS is taken out of the
+    model's facts, so that every stream generates exactly the tokens it asks for: a random-weight
+    model may sample EOS at any step, and a shorter stream would decode less than the others."""
+    from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+
     optimized = model_dir.parent / "ort-optimized"  # beside the model: --quick's goes with its temp dir
     FastVLMModelManager.from_model_dir(model_dir, precision=precision, optimized_graph_dir=optimized).close()
     reset_peak_rss()
     load_ms, manager = timed(
         lambda: FastVLMModelManager.from_model_dir(model_dir, precision=precision, optimized_graph_dir=optimized)
     )
-    backend = manager.backend
-    photo = make_photo()
-    messages = [{"role": "user", "content": QUESTION}]
-    image_id = manager.facts.image_token_id
+    manager.spec = replace(manager.spec, text=replace(manager.spec.text, eos_token_ids=frozenset()))
+    clock = EncodeClock(manager.backend)
+    manager.backend = clock
+    return manager, load_ms, clock
+
+
+def progress(message: str) -> None:
+    """A line on stderr: a full run takes a while on a shared machine."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def forget_photos(manager: Any) -> None:
+    """Empty the feature and prefix caches: the next request about any photo starts cold."""
+    manager.feature_cache.clear()
+    manager.prefix_cache.clear()
+
+
+def single_stream(manager: Any, clock: EncodeClock, runs: int, new_tokens: int) -> dict[str, float]:
+    """Each phase of one request for a new photo, timed on a KV cache of one slot: the model's
+    own calls in the order the engine makes them, without the engine's threads."""
+    from lumen_vlm.fastvlm.fastvlm_model import GenerationParams, GenerationRequest
+    from lumen_vlm.resources.settings import AdmissionSettings
+
+    chunk_tokens = AdmissionSettings().prefill_chunk_tokens  # as the engine prefills
+    request = GenerationRequest(MESSAGES, make_photo(), GenerationParams(max_new_tokens=new_tokens))
 
     def cold_run() -> dict[str, float]:
-        pixels_ms, pixels = timed(lambda: image_to_pixels(photo, manager.image_spec))
-        vision_ms, features = timed(lambda: backend.encode_image(pixels))
-        ids = manager.prompt_ids(messages, features.shape[0], True)
-        prefill_ms, state = timed(lambda: backend.prefill(ids, features, image_id, reserve=new_tokens))
-        token = int(np.argmax(state.logits))
+        forget_photos(manager)
+        prepare_ms, prepared = timed(lambda: manager.prepare(request))  # image -> features, messages -> ids
+        vision_ms = clock.encodes_ms[-1]
+        prepared = replace(prepared, image_key=None)  # no prefix cache: every run prefills the whole prompt
+        cache = manager.new_kv_cache(1, int(prepared.input_ids.size) + new_tokens)
+        chunks = manager.prefill(prepared, cache, 0, chunk_tokens)
+        prefill_ms, logits = timed(lambda: deque(chunks, maxlen=1)[0])  # the first token's logits come last
+        token = int(np.argmax(logits))
         start = time.perf_counter()
         for _ in range(new_tokens - 1):  # greedy, EOS ignored: every run decodes the same count
-            token = int(np.argmax(backend.decode_step(state, token)))
+            token = int(np.argmax(manager.decode(cache, [0], [token])[0]))
         decode_s = time.perf_counter() - start
         return {
-            "preprocess_ms": pixels_ms,
+            "preprocess_ms": prepare_ms - vision_ms,  # decoding and resizing the photo, rendering the prompt
             "vision_ms": vision_ms,
             "prefill_ms": prefill_ms,
-            "ttft_ms": pixels_ms + vision_ms + prefill_ms,
+            "ttft_ms": prepare_ms + prefill_ms,
             "decode_tok_s": (new_tokens - 1) / decode_s,
-            "prompt_tokens": int(ids.size),
+            "prompt_tokens": int(prepared.input_ids.size),
         }
 
-    def same_photo_ttft(question_index: int) -> float:
-        """TTFT of the served path for a new question about a photo asked about before."""
-        question = f"{QUESTION} (question {question_index})"
-        params = GenerationParams(max_new_tokens=1)
-        manager.generate_text(GenerationRequest(messages, photo, params))  # the photo's first question
-        request = GenerationRequest([{"role": "user", "content": question}], photo, params)
-        return manager.generate_text(request).ttft_ms
-
-    # Cold measurements bypass the feature and prefix caches by calling the backend directly.
     cold_run()
     samples = [cold_run() for _ in range(runs)]
-    repeat_ttft = [same_photo_ttft(i) for i in range(runs)]
-    result = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+class TokenClock:
+    """The model as the engine sees it, stamping every token of every photo request: a token's
+    time is when the decoder call that gives its logits returns (the engine samples it at the
+    start of its next step). The client's text deltas cannot say this: a token that completes no
+    character sends no text, and random weights sample many of them (special and byte tokens).
+
+    Requests are told apart by their photo (its content key); each stream has its own."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._request_of: dict[str, Any] = {}  # a photo's key -> the request that asked about it
+        self._owner: dict[int, Any] = {}  # a batch slot -> the request prefilled into it, if a photo's
+        self.times: dict[int, list[float]] = {}  # id(request) -> its tokens' times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def reset(self) -> None:
+        self.times = {}
+
+    def prepare(self, request: Any) -> Any:
+        prepared = self._model.prepare(request)
+        if prepared.image_key is not None:
+            self._request_of[prepared.image_key] = request
+        return prepared
+
+    def prefill(self, prepared: Any, cache: Any, slot: int, chunk_tokens: int) -> Iterator[np.ndarray | None]:
+        request = self._owner[slot] = self._request_of.get(prepared.image_key)
+        chunks = self._model.prefill(prepared, cache, slot, chunk_tokens)
+        try:
+            for logits in chunks:
+                if logits is not None:
+                    self._stamp(request, time.perf_counter())
+                yield logits
+        finally:
+            chunks.close()
+
+    def decode(self, cache: Any, slots: list[int], tokens: list[int]) -> np.ndarray:
+        logits = self._model.decode(cache, slots, tokens)
+        now = time.perf_counter()
+        for slot in slots:
+            self._stamp(self._owner.get(slot), now)
+        return logits
+
+    def _stamp(self, request: Any, now: float) -> None:
+        if request is not None:
+            self.times.setdefault(id(request), []).append(now)
+
+
+@dataclass
+class Stream:
+    """One request: when it was submitted, when each of its tokens was decoded, what it got."""
+
+    submitted: float
+    token_times: list[float] = field(default_factory=list)
+    generated_tokens: int = 0
+    ttft_ms: float = 0.0  # the engine's: submission -> first token sampled
+
+    @property
+    def first_token(self) -> float:
+        return self.token_times[0]
+
+    @property
+    def last_token(self) -> float:
+        return self.token_times[-1]
+
+    def decode_tok_s(self) -> float:
+        """Tokens after the first, per second, from the first token to the last."""
+        return (len(self.token_times) - 1) / (self.last_token - self.first_token)
+
+    def gaps_ms(self) -> list[float]:
+        return [(after - before) * 1000.0 for before, after in itertools.pairwise(self.token_times)]
+
+
+def follow(handle: Any) -> Stream:
+    """Read one request's events to the end (as its client would); its result's counts."""
+    stream = Stream(handle.submitted)
+    result = handle.result()
+    stream.generated_tokens, stream.ttft_ms = result.generated_tokens, result.ttft_ms
+    return stream
+
+
+def with_token_times(clock: TokenClock, requests: list[Any], streams: list[Stream]) -> list[Stream]:
+    for request, stream in zip(requests, streams, strict=True):
+        stream.token_times = clock.times.get(id(request), [])
+    return streams
+
+
+def at_once(engine: Any, clock: TokenClock, requests: list[Any]) -> tuple[list[Stream], float]:
+    """Submit every request at once, each read by its own thread; (streams, wall seconds from
+    the first submission to the last token)."""
+    clock.reset()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(follow, engine.submit(request)) for request in requests]
+        streams = [future.result(timeout=STREAM_TIMEOUT_S) for future in futures]
+    wall = time.perf_counter() - start
+    return with_token_times(clock, requests, streams), wall
+
+
+def one_after_another(engine: Any, clock: TokenClock, requests: list[Any]) -> tuple[list[Stream], float]:
+    clock.reset()
+    start = time.perf_counter()
+    streams = [follow(engine.submit(request)) for request in requests]
+    wall = time.perf_counter() - start
+    return with_token_times(clock, requests, streams), wall
+
+
+def check_lengths(streams: Iterable[Stream], new_tokens: int) -> None:
+    """Every stream generated exactly `new_tokens`, each stamped, or its figures would not compare."""
+    wrong = [(s.generated_tokens, len(s.token_times)) for s in streams]
+    if any(counts != (new_tokens, new_tokens) for counts in wrong):
+        raise RuntimeError(f"streams generated and stamped {wrong} tokens, not {new_tokens} each")
+
+
+def aggregate_decode_tok_s(streams: list[Stream]) -> float | None:
+    """Decode tokens of every stream per second, while every stream decodes: tokens after each
+    stream's first that arrive between the last stream's first token and the first stream's
+    last, over that window. None when the streams never all decode at once."""
+    start, end = max(s.first_token for s in streams), min(s.last_token for s in streams)
+    if end <= start:
+        return None
+    tokens = sum(1 for s in streams for t in s.token_times[1:] if start < t <= end)
+    return tokens / (end - start)
+
+
+def gaps_while_joining_ms(streams: list[Stream]) -> list[float]:
+    """Inter-token gaps of running streams that overlap another stream's joining (from its
+    submission to its first token: its vision encode and its prefill)."""
+    joins = [(s.submitted, s.first_token) for s in streams]
+    gaps = []
+    for index, stream in enumerate(streams):
+        for before, after in itertools.pairwise(stream.token_times):
+            if any(other != index and joined < after and first > before for other, (joined, first) in enumerate(joins)):
+                gaps.append((after - before) * 1000.0)
+    return gaps
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What the concurrency mode drives: an engine over the model, seen through the clocks."""
+
+    manager: Any
+    engine: Any
+    tokens: TokenClock
+    encodes: EncodeClock
+
+    @classmethod
+    def start(cls, manager: Any, encodes: EncodeClock) -> Bench:
+        """BATCH_SLOTS slots sharing KV_BUDGET_TOKENS, a queue that holds a whole burst, and no
+        queue timeout that a slow burst could reach."""
+        from lumen_vlm.engine import Engine
+        from lumen_vlm.resources.settings import AdmissionSettings
+
+        admission = AdmissionSettings(
+            max_concurrency=BATCH_SLOTS,
+            kv_cache_tokens=KV_BUDGET_TOKENS,
+            max_queue=max(BURST_PHOTOS, AdmissionSettings().max_queue),
+            queue_timeout_s=STREAM_TIMEOUT_S,
+        )
+        tokens = TokenClock(manager)
+        return cls(manager, Engine(tokens, admission), tokens, encodes)
+
+    def photo_requests(self, variants: Iterable[int], new_tokens: int) -> list[Any]:
+        from lumen_vlm.fastvlm.fastvlm_model import GenerationParams, GenerationRequest
+
+        params = GenerationParams(max_new_tokens=new_tokens)
+        return [GenerationRequest(MESSAGES, make_photo(variant), params) for variant in variants]
+
+
+def same_photo_ttft(bench: Bench, question_index: int) -> float:
+    """TTFT of the served path for a new question about a photo asked about before."""
+    from lumen_vlm.fastvlm.fastvlm_model import GenerationParams, GenerationRequest
+
+    photo, params = make_photo(), GenerationParams(max_new_tokens=1)
+    bench.engine.submit(GenerationRequest(MESSAGES, photo, params)).result()  # the photo's first question
+    question = [{"role": "user", "content": f"{QUESTION} (question {question_index})"}]
+    return float(bench.engine.submit(GenerationRequest(question, photo, params)).result().ttft_ms)
+
+
+def streams_runs(bench: Bench, count: int, runs: int, new_tokens: int) -> dict[str, Any]:
+    """`count` streams at once, each a different photo: once cold (photos never seen: each is
+    encoded and prefilled while the others run), then `runs` times warm (the same requests again:
+    the photos' features and prompt prefixes are cached, so the streams join within a few steps
+    and the decode window is theirs)."""
+    progress(f"{count} streams at once")
+    requests = bench.photo_requests(range(1, count + 1), new_tokens)
+    forget_photos(bench.manager)
+    encodes = len(bench.encodes.encodes_ms)
+    cold, cold_s = at_once(bench.engine, bench.tokens, requests)
+    cold_encodes = bench.encodes.encodes_ms[encodes:]
+    warm = [at_once(bench.engine, bench.tokens, requests)[0] for _ in range(runs)]
+    check_lengths([*cold, *itertools.chain(*warm)], new_tokens)
+    warm_gaps = [gap for streams in warm for s in streams for gap in s.gaps_ms()]
+    joining = gaps_while_joining_ms(cold)
+    aggregates = [aggregate_decode_tok_s(streams) for streams in warm]
+    measured = [a for a in aggregates if a is not None]
+    return {
+        "streams": count,
+        "cold_ttft_ms": [s.ttft_ms for s in cold],
+        "cold_wall_s": cold_s,
+        "cold_vision_ms": cold_encodes,
+        "cold_per_stream_decode_tok_s": statistics.median(s.decode_tok_s() for s in cold),
+        "join_gaps": len(joining),
+        "join_gap_p99_ms": percentile(joining, 99),
+        "join_gap_max_ms": max(joining, default=None),
+        "aggregate_decode_tok_s": statistics.median(measured) if measured else None,
+        "aggregate_decode_runs": aggregates,
+        "per_stream_decode_tok_s": statistics.median(s.decode_tok_s() for streams in warm for s in streams),
+        "gap_p50_ms": percentile(warm_gaps, 50),
+        "gap_p99_ms": percentile(warm_gaps, 99),
+        "warm_ttft_ms": statistics.median(s.ttft_ms for streams in warm for s in streams),
+    }
+
+
+def burst_runs(bench: Bench, photos: int, new_tokens: int) -> dict[str, Any]:
+    """`photos` new photos captioned one after another, then the same photos (caches emptied
+    again) submitted at once: as many run as there are batch slots, the rest wait their turn."""
+    progress(f"{photos} photos one after another, then at once")
+    requests = bench.photo_requests(range(100, 100 + photos), new_tokens)
+    forget_photos(bench.manager)
+    sequential, sequential_s = one_after_another(bench.engine, bench.tokens, requests)
+    forget_photos(bench.manager)
+    burst, burst_s = at_once(bench.engine, bench.tokens, requests)
+    check_lengths([*sequential, *burst], new_tokens)
+    joining = gaps_while_joining_ms(burst)
+    return {
+        "photos": photos,
+        "one_after_another_s": sequential_s,
+        "one_after_another_per_min": photos / sequential_s * 60.0,
+        "at_once_s": burst_s,
+        "at_once_per_min": photos / burst_s * 60.0,
+        "at_once_ttft_ms": [s.ttft_ms for s in burst],
+        "join_gap_p99_ms": percentile(joining, 99),
+    }
+
+
+def warm_up(bench: Bench, new_tokens: int) -> None:
+    """Text-only requests, one per slot, at once: every batch size runs before any is timed."""
+    from lumen_vlm.fastvlm.fastvlm_model import GenerationParams, GenerationRequest
+
+    request = GenerationRequest(MESSAGES, None, GenerationParams(max_new_tokens=new_tokens))
+    at_once(bench.engine, bench.tokens, [request] * bench.engine.max_concurrency)
+
+
+def concurrency_runs(bench: Bench, streams: Iterable[int], burst: int, runs: int, new_tokens: int) -> dict[str, Any]:
+    """The concurrency mode; its peak RSS is its own (the count is reset when it starts)."""
+    engine = bench.engine
+    warm_up(bench, new_tokens)
+    reset_peak_rss()
+    result: dict[str, Any] = {
+        "max_concurrency": engine.max_concurrency,
+        "kv_cache_tokens": engine.max_concurrency * engine.slot_tokens,
+        "slot_tokens": engine.slot_tokens,
+        "slot_bytes": engine.slot_bytes,
+        "kv_budget_bytes": engine.max_concurrency * engine.slot_bytes,
+        "prefill_chunk_tokens": engine.prefill_chunk_tokens,
+        "runs": [streams_runs(bench, count, runs, new_tokens) for count in streams],
+    }
+    if burst:
+        result["burst"] = burst_runs(bench, burst, new_tokens)
+    result["peak_rss_mb"] = peak_rss_mb()
+    for run, step_ms in zip(result["runs"], decoder_step_ms(bench.manager, streams, new_tokens), strict=True):
+        run["decoder_step_ms"] = step_ms
+    return result
+
+
+def decoder_step_ms(manager: Any, batches: Iterable[int], steps: int) -> list[float]:
+    """The decoder alone, without the engine: the median time of one decode step for B rows, each
+    holding the single-stream photo's prompt (its KV copied into every slot). Set against the
+    engine's aggregate, it tells the decoder's cost from the engine's own."""
+    from lumen_vlm.fastvlm.fastvlm_model import GenerationParams, GenerationRequest
+    from lumen_vlm.resources.settings import AdmissionSettings
+
+    progress("the decoder alone, by batch size")
+    request = GenerationRequest(MESSAGES, make_photo(), GenerationParams(max_new_tokens=steps))
+    prepared = replace(manager.prepare(request), image_key=None)
+    slot_tokens = int(prepared.input_ids.size) + steps + 1
+    one = manager.new_kv_cache(1, slot_tokens)
+    deque(manager.prefill(prepared, one, 0, AdmissionSettings().prefill_chunk_tokens), maxlen=0)
+    prompt, token = one.read(0), int(prepared.input_ids[-1])
+    return [batch_step_ms(manager, prompt, rows, slot_tokens, token, steps) for rows in batches]
+
+
+def batch_step_ms(manager: Any, prompt: Any, rows: int, slot_tokens: int, token: int, steps: int) -> float:
+    cache = manager.new_kv_cache(rows, slot_tokens)
+    for slot in range(rows):
+        cache.write(slot, prompt)
+    slots, tokens = list(range(rows)), [token] * rows
+    manager.decode(cache, slots, tokens)  # a warm-up step
+    return statistics.median(timed(lambda: manager.decode(cache, slots, tokens))[0] for _ in range(steps - 1))
+
+
+def lumen_worker(
+    model_dir: Path, precision: str, runs: int, new_tokens: int, streams: tuple[int, ...], burst: int
+) -> dict[str, Any]:
+    progress(f"lumen-{precision}: loading, then one stream")
+    manager, load_ms, encodes = load_manager(model_dir, precision)
+    result: dict[str, Any] = single_stream(manager, encodes, runs, new_tokens)
+    result["peak_rss_mb"] = peak_rss_mb()  # one stream's: before the engine's KV cache is used
+    bench = Bench.start(manager, encodes)
+    try:
+        result["same_photo_ttft_ms"] = statistics.median(same_photo_ttft(bench, i) for i in range(runs))
+        if streams:
+            result["concurrency"] = concurrency_runs(bench, streams, burst, runs, new_tokens)
+    finally:
+        bench.engine.close()
+    info = manager.backend.info
     result.update(
         {
             "engine": f"lumen-{precision}",
             "load_ms": load_ms,
-            "same_photo_ttft_ms": statistics.median(repeat_ttft),
-            "decoder_bytes": backend.info.decoder_bytes,
-            "model_bytes": backend.info.model_bytes,
-            "providers": list(backend.info.providers),
-            "peak_rss_mb": peak_rss_mb(),
+            "decoder_bytes": info.decoder_bytes,
+            "model_bytes": info.model_bytes,
+            "providers": list(info.providers),
         }
     )
     return result
@@ -288,8 +657,11 @@ def transformers_worker(model_dir: Path, runs: int, new_tokens: int) -> dict[str
     return result
 
 
-def run_worker(engine: str, model_dir: Path, runs: int, new_tokens: int) -> dict[str, Any]:
-    """Run one engine in a fresh process and return its measurements."""
+def run_worker(
+    engine: str, model_dir: Path, runs: int, new_tokens: int, streams: tuple[int, ...] = (), burst: int = 0
+) -> dict[str, Any]:
+    """Run one engine in a fresh process and return its measurements (Lumen's engines with the
+    concurrency mode when `streams` are given)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
         out_path = Path(out.name)
     command = [
@@ -306,6 +678,8 @@ def run_worker(engine: str, model_dir: Path, runs: int, new_tokens: int) -> dict
         "--json",
         str(out_path),
     ]
+    if engine != "transformers":
+        command += ["--streams", *map(str, streams), "--burst", str(burst)]
     subprocess.run(command, check=True, cwd=ROOT)
     result = json.loads(out_path.read_text())
     out_path.unlink()
@@ -315,13 +689,15 @@ def run_worker(engine: str, model_dir: Path, runs: int, new_tokens: int) -> dict
 # --------------------------------------------------------------------------- report
 
 
-def run_beside_bandwidth(engine: str, model_dir: Path, runs: int, new_tokens: int, gib: float) -> dict[str, Any]:
+def run_beside_bandwidth(
+    engine: str, model_dir: Path, runs: int, new_tokens: int, gib: float, streams: tuple[int, ...], burst: int
+) -> dict[str, Any]:
     """One engine's measurements, with the machine's memory read bandwidth measured just
     before and just after it (the better of the two): on a shared machine the bandwidth
     moves with the neighbours, so a single probe at the start of a long run is no ceiling
     for an engine measured minutes later."""
     before = memory_read_bandwidth(gib)
-    result = run_worker(engine, model_dir, runs, new_tokens)
+    result = run_worker(engine, model_dir, runs, new_tokens, streams, burst)
     result["memory_read_gb_s"] = max(before, memory_read_bandwidth(gib)) / 1e9
     return result
 
@@ -386,6 +762,127 @@ def target_lines(results: list[dict[str, Any]]) -> list[str]:
     return [f"| {name} | {value} | {'met' if met else 'not met'} |" for name, value, met in checks]
 
 
+def concurrency_of(results: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(r["engine"], r["concurrency"]) for r in results if r.get("concurrency")]
+
+
+def by_streams(concurrency: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {run["streams"]: run for run in concurrency["runs"]}
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def concurrency_table(results: list[dict[str, Any]]) -> str:
+    header = (
+        "| engine | streams | TTFT ms, new photos (first / median / last) | aggregate decode tok/s | vs 1 stream "
+        "| per-stream decode tok/s | gap p50 / p99 ms | p99 gap while photos join ms "
+        "| decoder alone: step ms (tok/s) |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for engine, concurrency in concurrency_of(results):
+        runs = by_streams(concurrency)
+        single = runs.get(1, {}).get("aggregate_decode_tok_s")
+        for count, run in runs.items():
+            step = run["decoder_step_ms"]
+            alone = f"{step:.1f} ({count * 1000 / step:.1f})"
+            ttfts = sorted(run["cold_ttft_ms"])
+            aggregate = run["aggregate_decode_tok_s"]
+            gain = f"{aggregate / single:.2f}x" if aggregate and single else "-"
+            lines.append(
+                f"| {engine} | {count} | {ttfts[0]:.0f} / {statistics.median(ttfts):.0f} / {ttfts[-1]:.0f} "
+                f"| {aggregate:.1f} | {gain} | {run['per_stream_decode_tok_s']:.1f} "
+                f"| {ms(run['gap_p50_ms'])} / {ms(run['gap_p99_ms'])} | {ms(run['join_gap_p99_ms'])} | {alone} |"
+                if aggregate
+                else f"| {engine} | {count} | - | no window in which every stream decodes | - | - | - | - | {alone} |"
+            )
+    return "\n".join(lines)
+
+
+def burst_table(results: list[dict[str, Any]]) -> str:
+    header = (
+        "| engine | photos | one after another: s (photos/min) | all at once: s (photos/min) | gain "
+        "| p99 gap while photos join ms | peak RSS MB | model files + KV budget MB |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for engine, concurrency in concurrency_of(results):
+        burst = concurrency.get("burst")
+        if not burst:
+            continue
+        model_bytes = next(r["model_bytes"] for r in results if r["engine"] == engine)
+        lines.append(
+            f"| {engine} | {burst['photos']} "
+            f"| {burst['one_after_another_s']:.1f} ({burst['one_after_another_per_min']:.1f}) "
+            f"| {burst['at_once_s']:.1f} ({burst['at_once_per_min']:.1f}) "
+            f"| {burst['at_once_per_min'] / burst['one_after_another_per_min']:.2f}x "
+            f"| {ms(burst['join_gap_p99_ms'])} | {concurrency['peak_rss_mb']:.0f} "
+            f"| {(model_bytes + concurrency['kv_budget_bytes']) / 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def concurrency_target_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The concurrency targets as table rows, per engine: what each asks, this run's value, met or not."""
+    checks: list[tuple[str, str, bool]] = []
+    for engine, concurrency in concurrency_of(results):
+        result = next(r for r in results if r["engine"] == engine)
+        runs = by_streams(concurrency)
+        aggregate = {count: run["aggregate_decode_tok_s"] for count, run in runs.items()}
+        if aggregate.get(1) and aggregate.get(4) and engine in FOUR_STREAM_GAIN:
+            gain, wanted = aggregate[4] / aggregate[1], FOUR_STREAM_GAIN[engine]
+            checks.append((f"{engine}: aggregate decode, 4 streams vs 1 >= {wanted}x", f"{gain:.2f}x", gain >= wanted))
+        if aggregate.get(4) and aggregate.get(8):
+            gain = aggregate[8] / aggregate[4]
+            checks.append((f"{engine}: aggregate decode, 8 streams > 4 streams", f"{gain:.2f}x", gain > 1.0))
+        joining = [run["join_gap_p99_ms"] for run in runs.values() if run["join_gap_p99_ms"] is not None]
+        if joining:
+            worst = max(joining)
+            checks.append(
+                (
+                    f"{engine}: p99 gap while new photos join < one vision encode ({result['vision_ms']:.0f} ms)",
+                    f"{worst:.0f} ms (worst of {len(joining)} stream counts)",
+                    worst < result["vision_ms"],
+                )
+            )
+        if runs.get(BATCH_SLOTS):
+            allowed = (result["model_bytes"] + concurrency["kv_budget_bytes"]) * RSS_HEADROOM
+            peak = concurrency["peak_rss_mb"] * 1e6
+            checks.append(
+                (
+                    f"{engine}: RSS with {BATCH_SLOTS} streams <= (model files + KV budget) x {RSS_HEADROOM}",
+                    f"{peak / 1e6:.0f} MB of {allowed / 1e6:.0f} MB",
+                    peak <= allowed,
+                )
+            )
+    return [f"| {name} | {value} | {'met' if met else 'not met'} |" for name, value, met in checks]
+
+
+def concurrency_markdown(results: list[dict[str, Any]]) -> list[str]:
+    found = concurrency_of(results)
+    if not found:
+        return []
+    config = found[0][1]
+    per_token = config["slot_bytes"] / config["slot_tokens"]
+    lines = [
+        "## Concurrency",
+        "",
+        f"The engine: {config['max_concurrency']} batch slots sharing a KV budget of {config['kv_cache_tokens']} "
+        f"tokens, {config['slot_tokens']} per slot; a slot costs {config['slot_bytes'] / (1 << 20):.1f} MiB "
+        f"({per_token / 1024:.0f} KiB a token), the budget {config['kv_budget_bytes'] / (1 << 20):.0f} MiB; "
+        f"prompts are prefilled {config['prefill_chunk_tokens']} tokens per step between the running streams' steps.",
+        "",
+        concurrency_table(results),
+        "",
+        burst_table(results),
+        "",
+    ]
+    targets = concurrency_target_lines(results)
+    if targets:
+        lines += ["| target | this run | |", "|---|---|---|", *targets, ""]
+    return lines
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     bandwidths = [r["memory_read_gb_s"] for r in report["results"]]
@@ -407,6 +904,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     targets = target_lines(report["results"])
     if targets:
         lines += ["| target | this run | |", "|---|---|---|", *targets, ""]
+    lines += concurrency_markdown(report["results"])
     return "\n".join(lines)
 
 
@@ -419,14 +917,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the report here (e.g. benchmarks/RESULTS.md)")
+    parser.add_argument(
+        "--streams", nargs="*", type=int, default=list(STREAMS), help="concurrency mode: streams at once (none: off)"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=BURST_PHOTOS, help="concurrency mode: photos in the burst (0: off)"
+    )
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    streams = tuple(args.streams)
+    if any(not 1 <= count <= BATCH_SLOTS for count in streams) or args.burst < 0:
+        parser.error(f"--streams take 1 to {BATCH_SLOTS} (the engine's batch slots); --burst 0 or more")
 
     if args.worker:
         if args.worker == "transformers":
             result = transformers_worker(args.model_dir, args.runs, args.new_tokens)
         else:
-            result = lumen_worker(args.model_dir, args.worker.split("-", 1)[1], args.runs, args.new_tokens)
+            precision = args.worker.split("-", 1)[1]
+            result = lumen_worker(args.model_dir, precision, args.runs, args.new_tokens, streams, args.burst)
         args.json.write_text(json.dumps(result))
         return 0
 
@@ -442,7 +950,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_model(model_dir, size)
         gib = 0.25 if args.quick else 1.0
-        results = [run_beside_bandwidth(engine, model_dir, runs, new_tokens, gib) for engine in args.engines]
+        results = [
+            run_beside_bandwidth(engine, model_dir, runs, new_tokens, gib, streams, args.burst)
+            for engine in args.engines
+        ]
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -21,8 +21,9 @@ import onnxruntime as ort
 from run_benchmark import CACHE  # the sibling script (benchmarks/ is on sys.path)
 from tokenizers import Tokenizer
 
+from lumen_vlm.backends.kv_cache import KVCache
 from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend, default_session_options
-from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
+from lumen_vlm.resources.model_files import locate_model_files, read_file_spec
 
 DEFAULT_MODEL = CACHE / "fastvlm-0.5b-random"
 
@@ -60,21 +61,28 @@ def load(model_dir: Path, precision: str, knobs: dict[str, object]) -> FastVLMON
         files,
         providers=["CPUExecutionProvider"],
         session_options=session_options(**knobs),
-        context_length=read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).context_length,
+        context_length=read_file_spec(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).text.context_length,
         optimized_graph_dir=cache if rewritten else None,
     )
+
+
+def prefill(backend: FastVLMONNXBackend, prompt: np.ndarray, reserve: int) -> KVCache:
+    """The prompt in one decoder call, into a one-slot KV cache with room for `reserve` more."""
+    cache = backend.new_kv_cache(1, prompt.size + reserve)
+    backend.forward(cache, [0], backend.embed(prompt)[None])
+    return cache
 
 
 def measure_once(backend: FastVLMONNXBackend, steps: int) -> tuple[float, float]:
     """(prefill ms, decode tok/s) after a warm-up prefill."""
     prompt = np.arange(1000, 1300, dtype=np.int64)
-    backend.prefill(prompt, None, -1)
+    prefill(backend, prompt, 0)
     start = time.perf_counter()
-    state = backend.prefill(prompt, None, -1, reserve=steps)
+    cache = prefill(backend, prompt, steps)
     prefill_ms = (time.perf_counter() - start) * 1000.0
     start = time.perf_counter()
     for step in range(steps):
-        backend.decode_step(state, 2000 + step)
+        backend.forward(cache, [0], backend.embed(np.array([2000 + step], dtype=np.int64))[None])
     return prefill_ms, steps / (time.perf_counter() - start)
 
 

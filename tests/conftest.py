@@ -102,3 +102,28 @@ def manager(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     model = FastVLMModelManager.from_model_dir(tiny_model_dir)
     yield model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with int8 and q4 decoders beside its fp32 one (for tests/backends and tests/graphs)."""
+    from tools.quantize_model import quantize_decoder
+
+    model_dir = tmp_path_factory.mktemp("quantized") / "tiny"
+    shutil.copytree(tiny_model_dir, model_dir)
+    for precision in ("int8", "q4"):
+        quantize_decoder(model_dir, precision)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def fused_manager(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The tiny model with its attention fused: the engine's batched path (the CPU provider's)."""
+    from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+
+    model = FastVLMModelManager.from_model_dir(
+        tiny_model_dir, optimized_graph_dir=tmp_path_factory.mktemp("ort-optimized")
+    )
+    assert model.backend.fused_attention_layers > 0, "the tiny model's attention should fuse"
+    yield model
+    model.close()

@@ -1,4 +1,7 @@
-"""The benchmark runs end to end (--quick, tiny model). It checks that it works, never a speed."""
+"""The benchmark runs end to end (--quick, tiny model). It checks that it works, never a speed.
+
+The concurrency mode's figures come from the token times its clock records; the functions that
+turn those times into figures are checked here on times made up for the purpose."""
 
 from __future__ import annotations
 
@@ -9,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.reference
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_benchmark import STREAMS, Stream, aggregate_decode_tok_s, gaps_while_joining_ms  # noqa: E402
 
 
+@pytest.mark.reference
 def test_quick_benchmark_produces_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     command = [sys.executable, "benchmarks/run_benchmark.py", "--quick", "--json", str(out)]
@@ -26,3 +32,45 @@ def test_quick_benchmark_produces_a_complete_report(tmp_path: Path) -> None:
         for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb", "load_ms"):
             assert r[key] > 0, (r["engine"], key)
     assert "| lumen-q4 |" in result.stdout
+    assert "concurrency" not in engines["transformers"]
+    for name in ("lumen-fp32", "lumen-int8", "lumen-q4"):
+        concurrency = engines[name]["concurrency"]
+        runs = {run["streams"]: run for run in concurrency["runs"]}
+        assert tuple(runs) == STREAMS, name
+        for count, run in runs.items():
+            assert len(run["cold_ttft_ms"]) == count and min(run["cold_ttft_ms"]) > 0, (name, count)
+            assert len(run["cold_vision_ms"]) == count, (name, count)  # each stream's photo was encoded
+            assert run["per_stream_decode_tok_s"] > 0, (name, count)
+        assert runs[1]["aggregate_decode_tok_s"] == pytest.approx(runs[1]["per_stream_decode_tok_s"])
+        assert runs[1]["join_gaps"] == 0  # nothing joins a stream that is alone
+        burst = concurrency["burst"]
+        assert burst["photos"] == 16 and len(burst["at_once_ttft_ms"]) == 16
+        assert burst["at_once_per_min"] > 0 and burst["one_after_another_per_min"] > 0
+        assert concurrency["slot_bytes"] > 0 and concurrency["peak_rss_mb"] > 0
+        assert concurrency["kv_budget_bytes"] == concurrency["slot_bytes"] * concurrency["max_concurrency"]
+    assert "## Concurrency" in result.stdout and "| lumen-fp32 | 8 |" in result.stdout
+
+
+def stream(submitted: float, *token_times: float) -> Stream:
+    return Stream(submitted, list(token_times), generated_tokens=len(token_times))
+
+
+def test_aggregate_decode_counts_the_tokens_of_the_window_in_which_every_stream_decodes() -> None:
+    # a decodes from 1.0 to 5.0, b from 2.0 to 6.0: both decode from 2.0 to 5.0, where a has
+    # tokens at 3, 4, 5 and b at 3, 4, 5 (its first token, at 2.0, is prefill's, not decode's).
+    a = stream(0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+    b = stream(0.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    assert aggregate_decode_tok_s([a, b]) == pytest.approx(6 / 3.0)
+    assert aggregate_decode_tok_s([a]) == pytest.approx(4 / 4.0)  # alone: its decode tokens over its decode
+
+
+def test_aggregate_decode_is_none_when_the_streams_never_all_decode() -> None:
+    assert aggregate_decode_tok_s([stream(0.0, 1.0, 2.0), stream(0.0, 3.0, 4.0)]) is None
+
+
+def test_gaps_while_joining_are_the_gaps_that_overlap_another_streams_join() -> None:
+    # b is submitted at 2.5 and has its first token at 4.5: a's gaps 2-3, 3-4 and 4-5 overlap
+    # that, 1-2 and 5-6 do not; b's own gaps overlap no join but its own.
+    a = stream(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    b = stream(2.5, 4.5, 6.5)
+    assert gaps_while_joining_ms([a, b]) == [1000.0, 1000.0, 1000.0]

@@ -304,6 +304,8 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
     """Export the three graphs of the onnx-community layout."""
     import torch
 
+    from lumen_vlm.resources.export_names import EXPORT_NAMES as NAMES
+
     onnx_dir = out_dir / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     text = model.config.text_config
@@ -364,8 +366,8 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
         EmbedTokens(),
         (torch.randint(0, 100, (2, 5)),),
         onnx_dir / "embed_tokens.onnx",
-        input_names=["input_ids"],
-        output_names=["inputs_embeds"],
+        input_names=[NAMES.input_ids],
+        output_names=[NAMES.inputs_embeds],
         dynamic_shapes={"input_ids": {0: batch, 1: torch.export.Dim("sequence_length", max=1 << 20)}},
     )
     log.info("exporting decoder_model_merged")
@@ -378,11 +380,9 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
         )
         for _ in range(text.num_hidden_layers)
     ]
-    past_names = []
-    present_names = []
-    for i in range(text.num_hidden_layers):
-        past_names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        present_names += [f"present.{i}.key", f"present.{i}.value"]
+    # The names the service reads (as the onnx-community export spells them).
+    past_names = [name for i in range(text.num_hidden_layers) for name in NAMES.past(i)]
+    present_names = [name for i in range(text.num_hidden_layers) for name in NAMES.present(i)]
     auto = torch.export.Dim.AUTO
     export(
         Decoder(),
@@ -393,9 +393,9 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
             past_kv,
         ),
         onnx_dir / "decoder_model_merged.onnx",
-        input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
-        output_names=["logits", *present_names],
-        dynamic_shapes={
+        input_names=[NAMES.inputs_embeds, NAMES.attention_mask, NAMES.position_ids, *past_names],
+        output_names=[NAMES.logits, *present_names],
+        dynamic_shapes={  # keyed by the forward's argument names
             "inputs_embeds": {0: batch, 1: auto},
             "attention_mask": {0: batch, 1: auto},
             "position_ids": {0: batch, 1: auto},

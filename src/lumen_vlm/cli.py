@@ -3,6 +3,7 @@
 lumen-vlm --config config.yaml [--port N] [--host H] [--log-level L]
 lumen-vlm describe IMAGE [--prompt TEXT] (--config FILE | --model DIR_OR_NAME)
 lumen-vlm --version
+python -m lumen_vlm.server CONFIG [PORT]    (the seed README's form of the first)
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def serve_main(argv: list[str]) -> int:
 
 
 def describe_main(argv: list[str]) -> int:
+    from .engine import Engine, TextDelta
     from .fastvlm.exceptions import InputError
-    from .fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest, TextDelta
+    from .fastvlm.fastvlm_model import FastVLMModelManager, GenerationParams, GenerationRequest
     from .generation import SamplingParams
     from .resources.exceptions import ResourceError
     from .resources.loader import resolve_model
@@ -141,13 +143,17 @@ def describe_main(argv: list[str]) -> int:
         return CONFIG_ERROR_EXIT
     params = GenerationParams(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=args.temperature))
     request = GenerationRequest([{"role": "user", "content": args.prompt}], image, params)
+    engine = Engine(manager, settings.admission, settings.limits)
     try:
-        for event in manager.generate(request):
+        for event in engine.submit(request):
             if isinstance(event, TextDelta):
                 print(event.text, end="", flush=True)
     except InputError as exc:
         log.error("%s", exc)
         return 1
+    finally:
+        engine.close()
+        manager.close()
     print()
     return 0
 
@@ -157,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] == "describe":
         return describe_main(args[1:])
     return serve_main(args)
+
+
+def server_module_main(argv: list[str] | None = None) -> int:
+    """`python -m lumen_vlm.server CONFIG [PORT]`, as the seed README runs it: the same as
+    `lumen-vlm --config CONFIG [--port PORT]`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print("usage: python -m lumen_vlm.server CONFIG.yaml [PORT]", file=sys.stderr)
+        return 2
+    serve_args = ["--config", args[0]]
+    if len(args) > 1:
+        serve_args += ["--port", args[1]]
+    return serve_main(serve_args)
 
 
 if __name__ == "__main__":

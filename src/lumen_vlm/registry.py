@@ -66,9 +66,6 @@ class TaskRegistry:
     def names(self) -> list[str]:
         return list(self._tasks)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._tasks
-
     def io_tasks(self, limits: Mapping[str, Any]) -> list[ml_service_pb2.IOTask]:
         """One IOTask per task; every task shares the service's enforced limits."""
         as_strings = {key: str(value) for key, value in limits.items()}

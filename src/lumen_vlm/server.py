@@ -1,6 +1,6 @@
 """The server process: config, gRPC server, health, reflection, mDNS, signals.
 
-    python -m lumen_vlm.server config.yaml [PORT]
+    python -m lumen_vlm.server config.yaml [PORT]    (the command line's: `cli.server_module_main`)
 
 The port starts listening before the model is downloaded or loaded, with both health services
 saying NOT_SERVING and every request answered UNAVAILABLE; once the model is ready the real
@@ -25,18 +25,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import __version__
-from .fastvlm.fastvlm_service import server_options
+from .fastvlm.chunks import MAX_META_BYTES
 from .proto import ml_service_pb2
 from .resources.exceptions import CONFIG_ERROR_EXIT, ConfigError, ResourceError
 from .resources.settings import VLMSettings
 from .transports.grpc_aio import INFERENCE_SERVICE, AsyncInference, keepalive_options
+
+if TYPE_CHECKING:
+    from .fastvlm.fastvlm_service import FastVLMService
 
 log = logging.getLogger("lumen_vlm.server")
 
@@ -46,6 +49,35 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # bind every interface
 # call. Together they keep the exit within about half a second of the grace period.
 _CANCEL_WAIT_S = 0.3
 _STOP_GRACE_S = 0.2
+
+
+def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
+    """Message size limits that let a whole max_payload_bytes image arrive in one message
+    (grpc's default is 4 MiB); the Go SDK chunks anything over 1 MiB anyway.
+
+    SO_REUSEPORT is off: grpc turns it on by default on Linux, and then a second server started
+    on a port that is already serving binds without error and takes a share of its connections.
+    """
+    limit = settings.limits.max_payload_bytes + MAX_META_BYTES
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_thread_pool_size(service: FastVLMService, headroom: int = 32) -> int:
+    """Workers a synchronous grpc server hosting `service` needs (the Lumen hub's kind; our
+    asyncio server sizes its own pool, see `transports.grpc_aio`): one per running and waiting
+    request (each waits on the engine in its worker), plus headroom for idle streams, health
+    checks and capability calls."""
+    return service.engine.max_concurrency + service.engine.max_queue + headroom
+
+
+def server_max_concurrent_rpcs(service: FastVLMService) -> int:
+    """grpc.server's maximum_concurrent_rpcs: one RPC per worker. grpc refuses the RPCs beyond
+    it with RESOURCE_EXHAUSTED rather than queueing them where no deadline or log sees them."""
+    return server_thread_pool_size(service)
 
 
 class VLMServer:
@@ -463,19 +495,9 @@ def settings_with_overrides(settings: VLMSettings, host: str | None, port: int |
     return replace(settings, server=server)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lumen_vlm.server config.yaml [PORT]`, as the seed README runs it."""
-    from .cli import serve_main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0].startswith("-"):
-        print("usage: python -m lumen_vlm.server CONFIG.yaml [PORT]", file=sys.stderr)
-        return 2
-    cli_args = ["--config", args[0]]
-    if len(args) > 1:
-        cli_args += ["--port", args[1]]
-    return serve_main(cli_args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lumen_vlm.server CONFIG [PORT]` is the command line's to read. Only this copy,
+    # run as the program, imports it; the module `lumen_vlm.server`, which the CLI imports, never does.
+    from .cli import server_module_main
+
+    sys.exit(server_module_main())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 # A meta value, a role, a MIME type, a task name, a meta key.
 SHOWN_CHARS = 40
 # A correlation_id is shown whole up to the longest one the service accepts (256 UTF-8 bytes,
-# request_parsing.MAX_CORRELATION_ID_BYTES, so never more than 256 characters): an accepted
+# request_meta.MAX_CORRELATION_ID_BYTES, so never more than 256 characters): an accepted
 # id stays greppable; only a refused, overlong one is cut.
 SHOWN_ID_CHARS = 256
 # Messages or a rendered prompt in a DEBUG line: enough to recognise the request.

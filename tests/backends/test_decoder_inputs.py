@@ -68,7 +68,7 @@ def test_a_variant_gives_the_golden_tokens_through_the_derived_decoder(
     variant: tuple[str, Path], golden: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     name, model_dir = variant
-    with caplog.at_level(logging.INFO, logger="lumen_vlm.backends"):
+    with caplog.at_level(logging.INFO, logger="lumen_vlm.graphs"):
         manager = FastVLMModelManager.from_model_dir(model_dir, optimized_graph_dir=tmp_path / "ort-optimized")
     backend = manager.backend
     if name == "use_cache_branch":
@@ -76,7 +76,7 @@ def test_a_variant_gives_the_golden_tokens_through_the_derived_decoder(
         assert backend.fused_attention_layers == 0
         assert "no rewrite applies, its outputs come from a control-flow If node on use_cache_branch" in caplog.text
     else:
-        assert backend.fused_attention_layers == backend.decoder_spec.num_layers, caplog.text
+        assert backend.fused_attention_layers == backend.graph_spec.decoder.num_layers, caplog.text
     for case in golden["cases"]:
         assert_case_matches(manager, case)
 

@@ -97,7 +97,7 @@ def test_the_tiny_model_loads_with_an_apple_preset_on_a_machine_without_coreml()
         pytest.skip("this onnxruntime build has CoreML: the list would not skip it")
     manager = FastVLMModelManager.from_model_dir(TINY_MODEL, providers=[[COREML, COREML_OPTIONS], CPU])
     try:
-        assert manager.describe()["providers"] == [CPU]
+        assert manager.describe().providers == (CPU,)
     finally:
         manager.close()
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from lumen_vlm.fastvlm.exceptions import PromptError
 from lumen_vlm.fastvlm.prompt import ChatTemplate, encode_prompt, normalize_messages, place_image, render_messages
 from lumen_vlm.resources.exceptions import ModelFilesError
-from lumen_vlm.resources.model_files import locate_model_files, read_model_facts
+from lumen_vlm.resources.model_files import locate_model_files, read_file_spec
 from tools.make_test_model import import_reference_stack
 
 CONVERSATIONS = [
@@ -28,8 +28,8 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def template(tiny_model_dir: Path) -> ChatTemplate:
     files = locate_model_files(tiny_model_dir)
-    facts = read_model_facts(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id)
-    return ChatTemplate(facts.chat_template, facts.special_tokens)
+    text = read_file_spec(files, Tokenizer.from_file(str(files.tokenizer)).token_to_id).text
+    return ChatTemplate(text.chat_template, text.special_tokens)
 
 
 @pytest.mark.reference
@@ -99,7 +99,7 @@ def test_a_template_that_is_not_jinja_is_a_model_files_error() -> None:
 def test_the_image_token_expands_in_place(tiny_model_dir: Path) -> None:
     files = locate_model_files(tiny_model_dir)
     tokenizer = Tokenizer.from_file(str(files.tokenizer))
-    image_id = read_model_facts(files, tokenizer.token_to_id).image_token_id
+    image_id = read_file_spec(files, tokenizer.token_to_id).text.image_token_id
     plain = encode_prompt(tokenizer, "a <image> b", image_id, 1)
     expanded = encode_prompt(tokenizer, "a <image> b", image_id, 5)
     at = int(np.flatnonzero(plain == image_id)[0])

@@ -45,7 +45,7 @@ def test_the_image_token_is_added_at_the_configs_id(
 ) -> None:
     model_dir = without_image_token(tiny_model_dir, tmp_path / "model")
     manager = FastVLMModelManager.from_model_dir(model_dir)
-    assert manager.tokenizer.token_to_id(IMAGE_PLACEHOLDER) == manager.facts.image_token_id
+    assert manager.tokenizer.token_to_id(IMAGE_PLACEHOLDER) == manager.spec.text.image_token_id
     for case in golden["cases"][:2]:
         assert_case_matches(manager, case)
 

@@ -120,7 +120,7 @@ def test_a_text_only_request_keeps_the_users_words(typed_manager) -> None:  # ty
 def test_an_image_request_gets_its_image_tokens(typed_manager, golden: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     case = golden["cases"][0]
     prepared = typed_manager.prepare(golden_request(case))
-    assert int((prepared.input_ids == typed_manager.facts.image_token_id).sum()) == case["image_tokens"]
+    assert int((prepared.input_ids == typed_manager.spec.text.image_token_id).sum()) == case["image_tokens"]
 
 
 @pytest.mark.parametrize("name", ["describe", "describe_portrait", "cjk_emoji", "crop_mode"])
@@ -185,16 +185,16 @@ def test_prompts_match_transformers(
     prepared = typed_manager.prepare(GenerationRequest(messages, image_bytes))
     if has_image:
         preprocessor = json.loads((typed_model_dir / "preprocessor_config.json").read_text())
-        image_tokens = typed_manager.backend.vision_spec.image_tokens
+        image_tokens = typed_manager.backend.graph_spec.image_tokens
         processor = LlavaProcessor(
             tokenizer=tokenizer,
             image_processor=CLIPImageProcessor(**preprocessor),
-            patch_size=typed_manager.image_spec.size // math.isqrt(image_tokens),  # image_tokens = (size / patch)^2
+            patch_size=typed_manager.spec.image.size // math.isqrt(image_tokens),  # image_tokens = (size / patch)^2
             vision_feature_select_strategy="full",
         )
         image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
         expected_ids = processor(images=image, text=expected_text, return_tensors="np")["input_ids"][0].tolist()
-        assert expected_ids.count(typed_manager.facts.image_token_id) == image_tokens
+        assert expected_ids.count(typed_manager.spec.text.image_token_id) == image_tokens
     else:
         expected_ids = tokenizer(expected_text, add_special_tokens=False)["input_ids"]
     assert prepared.input_ids.tolist() == expected_ids

@@ -12,6 +12,7 @@ from lumen_resources.lumen_config import Services
 
 from lumen_vlm.resources.config import load_settings, settings_from_mapping, settings_from_service_config
 from lumen_vlm.resources.exceptions import ConfigError
+from lumen_vlm.resources.settings import CacheSettings
 
 # The seed README's "Configuration" example, verbatim.
 SEED_README_YAML = """\
@@ -118,6 +119,16 @@ def test_vlm_settings_block_passes_lumen_resources_own_validation(tmp_path: Path
     assert settings.admission.queue_timeout_s == 5.0
     assert settings.limits.max_image_pixels == 1_000_000
     assert settings.backend.intra_op_threads == 4
+
+
+def test_cache_budgets_are_settings_in_either_place(tmp_path: Path) -> None:
+    data = full_config(tmp_path)
+    data["services"]["vlm"]["vlm_settings"] = {"feature_cache_bytes": 0}  # 0: no feature cache
+    data["services"]["vlm"]["backend_settings"]["prefix_cache_bytes"] = 1 << 20
+    settings = settings_from_mapping(data)
+    assert (settings.caches.feature_cache_bytes, settings.caches.prefix_cache_bytes) == (0, 1 << 20)
+    assert settings_from_mapping(full_config(tmp_path)).caches == CacheSettings()  # unset: the defaults
+    assert CacheSettings() == CacheSettings(feature_cache_bytes=64 << 20, prefix_cache_bytes=256 << 20)
 
 
 def test_caller_mapping_is_not_modified(tmp_path: Path) -> None:
@@ -261,6 +272,16 @@ BAD_CONFIGS = [
     ),
     ("fractional-max-concurrency", lambda d: backend(d).update(max_concurrency=2.5), "max_concurrency"),
     ("bool-max-queue", lambda d: backend(d).update(max_queue=True), "services.vlm.backend_settings.max_queue"),
+    (
+        "negative-feature-cache",
+        lambda d: backend(d).update(feature_cache_bytes=-1),
+        "services.vlm.backend_settings.feature_cache_bytes: Input should be greater than or equal to 0",
+    ),
+    (
+        "text-prefix-cache",
+        lambda d: vlm(d).update(vlm_settings={"prefix_cache_bytes": "256M"}),
+        "services.vlm.vlm_settings.prefix_cache_bytes: Input should be a valid integer",
+    ),
     ("zero-queue-timeout", lambda d: backend(d).update(queue_timeout_s=0), "services.vlm.backend_settings.queue_t"),
     ("unknown-backend-key", lambda d: backend(d).update(colour="red"), "services.vlm.backend_settings.colour: unknown"),
     ("bad-batch-size", lambda d: backend(d).update(batch_size=0), "services.vlm.backend_settings.batch_size"),

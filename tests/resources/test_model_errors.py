@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import yaml
+from onnx import helper, numpy_helper
 
 from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
 from lumen_vlm.resources.exceptions import ModelFilesError
@@ -149,6 +151,11 @@ BROKEN_GRAPHS: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda d: shutil.copy(tiny_graph("embed"), d / "onnx" / "decoder.fp32.onnx"),
         "decoder graphs' inputs and outputs are not a FastVLM export's",
     ),
+    "vision-features-of-another-width": (
+        lambda d: narrow_vision_features(d / "onnx" / "vision.fp32.onnx", 48),
+        "the vision encoder gives 48-wide image features, but the decoder takes 64-wide embeddings: "
+        "the graphs are not of one model",
+    ),
     "no-image-size-anywhere": (
         lambda d: (
             make_vision_input_dynamic(d / "onnx" / "vision.fp32.onnx"),
@@ -157,6 +164,21 @@ BROKEN_GRAPHS: dict[str, tuple[Callable[[Path], None], str]] = {
         "no image size: the vision encoder graph's input leaves it dynamic",
     ),
 }
+
+
+def narrow_vision_features(graph: Path, width: int) -> None:
+    """The vision encoder with its features cut to their first `width` columns: a graph that
+    gives features of another width than the decoder's."""
+    model = onnx.load(str(graph))
+    output = model.graph.output[0]
+    full = f"{output.name}_full"
+    for node in model.graph.node:
+        node.output[:] = [full if name == output.name else name for name in node.output]
+    bounds = {"narrow_start": 0, "narrow_end": width, "narrow_axis": 2}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in bounds.items())
+    model.graph.node.append(helper.make_node("Slice", [full, *bounds], [output.name]))
+    output.type.tensor_type.shape.dim[2].dim_value = width
+    onnx.save(model, str(graph))
 
 
 def save_without_its_weights(graph: Path) -> None:

@@ -13,19 +13,26 @@ import onnx
 import pytest
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from lumen_vlm.backends.base import VisionSpec
-from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, image_spec
+from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
 from lumen_vlm.fastvlm.image import image_to_pixels
 from lumen_vlm.resources.exceptions import ModelFilesError
 from lumen_vlm.resources.model_files import (
     fallback_precisions,
     locate_model_files,
     lumen_precision_name,
-    read_model_facts,
+    read_file_spec,
 )
-from lumen_vlm.resources.model_spec import ImageSpec, ResizeMode
+from lumen_vlm.resources.model_spec import (
+    DecoderSpec,
+    FileSpec,
+    GraphSpec,
+    ImageSpec,
+    ResizeMode,
+    TextSpec,
+    model_spec,
+)
 from tests.conftest import TINY_MODEL
-from tests.parity import assert_case_matches, golden_request
+from tests.parity import assert_case_matches, generate_text, golden_request
 
 from .model_dirs import TOKENIZER_MAX_LENGTH, community_model, edit_json, lumen_model, tiny_graph, tiny_json
 
@@ -49,14 +56,14 @@ def test_a_lumen_model_with_only_model_info_and_a_dynamic_vision_input_serves(
         "tokenizer_config.json",
     ]
     manager = FastVLMModelManager.from_model_dir(model_dir)
-    assert manager.backend.vision_spec.image_size == 0, "the vision graph states no image size"
-    assert manager.image_spec.size == 256  # extra_metadata.vision_config.image_size
-    assert manager.image_tokens == 16
+    assert manager.backend.graph_spec.image_size == 0, "the vision graph states no image size"
+    assert manager.spec.image.size == 256  # extra_metadata.vision_config.image_size
+    assert manager.spec.image.tokens == 16
     # generation_config.max_position_embeddings, not the tokenizer's model_max_length
-    assert manager.context_length == 1024 != TOKENIZER_MAX_LENGTH
-    assert manager.facts.eos_token_ids == {4002}
-    assert manager.image_spec.mode is ResizeMode.PAD  # no preprocessor config: Apple's rule, as upstream
-    assert manager.describe()["model_id"] == "FastVLM-tiny"
+    assert manager.spec.text.context_length == 1024 != TOKENIZER_MAX_LENGTH
+    assert manager.spec.text.eos_token_ids == {4002}
+    assert manager.spec.image.mode is ResizeMode.PAD  # no preprocessor config: Apple's rule, as upstream
+    assert manager.describe().model_id == "FastVLM-tiny"
     for case in golden["cases"]:
         assert_case_matches(manager, case)
 
@@ -70,26 +77,36 @@ def test_model_info_states_the_image_token_context_and_vision_facts(tmp_path: Pa
         extra["vision_config"].update(image_size=320, patch_size=32, mean=[0.5, 0.25, 0.125], std=[2.0, 4.0, 8.0])
 
     edit_json(model_dir / "model_info.json", change)
-    facts = read_model_facts(locate_model_files(model_dir), no_image_token)
-    assert facts.image_token_id == 4001  # from generation_config: the tokenizer knows no <image>
-    assert facts.context_length == 777
-    assert facts.image == ImageSpec(
+    stated = read_file_spec(locate_model_files(model_dir), no_image_token)
+    assert stated.text.image_token_id == 4001  # from generation_config: the tokenizer knows no <image>
+    assert stated.text.context_length == 777
+    assert stated.image == ImageSpec(
         size=320, image_mean=(0.5, 0.25, 0.125), image_std=(2.0, 4.0, 8.0), mode=ResizeMode.PAD, patch_size=32
     )
-    assert facts.image.tokens_for(320) == 100
-    assert facts.kv_cache is not None and facts.kv_cache.num_hidden_layers == 2
+    assert stated.image.tokens_for(320) == 100
+    assert stated.kv_cache is not None and stated.kv_cache.num_hidden_layers == 2
+
+
+def settled_image(stated: ImageSpec, image_size: int, image_tokens: int | None) -> ImageSpec:
+    """The model spec's image, for files stating `stated` and a vision graph of this size and token count."""
+    text = TextSpec(image_token_id=1, eos_token_ids=frozenset({2}), chat_template="{{ messages }}", context_length=64)
+    decoder = DecoderSpec(num_layers=2, num_kv_heads=2, head_dim=16, hidden_size=64, vocab_size=100)
+    return model_spec(FileSpec("m", text, stated), GraphSpec(image_size, image_tokens, decoder)).image
 
 
 def test_image_size_and_tokens_come_from_the_graph_else_the_files() -> None:
     stated = ImageSpec(size=256, patch_size=64)
-    assert image_spec(stated, VisionSpec(image_size=0, image_tokens=None, feature_dim=64)).size == 256
-    assert image_spec(ImageSpec(size=0), VisionSpec(image_size=512, image_tokens=64, feature_dim=64)).size == 512
+    assert settled_image(stated, image_size=0, image_tokens=None).size == 256
+    assert settled_image(stated, image_size=0, image_tokens=None).tokens == 16  # (256 / 64)^2
+    from_graph = settled_image(ImageSpec(size=0), image_size=512, image_tokens=64)
+    assert (from_graph.size, from_graph.tokens) == (512, 64)
+    assert settled_image(ImageSpec(size=0), image_size=512, image_tokens=None).tokens is None  # neither says
     with pytest.raises(ModelFilesError, match="takes 512-pixel images, but the model's files state 256"):
-        image_spec(stated, VisionSpec(image_size=512, image_tokens=None, feature_dim=64))
+        settled_image(stated, image_size=512, image_tokens=None)
     with pytest.raises(ModelFilesError, match=r"gives 25 image tokens.*means 16"):
-        image_spec(stated, VisionSpec(image_size=256, image_tokens=25, feature_dim=64))
+        settled_image(stated, image_size=256, image_tokens=25)
     with pytest.raises(ModelFilesError, match="no image size"):
-        image_spec(ImageSpec(size=0), VisionSpec(image_size=0, image_tokens=None, feature_dim=64))
+        settled_image(ImageSpec(size=0), image_size=0, image_tokens=None)
 
 
 @pytest.mark.parametrize(
@@ -177,18 +194,18 @@ def test_a_mixed_directory_loads_each_graph_in_the_best_precision_present(
         (logging.WARNING, f"embed graph: onnx/embed.onnx (fp32): {model_dir} has no fp16 embed graph"),
         (logging.WARNING, f"decoder graph: onnx/decoder.fp32.onnx (fp32): {model_dir} has no fp16 decoder graph"),
     }
-    facts = mixed.describe()
-    assert facts["precision"] == "fp32" and facts["precisions"] == ["fp32", "fp16"]
-    assert mixed.backend.info.graph_precisions == files.graph_precisions
+    described = mixed.describe()
+    assert described.precision == "fp32" and described.precisions == ("fp32", "fp16")
+    assert mixed.backend.info.precisions == ("fp32", "fp16")
 
     # The fp16 encoder really runs in fp16, and its features stay close to fp32's.
     case = golden["cases"][0]
-    pixels = image_to_pixels(case["image_bytes"], mixed.image_spec)
+    pixels = image_to_pixels(case["image_bytes"], mixed.spec.image)
     reference = FastVLMModelManager.from_model_dir(TINY_MODEL)
-    assert mixed.backend.vision_spec == reference.backend.vision_spec
+    assert mixed.backend.graph_spec == reference.backend.graph_spec
     difference = np.abs(mixed.backend.encode_image(pixels) - reference.backend.encode_image(pixels)).max()
     assert 0 < difference < 1e-2
-    result = mixed.generate_text(golden_request(case))
+    result = generate_text(mixed, golden_request(case))
     assert result.generated_tokens == case["max_new_tokens"] and result.text
 
 
@@ -219,8 +236,8 @@ def test_the_default_resize_rule(
 ) -> None:
     model_dir = community_model(tmp_path / "m", aspect_ratio)
     edit_json(model_dir / "preprocessor_config.json", lambda pre: pre.update(do_center_crop=preprocessor_crops))
-    facts = read_model_facts(locate_model_files(model_dir), no_image_token)
-    assert facts.image.mode is expected
+    stated = read_file_spec(locate_model_files(model_dir), no_image_token)
+    assert stated.image.mode is expected
 
 
 def test_a_lumen_vision_config_states_the_aspect_ratio_pad_by_default(tmp_path: Path) -> None:
@@ -228,12 +245,12 @@ def test_a_lumen_vision_config_states_the_aspect_ratio_pad_by_default(tmp_path: 
     # lumen-resources also fetches a preprocessor_config.json where the repo has one: its crop
     # does not win over the vision_config, which upstream lumen-vlm reads as pad.
     shutil.copy(TINY_MODEL / "preprocessor_config.json", model_dir / "preprocessor_config.json")
-    assert read_model_facts(locate_model_files(model_dir), no_image_token).image.mode is ResizeMode.PAD
+    assert read_file_spec(locate_model_files(model_dir), no_image_token).image.mode is ResizeMode.PAD
     edit_json(
         model_dir / "model_info.json",
         lambda info: info["extra_metadata"]["vision_config"].update(image_aspect_ratio="square"),
     )
-    assert read_model_facts(locate_model_files(model_dir), no_image_token).image.mode is ResizeMode.CROP
+    assert read_file_spec(locate_model_files(model_dir), no_image_token).image.mode is ResizeMode.CROP
 
 
 @pytest.mark.parametrize("aspect_ratio, default", [("pad", ResizeMode.PAD), (None, ResizeMode.CROP)])
@@ -245,8 +262,8 @@ def test_a_request_resize_mode_overrides_the_models_rule(
     assert tiny_json("preprocessor_config.json")["do_center_crop"] is True
     model_dir = community_model(tmp_path / "m", aspect_ratio)
     manager = FastVLMModelManager.from_model_dir(model_dir)
-    assert manager.image_spec.mode is default
-    assert manager.facts.eos_token_ids == {4002}  # generation_config's single id (and the tokenizer's eos)
+    assert manager.spec.image.mode is default
+    assert manager.spec.text.eos_token_ids == {4002}  # generation_config's single id (and the tokenizer's eos)
     cases = {case["resize_mode"]: case for case in golden["cases"] if case["image"] == "portrait.jpg"}
     other = ResizeMode.CROP if default is ResizeMode.PAD else ResizeMode.PAD
     for mode, override in ((default, None), (other, other)):

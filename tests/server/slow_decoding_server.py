@@ -1,4 +1,4 @@
-"""`lumen-vlm` with every decode step slowed by SLOW_DECODE_STEP_S seconds.
+"""`lumen-vlm` with every decoder call (a prefill chunk or a batched decode step) slowed by SLOW_DECODE_STEP_S seconds.
 
 The tiny test model decodes hundreds of tokens in well under a second, so a test that signals
 the server "during a generation" would race the generation's end. Slowing each step (and only
@@ -18,14 +18,14 @@ from lumen_vlm.backends.onnxrt_backend import FastVLMONNXBackend
 from lumen_vlm.cli import main
 
 STEP_DELAY_S = float(os.environ.get("SLOW_DECODE_STEP_S", "0.01"))
-_decode_step = FastVLMONNXBackend.decode_step
+_forward = FastVLMONNXBackend.forward
 
 
-def slow_decode_step(self: FastVLMONNXBackend, *args: Any, **kwargs: Any) -> Any:
+def slow_forward(self: FastVLMONNXBackend, *args: Any, **kwargs: Any) -> Any:
     time.sleep(STEP_DELAY_S)
-    return _decode_step(self, *args, **kwargs)
+    return _forward(self, *args, **kwargs)
 
 
 if __name__ == "__main__":
-    FastVLMONNXBackend.decode_step = slow_decode_step  # type: ignore[method-assign]
+    FastVLMONNXBackend.forward = slow_forward  # type: ignore[method-assign]
     sys.exit(main())

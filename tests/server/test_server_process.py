@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
 import os
@@ -22,6 +23,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lumen_vlm import server as server_module
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 
 from ..conftest import GOLDEN, TINY_MODEL
@@ -239,6 +241,31 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("lumen-vlm ")
+
+
+@pytest.mark.parametrize("args", [[], ["--port", "50051"]])
+def test_the_seed_command_without_a_config_prints_its_usage_and_exits_2(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lumen_vlm.server", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "usage: python -m lumen_vlm.server CONFIG.yaml [PORT]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_server_module_leaves_the_command_line_to_the_cli() -> None:
+    """server.py imports cli.py only where it runs as the program (`python -m lumen_vlm.server`):
+    the module the CLI imports never imports the CLI back."""
+    tree = ast.parse(Path(server_module.__file__).read_text(encoding="utf-8"))
+    guards = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    guarded = {id(inner) for guard in guards for inner in ast.walk(guard)}
+    cli_imports = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "cli"
+    ]
+    assert cli_imports, "the program form delegates to the CLI"
+    assert all(id(node) in guarded for node in cli_imports), [ast.unparse(node) for node in cli_imports]
 
 
 @pytest.mark.parametrize("source", ["--model", "--config"])

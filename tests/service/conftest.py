@@ -25,14 +25,10 @@ from typing import Any
 import grpc
 import pytest
 
-from lumen_vlm.fastvlm.fastvlm_service import (
-    FastVLMService,
-    server_max_concurrent_rpcs,
-    server_options,
-    server_thread_pool_size,
-)
+from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
 from lumen_vlm.proto import ml_service_pb2, ml_service_pb2_grpc
 from lumen_vlm.resources.settings import AdmissionSettings, GenerationLimits, ModelSettings, VLMSettings
+from lumen_vlm.server import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 
 from ..conftest import GOLDEN
 
@@ -87,9 +83,9 @@ class Served:
 def serve(service: FastVLMService) -> Served:
     settings = service.settings
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=server_thread_pool_size(settings)),
+        ThreadPoolExecutor(max_workers=server_thread_pool_size(service)),
         options=server_options(settings),
-        maximum_concurrent_rpcs=server_max_concurrent_rpcs(settings),
+        maximum_concurrent_rpcs=server_max_concurrent_rpcs(service),
     )
     ml_service_pb2_grpc.add_InferenceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -126,12 +122,15 @@ def start_server(manager: Any, tiny_model_dir: Path) -> Iterator[Callable[..., S
 
 
 class ThrottledManager:
-    """The real model manager, with a pause after every generation event.
+    """The real model manager, with a pause before every batched decode step.
 
-    `step_s` is the pause; a large one holds the generation until `release()`, after which it
-    runs at full speed. `running` counts generations in progress, `events` the events produced
-    and `finished` the events of each ended generation, so a test can see that a generation
-    really stopped, and where.
+    The engine runs each sequence's prefill, then samples and sends a token for every
+    sequence and runs one batched decode step for the next; this wrapper pauses `step_s`
+    before each decode step, so the tokens already sampled have been sent (a large pause
+    holds the engine there until `release()`, after which it runs at full speed). `running`
+    counts sequences in the batch, `events` the tokens produced, and `finished` the tokens
+    of each sequence that left the batch, so a test can see that a generation really
+    stopped, and where.
     """
 
     def __init__(self, manager: Any, step_s: float) -> None:
@@ -141,8 +140,9 @@ class ThrottledManager:
         self._lock = threading.Lock()
         self.running = 0
         self.events = 0
-        self.finished: list[int] = []  # events produced by each generation that ended
+        self.finished: list[int] = []  # tokens produced by each sequence that left the batch
         self.first_event = threading.Event()
+        self._tokens: dict[int, int] = {}  # slot -> tokens of the sequence in it
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._manager, name)
@@ -150,26 +150,32 @@ class ThrottledManager:
     def release(self) -> None:
         self._released.set()
 
-    def generate_prepared(self, prepared: Any, params: Any, check: Any = None) -> Iterator[Any]:
-        return self._throttled(self._manager.generate_prepared(prepared, params, check))
-
-    def _throttled(self, events: Iterator[Any]) -> Iterator[Any]:
+    def prefill(self, prepared: Any, cache: Any, slot: int, chunk_tokens: int) -> Iterator[Any]:
         with self._lock:
             self.running += 1
-        produced = 0
+            self._tokens[slot] = 0
         try:
-            for event in events:
-                produced += 1
-                with self._lock:
-                    self.events += 1
-                self.first_event.set()
-                yield event
-                self._released.wait(self.step_s)
-        finally:
-            events.close()  # type: ignore[attr-defined]
+            for logits in self._manager.prefill(prepared, cache, slot, chunk_tokens):
+                if logits is not None:
+                    self._count([slot])
+                yield logits
+        finally:  # the engine closes the prefill when the sequence leaves the batch
             with self._lock:
                 self.running -= 1
-                self.finished.append(produced)
+                self.finished.append(self._tokens.pop(slot))
+
+    def decode(self, cache: Any, slots: Any, tokens: Any) -> Any:
+        self.first_event.set()
+        self._released.wait(self.step_s)
+        logits = self._manager.decode(cache, slots, tokens)
+        self._count(slots)
+        return logits
+
+    def _count(self, slots: Any) -> None:
+        with self._lock:
+            self.events += len(slots)
+            for slot in slots:
+                self._tokens[slot] += 1
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:

@@ -6,8 +6,6 @@ whatever this machine's speed; every wait is a bounded poll.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +13,6 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from lumen_vlm.fastvlm.admission import Admission, CallControl, CallEnd, ClientGone
 from lumen_vlm.proto import ml_service_pb2
 
 from .conftest import (
@@ -198,89 +195,3 @@ def test_in_flight_generations_may_finish_after_begin_shutdown(
     held.release()
     assert result_of(list(running)[-1])["generated_tokens"] == 400
     assert server.service.wait_idle(timeout=CALL_TIMEOUT)
-
-
-# --------------------------------------------------------------------------- the slot hand-over
-
-
-def test_a_released_slot_goes_straight_to_the_head_of_the_queue() -> None:
-    # Before: release() only decremented the count, so until the waiter woke a newcomer saw
-    # "0 generations running, 1 waiting" and was refused with a slot free.
-    admission = Admission(max_concurrency=1, max_queue=1)
-    holder = admission.slot(5.0, CallControl(None))
-    holder.__enter__()
-    admitted = threading.Event()
-
-    def wait_in_line() -> None:
-        with admission.slot(5.0, CallControl(None)):
-            admitted.set()
-            time.sleep(0.2)
-
-    waiter = threading.Thread(target=wait_in_line)
-    waiter.start()
-    assert wait_until(lambda: admission.waiting == 1, timeout=5)
-    holder.__exit__(None, None, None)
-    # Same thread, straight after the release: the slot already belongs to the waiter, so
-    # nobody can see a free slot while someone waits.
-    assert (admission.active, admission.waiting) == (1, 0)
-    waiter.join(5)
-    assert admitted.is_set()
-    assert (admission.active, admission.waiting) == (0, 0)
-
-
-def test_a_waiter_whose_call_ends_leaves_the_queue_at_once() -> None:
-    # Its thread looks only every 50 ms; a newcomer arriving meanwhile found the queue full.
-    admission = Admission(max_concurrency=1, max_queue=1)
-    holder = admission.slot(5.0, CallControl(None))
-    holder.__enter__()
-    ended = CallEnd()
-    gave_up: list[BaseException] = []
-
-    def wait_in_line() -> None:
-        try:
-            with admission.slot(5.0, CallControl(None, ended)):
-                pass
-        except BaseException as exc:
-            gave_up.append(exc)
-
-    waiter = threading.Thread(target=wait_in_line)
-    waiter.start()
-    assert wait_until(lambda: admission.waiting == 1, timeout=5)
-    ended.set()  # the transport learns of the cancel
-    assert admission.waiting == 0, "its place went with the call, in the same thread"
-    waiter.join(5)
-    assert len(gave_up) == 1 and isinstance(gave_up[0], ClientGone)
-    holder.__exit__(None, None, None)
-    assert (admission.active, admission.waiting) == (0, 0)
-
-
-def test_a_slot_handed_to_a_waiter_whose_call_then_ends_goes_to_the_next_one() -> None:
-    # The slot is handed over (GRANTED) under the lock; the call ends before the waiter's
-    # thread takes it up. The slot must pass on, not be lost nor held by the leaver.
-    admission = Admission(max_concurrency=1, max_queue=2)
-    holder = admission.slot(5.0, CallControl(None))
-    holder.__enter__()
-    first_ends = CallEnd()
-    outcomes: dict[str, str] = {}
-
-    def wait_in_line(name: str, ended: CallEnd) -> None:
-        try:
-            with admission.slot(5.0, CallControl(None, ended)):
-                outcomes[name] = "admitted"
-        except ClientGone:
-            outcomes[name] = "gone"
-
-    first = threading.Thread(target=wait_in_line, args=("first", first_ends))
-    first.start()
-    assert wait_until(lambda: admission.waiting == 1, timeout=5)
-    second = threading.Thread(target=wait_in_line, args=("second", CallEnd()))
-    second.start()
-    assert wait_until(lambda: admission.waiting == 2, timeout=5)
-    with admission._cond:  # the waiters cannot run in between: the slot stays handed over, not taken
-        holder.__exit__(None, None, None)
-        first_ends.set()
-        assert (admission.active, admission.waiting) == (1, 0), "the slot went on to the second waiter"
-    first.join(5)
-    second.join(5)
-    assert outcomes == {"first": "gone", "second": "admitted"}
-    assert (admission.active, admission.waiting) == (0, 0)

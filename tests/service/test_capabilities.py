@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import empty_pb2
 
 import lumen_vlm
+from lumen_vlm.engine import Engine
+from lumen_vlm.fastvlm.fastvlm_model import ModelDescription
 from lumen_vlm.fastvlm.fastvlm_service import FastVLMService
 from lumen_vlm.fastvlm.image import image_limits
+from lumen_vlm.resources.model_spec import ResizeMode
 
 from .conftest import CALL_TIMEOUT, JSON_MIME, TEXT_MIME, Served, make_settings
 
@@ -64,6 +68,23 @@ def test_health(served: Served) -> None:
     assert served.stub.Health(empty_pb2.Empty(), timeout=CALL_TIMEOUT) == empty_pb2.Empty()
 
 
+def test_the_managers_description_is_a_typed_record(manager: Any) -> None:
+    described = manager.describe()
+    assert described == ModelDescription(
+        model_id="tiny-fastvlm",
+        runtime="onnxrt-cpu",
+        providers=("CPUExecutionProvider",),
+        precision="fp32",
+        precisions=("fp32",),
+        load_time_ms=described.load_time_ms,
+        image_size=256,
+        image_tokens=16,
+        resize_mode=ResizeMode.CROP,  # the tiny export's preprocessor centre-crops
+        context_length=1024,
+    )
+    assert described.load_time_ms > 0
+
+
 class DynamicImageTokens:
     """The real manager, with a vision graph that leaves the image token count dynamic."""
 
@@ -73,8 +94,8 @@ class DynamicImageTokens:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._manager, name)
 
-    def describe(self) -> dict[str, Any]:
-        return {**self._manager.describe(), "image_tokens": None}
+    def describe(self) -> ModelDescription:
+        return replace(self._manager.describe(), image_tokens=None)
 
 
 def test_unknown_image_tokens_are_left_out(manager: Any, tiny_model_dir: Path) -> None:
@@ -84,19 +105,24 @@ def test_unknown_image_tokens_are_left_out(manager: Any, tiny_model_dir: Path) -
 
 
 class NoBackend:
-    """The real manager, minus the backend and image spec: the service must not reach into them."""
+    """The real manager, minus the backend and the model spec: the service must not reach into them."""
 
     def __init__(self, manager: Any) -> None:
         self._manager = manager
 
     def __getattr__(self, name: str) -> Any:
-        if name in {"backend", "image_spec", "image_limits"}:
+        if name in {"backend", "spec", "image_limits"}:
             raise AssertionError(f"the service reached into manager.{name}")
         return getattr(self._manager, name)
 
 
 def test_capabilities_come_from_the_managers_description(manager: Any, tiny_model_dir: Path) -> None:
-    capability = FastVLMService(NoBackend(manager), make_settings(tiny_model_dir)).capability()
+    settings = make_settings(tiny_model_dir)
+    engine = Engine(manager, settings.admission, settings.limits)  # the engine may read the spec; the service not
+    try:
+        capability = FastVLMService(NoBackend(manager), settings, engine=engine).capability()
+    finally:
+        engine.close()
     assert capability.runtime == "onnxrt-cpu" and capability.extra["image_tokens"] == "16"
 
 

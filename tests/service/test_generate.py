@@ -12,6 +12,7 @@ from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
 
 from lumen_vlm.proto import ml_service_pb2
 
+from ..engine.conftest import BatchRecorder
 from .conftest import (
     CALL_TIMEOUT,
     JSON_MIME,
@@ -201,6 +202,32 @@ def test_concurrent_generations_give_the_sequential_results(start_server: Any) -
         for index, text in texts:
             assert text == expected[index], (index, text)
     assert server.service.in_flight == 0
+
+
+def test_concurrent_golden_requests_share_decode_steps_and_give_transformers_tokens(
+    start_server: Any, fused_manager: Any, golden: dict[str, Any]
+) -> None:
+    """Every golden case at once through gRPC on the batched path: the texts are transformers'
+    greedy ones, and the engine decoded them together."""
+    recorder = BatchRecorder(fused_manager, step_s=0.02)  # 24 steps: long enough for all to join
+    server = start_server(recorder, max_concurrency=4, max_queue=8)
+
+    def ask(case: dict[str, Any]) -> str:
+        request = make_request(
+            "vlm_generate_stream",
+            image=case["image_bytes"],
+            mime="image/jpeg" if case["image"].endswith(".jpg") else "image/png",
+            messages=case["messages"],
+            max_new_tokens=str(case["max_new_tokens"]),
+            resize_mode=case["resize_mode"],
+            correlation_id=case["name"],
+        )
+        return result_of(infer(server, [request])[-1])["text"]
+
+    with ThreadPoolExecutor(max_workers=len(golden["cases"])) as pool:
+        texts = list(pool.map(ask, golden["cases"]))
+    assert texts == [case["text"] for case in golden["cases"]]
+    assert max(recorder.batch_sizes) > 1
 
 
 def test_stop_sequence_ends_generation(served: Served, golden: dict[str, Any]) -> None:

@@ -11,9 +11,9 @@ from google.protobuf import empty_pb2
 from lumen_resources.lumen_config import Services
 
 from lumen_vlm.fastvlm import FastVLMService, GeneralFastVLMService
-from lumen_vlm.fastvlm.fastvlm_service import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 from lumen_vlm.proto import ml_service_pb2
 from lumen_vlm.resources.exceptions import ConfigError
+from lumen_vlm.server import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 
 from .conftest import image_bytes, make_request, make_settings, result_of
 
@@ -163,15 +163,19 @@ def test_the_model_id_is_the_configured_name(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_the_model_id_defaults_to_the_managers(manager: Any, tiny_model_dir: Path) -> None:
-    assert FastVLMService(manager, make_settings(tiny_model_dir)).model_id == manager.model_id == "tiny-fastvlm"
+    assert FastVLMService(manager, make_settings(tiny_model_dir)).model_id == manager.spec.model_id == "tiny-fastvlm"
     named = FastVLMService(manager, make_settings(tiny_model_dir), model_id="my-name")
     (response,) = list(named.Infer(iter([make_request(prompt="hi", max_new_tokens="1")]), None))
     assert result_of(response)["model_id"] == "my-name"
 
 
-def test_server_sizing(tiny_model_dir: Path) -> None:
+def test_server_sizing(manager: Any, tiny_model_dir: Path) -> None:
     settings = make_settings(tiny_model_dir, max_concurrency=3, max_queue=5)
-    assert server_thread_pool_size(settings) == 3 + 5 + 32
-    assert server_max_concurrent_rpcs(settings) == server_thread_pool_size(settings)
+    service = FastVLMService(manager, settings)
+    try:
+        assert server_thread_pool_size(service) == 3 + 5 + 32
+        assert server_max_concurrent_rpcs(service) == server_thread_pool_size(service)
+    finally:
+        service.close()
     limit = dict(server_options(settings))["grpc.max_receive_message_length"]
     assert limit > settings.limits.max_payload_bytes

@@ -3,14 +3,14 @@
 Every model fact this module needs is read from the sessions themselves: layer count and
 KV shape from the decoder's ``past_key_values.*`` inputs, vocabulary size from its logits,
 image size and token count from the vision encoder. Nothing about FastVLM-0.5B is assumed.
+They are the graphs' part of the model spec (`graph_spec`, a `model_spec.GraphSpec`); the
+tensor names come from `resources.export_names`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import ByteBudgetLRU
+from ..graphs import DerivedDecoder, OptimizedGraphCache, prepare_decoder
+from ..resources.export_names import EXPORT_NAMES as NAMES
 from ..resources.model_files import GRAPHS, ModelFiles, graph_files
+from ..resources.model_spec import DecoderSpec, GraphSpec
 from .backend_exceptions import BackendInputError, BackendLoadError
-from .base import BackendInfo, BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
-from .optimized_graphs import DerivedDecoder, OptimizedGraphCache, copy_options
-from .ort_runtime import ort
+from .base import BackendInfo, BaseFastVLMBackend
+from .kv_cache import KVCache, SeparateSlots, SharedSlots, rows_mask, rows_positions
+from .ort_runtime import copy_options, ort
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ _ORT_TO_NUMPY = {
 }
 _INDEX_TYPES = ("tensor(int64)", "tensor(int32)")  # what ids, masks and positions may be declared as
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # what embeddings, the KV cache and logits may be
-_PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-# Optional decoder inputs some exports add, which a plain decode feeds as documented in DecoderFeeds.
-LOGITS_TO_KEEP = "num_logits_to_keep"
-CACHE_BRANCH = "use_cache_branch"
 
 ProviderSpec = str | tuple[str, dict[str, Any]]
 # ONNX Runtime's own spelling of every provider it knows. lumen-app's presets spell two of them
@@ -176,35 +174,34 @@ class DecoderFeeds:
     logits_to_keep: np.ndarray | None = None  # the value for num_logits_to_keep, if declared
     cache_branch: tuple[np.ndarray, np.ndarray] | None = None  # use_cache_branch: (first pass, after)
 
-    def bind(self, binding: ort.IOBinding, past_length: int, total: int) -> None:
-        """Bind the inputs for a run over positions past_length .. total-1."""
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=self.mask_dtype))
-        positions = np.arange(past_length, total, dtype=self.position_dtype).reshape(1, -1)
-        binding.bind_cpu_input("position_ids", positions)
+    def bind(self, binding: ort.IOBinding, lengths: Sequence[int], new_tokens: int) -> None:
+        """Bind the inputs for a run of `new_tokens` tokens after each row's `lengths` positions."""
+        binding.bind_cpu_input(NAMES.attention_mask, rows_mask(lengths, new_tokens, self.mask_dtype))
+        binding.bind_cpu_input(NAMES.position_ids, rows_positions(lengths, new_tokens, self.position_dtype))
         if self.logits_to_keep is not None:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, self.logits_to_keep)
+            binding.bind_cpu_input(NAMES.logits_to_keep, self.logits_to_keep)
         if self.cache_branch is not None:
-            binding.bind_cpu_input(CACHE_BRANCH, self.cache_branch[past_length > 0])
+            binding.bind_cpu_input(NAMES.cache_branch, self.cache_branch[max(lengths) > 0])
 
 
 def read_decoder_feeds(inputs: dict[str, Any]) -> DecoderFeeds:
     """How to feed a decoder session's inputs (name -> NodeArg); BackendLoadError, naming the
     input, for any input this engine cannot feed or a type it cannot give it."""
-    known = {"inputs_embeds", "attention_mask", "position_ids", LOGITS_TO_KEEP, CACHE_BRANCH}
-    unknown = sorted(name for name in inputs if name not in known and not _PAST_KEY.match(name))
+    known = {NAMES.inputs_embeds, NAMES.attention_mask, NAMES.position_ids, NAMES.logits_to_keep, NAMES.cache_branch}
+    unknown = sorted(name for name in inputs if name not in known and NAMES.past_layer(name) is None)
     if unknown:
         raise BackendLoadError(
             f"the decoder graph has inputs this engine does not know how to feed: {', '.join(unknown)}"
         )
     feeds = DecoderFeeds(
-        mask_dtype=_declared_dtype(inputs["attention_mask"], _INDEX_TYPES),
-        position_dtype=_declared_dtype(inputs["position_ids"], _INDEX_TYPES),
+        mask_dtype=_declared_dtype(inputs[NAMES.attention_mask], _INDEX_TYPES),
+        position_dtype=_declared_dtype(inputs[NAMES.position_ids], _INDEX_TYPES),
     )
-    if LOGITS_TO_KEEP in inputs:
-        arg = inputs[LOGITS_TO_KEEP]
+    if NAMES.logits_to_keep in inputs:
+        arg = inputs[NAMES.logits_to_keep]
         feeds = replace(feeds, logits_to_keep=_single_value(arg, 1, _declared_dtype(arg, _INDEX_TYPES)))
-    if CACHE_BRANCH in inputs:
-        arg = inputs[CACHE_BRANCH]
+    if NAMES.cache_branch in inputs:
+        arg = inputs[NAMES.cache_branch]
         dtype = _declared_dtype(arg, ("tensor(bool)",))
         feeds = replace(feeds, cache_branch=(_single_value(arg, False, dtype), _single_value(arg, True, dtype)))
     return feeds
@@ -227,26 +224,6 @@ def _single_value(arg: Any, value: object, dtype: type) -> np.ndarray:
     return np.full([1] * len(dims), value, dtype=dtype)
 
 
-@dataclass
-class OrtDecoderState(DecoderState):
-    """A request's KV cache, held as ORT values between steps.
-
-    With a fused decoder the cache is allocated once, for `capacity` positions, and every
-    step writes its keys and values into it in place; the first `length` are filled. It is
-    copied only to start from a cached prefix or to grow. Otherwise (capacity None) each
-    step's outputs are the next step's inputs, never copied.
-    """
-
-    past: list[ort.OrtValue]
-    length: int
-    last_logits: np.ndarray
-    capacity: int | None = None
-
-    @property
-    def logits(self) -> np.ndarray:
-        return self.last_logits
-
-
 class FastVLMONNXBackend(BaseFastVLMBackend):
     """Runs the onnx-community three-graph FastVLM export with ONNX Runtime."""
 
@@ -256,13 +233,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         providers: Sequence[ProviderSpec] | None = None,
         session_options: ort.SessionOptions | None = None,
         context_length: int | None = None,
-        prefix_cache_bytes: int = 256 << 20,
         optimized_graph_dir: Path | None = None,
     ) -> None:
         started = time.perf_counter()
-        # A cached prefix state is never handed out or written: requests continue from its
-        # ORT values (read-only inputs) or from a copy, so concurrent requests can share it.
-        self.prefix_cache: ByteBudgetLRU[OrtDecoderState] = ByteBudgetLRU(prefix_cache_bytes, _state_bytes)
         self._providers = list(providers or select_providers("auto"))
         self._graph_cache = OptimizedGraphCache(optimized_graph_dir) if optimized_graph_dir else None
         # ORT's saved optimized graphs hold CPU-specific rewrites: reused with the CPU provider only.
@@ -286,25 +259,31 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._decoder, self.last_position_logits = self._open_decoder(files.graphs["decoder"], options)
         active = tuple(self._decoder.get_providers())
         self._device = _device_type(active)
-        self._vision_spec = self._read_vision_spec(files.graphs["vision"])
+        image_size, image_tokens, feature_width = self._read_vision_io(files.graphs["vision"])
         try:
-            self._decoder_spec, self._past_names, self._present_names = self._read_decoder_io()
+            decoder, self._past_names, self._present_names = self._read_decoder_io()
             self._feeds = read_decoder_feeds({v.name: v for v in self._decoder.get_inputs()})
             self._ids_dtype = self._read_ids_dtype()
             self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
-            self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), "inputs_embeds")
-            self._logits_dtype = _dtype_of(self._decoder.get_outputs(), "logits")
+            self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), NAMES.inputs_embeds)
+            self._logits_dtype = _dtype_of(self._decoder.get_outputs(), NAMES.logits)
         except (BackendLoadError, ValueError, TypeError, IndexError) as exc:  # e.g. int() of a dynamic dimension
             raise BackendLoadError(
                 f"{files.root}: the embedding and decoder graphs' inputs and outputs are not a FastVLM export's: {exc}"
             ) from exc
+        if feature_width != decoder.hidden_size:
+            raise BackendLoadError(
+                f"{files.root}: the vision encoder gives {feature_width}-wide image features, but the decoder takes "
+                f"{decoder.hidden_size}-wide embeddings: the graphs are not of one model"
+            )
+        self._graph_spec = GraphSpec(image_size, image_tokens, decoder)
         # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
         self.last_position_logits = self.last_position_logits or self._feeds.logits_to_keep is not None
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
             providers=active,
             precision=files.precision,
-            graph_precisions=dict(files.graph_precisions),
+            precisions=tuple(dict.fromkeys([files.precision, *files.graph_precisions.values()])),
             load_time_ms=(time.perf_counter() - started) * 1000.0,
             model_bytes=sum(_file_bytes(p) for p in files.graphs.values()),
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
@@ -336,8 +315,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             try:
                 session = self._open(derived.path, options, reuse_optimized=False)
             except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
-                log.warning("discarding %s (%s)", derived.path.parent, exc)
-                shutil.rmtree(derived.path.parent, ignore_errors=True)
+                derived.discard(exc)
             else:
                 self.fused_attention_layers = derived.fused_attention_layers
                 self.fused_norms = derived.fused_norms
@@ -349,10 +327,13 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             return None
         # The fused kernels are checked against the graph on the CPU provider when made, and
         # are used there only.
-        return self._graph_cache.derived_decoder(source, self._cpu_only, self._context_length)
+        return prepare_decoder(
+            self._graph_cache, source, fuse_kernels=self._cpu_only, context_length=self._context_length
+        )
 
-    def _read_vision_spec(self, path: Path) -> VisionSpec:
-        """Image size and token count where the graph fixes them (0 / None where it leaves them dynamic)."""
+    def _read_vision_io(self, path: Path) -> tuple[int, int | None, int]:
+        """(image size, token count, feature width): the size and count where the graph fixes them
+        (0 / None where it leaves them dynamic)."""
         inputs, outputs = self._vision.get_inputs(), self._vision.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 1 or len(outputs[0].shape) != 3:
             raise BackendLoadError(
@@ -360,50 +341,50 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                 f"give one [batch, tokens, hidden] output; it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
             )
         sides = {side for side in inputs[0].shape[2:] if isinstance(side, int)}
-        tokens, feature_dim = outputs[0].shape[1:]
-        if len(sides) > 1 or not isinstance(feature_dim, int):
+        tokens, feature_width = outputs[0].shape[1:]
+        if len(sides) > 1 or not isinstance(feature_width, int):
             raise BackendLoadError(
                 f"{path}: the vision encoder should take square images and give features of a fixed width; "
                 f"it takes {_shapes(inputs)} and gives {_shapes(outputs)}"
             )
-        return VisionSpec(
-            image_size=sides.pop() if sides else 0,
-            image_tokens=tokens if isinstance(tokens, int) else None,
-            feature_dim=feature_dim,
-        )
+        return (sides.pop() if sides else 0), (tokens if isinstance(tokens, int) else None), feature_width
 
     def _read_ids_dtype(self) -> type:
         """The type the embedding graph declares its input_ids in."""
         inputs = {v.name: v for v in self._embed.get_inputs()}
-        if list(inputs) != ["input_ids"]:
-            raise BackendLoadError(f"the embedding graph's inputs are {', '.join(inputs)}; expected input_ids only")
-        return _declared_dtype(inputs["input_ids"], _INDEX_TYPES, "embedding")
+        if list(inputs) != [NAMES.input_ids]:
+            raise BackendLoadError(
+                f"the embedding graph's inputs are {', '.join(inputs)}; expected {NAMES.input_ids} only"
+            )
+        return _declared_dtype(inputs[NAMES.input_ids], _INDEX_TYPES, "embedding")
 
     def _read_decoder_io(self) -> tuple[DecoderSpec, list[str], list[str]]:
         inputs = {v.name: v for v in self._decoder.get_inputs()}
-        layers = sorted({int(m.group(1)) for name in inputs if (m := _PAST_KEY.match(name))})
+        layers = sorted({layer for name in inputs if (layer := NAMES.past_layer(name)) is not None})
         if not layers or layers != list(range(len(layers))):
-            raise BackendLoadError("decoder graph has no past_key_values.{i}.key inputs numbered from 0")
-        past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
-        present_names = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+            first = ", ".join(NAMES.past(0))
+            raise BackendLoadError(f"decoder graph has no KV cache inputs ({first}, ...) numbered from 0")
+        past_names = [name for i in layers for name in NAMES.past(i)]
+        present_names = [name for i in layers for name in NAMES.present(i)]
         outputs = {v.name: v for v in self._decoder.get_outputs()}
-        missing = [n for n in [*past_names, "inputs_embeds", "attention_mask", "position_ids"] if n not in inputs]
-        missing += [n for n in ["logits", *present_names] if n not in outputs]
+        wanted_inputs = [*past_names, NAMES.inputs_embeds, NAMES.attention_mask, NAMES.position_ids]
+        missing = [n for n in wanted_inputs if n not in inputs]
+        missing += [n for n in [NAMES.logits, *present_names] if n not in outputs]
         if missing:
             raise BackendLoadError(f"decoder graph lacks expected inputs/outputs: {', '.join(missing)}")
         kv_shape = inputs[past_names[0]].shape
-        vocab = outputs["logits"].shape[-1]
+        vocab = outputs[NAMES.logits].shape[-1]
         if not isinstance(vocab, int):
             raise BackendLoadError("the decoder's logits have no fixed vocabulary size")
         hidden = self._embed.get_outputs()[0].shape[-1]
-        spec = DecoderSpec(
+        decoder = DecoderSpec(
             num_layers=len(layers),
             num_kv_heads=int(kv_shape[1]),
             head_dim=int(kv_shape[3]),
             hidden_size=int(hidden),
             vocab_size=vocab,
         )
-        return spec, past_names, present_names
+        return decoder, past_names, present_names
 
     # ------------------------------------------------------------------ properties
 
@@ -412,12 +393,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         return self._info
 
     @property
-    def vision_spec(self) -> VisionSpec:
-        return self._vision_spec
-
-    @property
-    def decoder_spec(self) -> DecoderSpec:
-        return self._decoder_spec
+    def graph_spec(self) -> GraphSpec:
+        return self._graph_spec
 
     # ------------------------------------------------------------------ inference
 
@@ -427,123 +404,93 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         (features,) = self._vision.run(None, {name: pixel_values.astype(dtype, copy=False)})
         return features[0]
 
-    def _embed_ids(self, input_ids: np.ndarray) -> np.ndarray:
-        ids = input_ids.reshape(1, -1).astype(self._ids_dtype, copy=False)
-        (embeds,) = self._embed.run(None, {"input_ids": ids})
-        return embeds
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids).reshape(1, -1).astype(self._ids_dtype, copy=False)
+        (embeds,) = self._embed.run(None, {NAMES.input_ids: ids})
+        return embeds[0].astype(self._embeds_dtype, copy=False)
 
-    def prefill(
-        self,
-        input_ids: np.ndarray,
-        image_features: np.ndarray | None,
-        image_token_id: int,
-        image_key: str | None = None,
-        reserve: int = 0,
-    ) -> OrtDecoderState:
-        input_ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        self._check_prompt_length(input_ids.size)
-        embeds = self._embed_ids(input_ids).astype(self._embeds_dtype, copy=False)
-        image_positions = np.flatnonzero(input_ids == image_token_id)
-        if image_features is not None or image_positions.size:
-            n_features = 0 if image_features is None else image_features.shape[0]
-            if image_positions.size != n_features:
-                raise BackendInputError(
-                    f"the prompt has {image_positions.size} image tokens but the image gave {n_features} features"
-                )
-            embeds[0, image_positions] = image_features
-        capacity = input_ids.size + max(reserve, 1)
-        split = int(image_positions[-1]) + 1 if image_positions.size else 0
-        if image_key is None or not 0 < split < input_ids.size or self.prefix_cache.max_bytes == 0:
-            return self._advance(self._new_state(capacity), embeds)
-        # The prompt up to and including the image is often repeated (a new question about the
-        # same photo): its KV cache is kept, and only the rest of the prompt is run.
-        key = (image_key, input_ids[:split].tobytes())
-        prefix = self.prefix_cache.get_or_compute(key, lambda: self._advance(self._new_state(split), embeds[:, :split]))
-        return self._advance(self._continue(prefix, capacity), embeds[:, split:])
+    def new_kv_cache(self, slots: int, slot_tokens: int) -> KVCache:
+        spec = self._graph_spec.decoder
+        shape = (slots, slot_tokens, spec.num_kv_heads, spec.head_dim, len(self._past_names), self._kv_dtype)
+        if self.fused_attention_layers:
+            return SharedSlots(*shape)
+        return SeparateSlots(*shape, device=self._device)
 
-    def _check_prompt_length(self, n_tokens: int) -> None:
-        if n_tokens == 0:
-            raise BackendInputError("the prompt is empty")
-        if self._context_length and n_tokens >= self._context_length:
-            raise BackendInputError(
-                f"the prompt has {n_tokens} tokens; the model's context holds {self._context_length}"
-            )
-
-    def decode_step(self, state: DecoderState, token_id: int) -> np.ndarray:
-        assert isinstance(state, OrtDecoderState)
-        if self._context_length and state.length >= self._context_length:
-            raise BackendInputError(f"the model's context of {self._context_length} tokens is full")
-        embeds = self._embed_ids(np.array([token_id], dtype=np.int64)).astype(self._embeds_dtype, copy=False)
-        if state.capacity is not None and state.length == state.capacity:  # more than the prefill reserved
-            capacity = min(state.capacity * 2, self._context_length or state.capacity * 2)
-            state.past, state.capacity = self._resized(state, capacity), capacity
-        return self._advance(state, embeds).last_logits
-
-    # ------------------------------------------------------------------ the KV cache
-
-    def _new_state(self, capacity: int) -> OrtDecoderState:
-        """An empty cache; preallocated for `capacity` positions when the decoder writes in place."""
-        in_place = self.fused_attention_layers > 0
-        return OrtDecoderState(
-            past=[self._as_ort(self._kv_array(capacity if in_place else 0)) for _ in self._past_names],
-            length=0,
-            last_logits=np.empty(0, dtype=np.float32),
-            capacity=capacity if in_place else None,
-        )
-
-    def _kv_array(self, positions: int) -> np.ndarray:
-        """One layer's keys or values for `positions` positions, zeroed."""
-        spec = self._decoder_spec
-        return np.zeros((1, spec.num_kv_heads, positions, spec.head_dim), dtype=self._kv_dtype)
-
-    def _as_ort(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
-
-    def _continue(self, prefix: OrtDecoderState, capacity: int) -> OrtDecoderState:
-        """A new request's cache starting from a cached prefix, which stays unchanged."""
-        if prefix.capacity is None:  # read-only inputs to the next step: shared, not copied
-            return OrtDecoderState(list(prefix.past), prefix.length, prefix.last_logits)
-        return OrtDecoderState(self._resized(prefix, capacity), prefix.length, prefix.last_logits, capacity)
-
-    def _resized(self, state: OrtDecoderState, capacity: int) -> list[ort.OrtValue]:
-        """`state`'s filled positions copied into new caches of `capacity` positions."""
-        past = []
-        for value in state.past:
-            buffer = self._kv_array(capacity)
-            buffer[:, :, : state.length] = value.numpy()[:, :, : state.length]
-            past.append(self._as_ort(buffer))
-        return past
-
-    def _advance(self, state: OrtDecoderState, embeds: np.ndarray) -> OrtDecoderState:
-        """Run `embeds` after what `state` holds; update `state` and return it."""
+    def forward(self, cache: KVCache, slots: Sequence[int], embeds: np.ndarray) -> np.ndarray:
+        if embeds.shape[0] != len(slots) or (len(slots) > 1 and embeds.shape[1] != 1):
+            raise BackendInputError("forward takes one row per slot, and one token per row when there are several")
         new_tokens = embeds.shape[1]
-        total = state.length + new_tokens
+        for slot in slots:
+            if cache.room(slot) < new_tokens:
+                raise BackendInputError(
+                    f"the KV slot holds {cache.slot_tokens} tokens; {cache.lengths[slot]} are used "
+                    f"and {new_tokens} more do not fit"
+                )
+        if isinstance(cache, SharedSlots):
+            logits = self._forward_shared(cache, slots, embeds)
+        else:
+            assert isinstance(cache, SeparateSlots)
+            logits = np.stack(
+                [self._forward_separate(cache, slot, embeds[row : row + 1]) for row, slot in enumerate(slots)]
+            )
+        for slot in slots:
+            cache.lengths[slot] += new_tokens
+        return logits
+
+    def _forward_shared(self, cache: SharedSlots, slots: Sequence[int], embeds: np.ndarray) -> np.ndarray:
+        """One decoder call for every row, on the shared buffers.
+
+        A single slot is bound alone (a view of its rows of each buffer). Several are run as
+        rows 0..max(slots): the buffers' leading rows are one contiguous block, and a row in
+        that range that is not asked for (a free slot, or one still prefilling) is fed a
+        zero embedding at its own length, so its write lands past what it holds and is
+        overwritten by its next real token."""
+        first, rows = (slots[0], 1) if len(slots) == 1 else (0, max(slots) + 1)
+        lengths = [cache.lengths[first + row] for row in range(rows)]
+        in_order = len(slots) == 1 or list(slots) == list(range(rows))
+        batch_embeds = embeds
+        if not in_order:  # buffer row r is slot r: put each embedding in its slot's row
+            batch_embeds = np.zeros((rows, 1, embeds.shape[2]), dtype=embeds.dtype)
+            batch_embeds[list(slots)] = embeds
         binding = self._decoder.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
-        self._feeds.bind(binding, state.length, total)
-        for name, value in zip(self._past_names, state.past, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        # ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]
-        # block when the graph computes every position's), and only the last row is kept.
-        rows = 1 if self.last_position_logits else new_tokens
-        logits = np.empty((1, rows, self._decoder_spec.vocab_size), dtype=self._logits_dtype)
-        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        for name, value in zip(self._present_names, state.past, strict=True):
-            if state.capacity is None:
-                binding.bind_output(name, self._device)
-            else:  # GroupQueryAttention appends in place when past and present are one buffer
-                binding.bind_ortvalue_output(name, value)
+        binding.bind_cpu_input(NAMES.inputs_embeds, np.ascontiguousarray(batch_embeds))
+        self._feeds.bind(binding, lengths, embeds.shape[1])
+        for past_name, present_name, buffer in zip(self._past_names, self._present_names, cache.buffers, strict=True):
+            block = buffer[first : first + rows]
+            # GroupQueryAttention appends in place when past and present are one buffer.
+            for bind, name in ((binding.bind_input, past_name), (binding.bind_output, present_name)):
+                bind(name, "cpu", 0, block.dtype, list(block.shape), block.ctypes.data)
+        logits = self._bind_logits(binding, rows, embeds.shape[1])
         self._decoder.run_with_iobinding(binding)
-        if state.capacity is None:
-            state.past = list(binding.get_outputs()[1:])
-        state.length = total
-        # A copy of one row: a view would keep the whole [seq, vocab] block alive with the state.
-        state.last_logits = np.array(logits[0, -1], dtype=np.float32)
-        return state
+        last = logits[:, -1] if in_order else logits[list(slots), -1]
+        return np.array(last, dtype=np.float32)
+
+    def _forward_separate(self, cache: SeparateSlots, slot: int, embeds: np.ndarray) -> np.ndarray:
+        """One slot's run: its past tensors in, the presents (the next past) out, on the device."""
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input(NAMES.inputs_embeds, np.ascontiguousarray(embeds))
+        self._feeds.bind(binding, [cache.lengths[slot]], embeds.shape[1])
+        for name, value in zip(self._past_names, cache.past[slot], strict=True):
+            binding.bind_ortvalue_input(name, value)
+        logits = self._bind_logits(binding, 1, embeds.shape[1])
+        for name in self._present_names:
+            binding.bind_output(name, self._device)
+        self._decoder.run_with_iobinding(binding)
+        cache.past[slot] = list(binding.get_outputs()[1:])
+        # A copy of one row: a view would keep the whole [seq, vocab] block alive.
+        return np.array(logits[0, -1], dtype=np.float32)
+
+    def _bind_logits(self, binding: ort.IOBinding, rows: int, new_tokens: int) -> np.ndarray:
+        """ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]
+        block when the graph computes every position's)."""
+        positions = 1 if self.last_position_logits else new_tokens
+        logits = np.empty((rows, positions, self._graph_spec.decoder.vocab_size), dtype=self._logits_dtype)
+        binding.bind_output(NAMES.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        return logits
 
     def close(self) -> None:
-        # The sessions stay: a generation still finishing may use them; they go with the backend.
-        self.prefix_cache.clear()
+        """Nothing to release early: the sessions stay while a generation still finishing may use
+        them, and go with the backend."""
 
 
 def _log_graph_choice(files: ModelFiles) -> None:
@@ -576,10 +523,6 @@ def _dtype_of(values: Sequence[Any], name: str) -> type:
                 raise BackendLoadError(f"{name} is {value.type}; this engine handles {' or '.join(_FLOAT_TYPES)}")
             return _ORT_TO_NUMPY[value.type]
     raise BackendLoadError(f"graph has no input or output named {name!r}")
-
-
-def _state_bytes(state: OrtDecoderState) -> int:
-    return sum(value.tensor_size_in_bytes() for value in state.past) + state.last_logits.nbytes
 
 
 def _file_bytes(path: Path) -> int:

@@ -79,4 +79,20 @@ except ImportError as exc:
 
 warn_if_several(runtime_distributions())
 
-__all__ = ["RUNTIME_EXTRAS", "OnnxRuntimeUnavailable", "ort"]
+
+def copy_options(options: ort.SessionOptions, **changes: object) -> ort.SessionOptions:
+    """A new SessionOptions with the fields this project sets, then `changes` applied."""
+    copy = ort.SessionOptions()
+    for name in (
+        "graph_optimization_level",
+        "intra_op_num_threads",
+        "inter_op_num_threads",
+        "execution_mode",
+        "log_severity_level",
+        "enable_cpu_mem_arena",
+    ):
+        setattr(copy, name, changes.get(name, getattr(options, name)))
+    return copy
+
+
+__all__ = ["RUNTIME_EXTRAS", "OnnxRuntimeUnavailable", "copy_options", "ort"]

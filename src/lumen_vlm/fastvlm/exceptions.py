@@ -1,4 +1,4 @@
-"""Errors raised while turning a request into model inputs.
+"""Errors raised while turning a request into model inputs, from the wire format on.
 
 The service maps every `InputError` to INVALID_ARGUMENT; anything else escaping the
 model manager is treated as our own bug (INTERNAL).
@@ -15,3 +15,7 @@ class ImageError(InputError):
 
 class PromptError(InputError):
     """The messages or prompt cannot be turned into model input."""
+
+
+class RequestError(InputError):
+    """The request is malformed (its wire format or a meta value): the client can fix it."""

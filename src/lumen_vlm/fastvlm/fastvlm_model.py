@@ -1,12 +1,10 @@
-"""The model manager: a generation request in, text deltas and a final result out.
+"""The model room: turning a generation request into model inputs, and inputs into logits.
 
-It turns image bytes into pixels and messages into prompt ids, drives the backend one token
-at a time, and passes the tokens through the sampler, the incremental detokenizer and the
-stop-sequence filter. It knows neither gRPC nor ONNX Runtime.
-
-Generation is a lazy iterator: the next decode step runs only when the caller asks for the
-next event, so a caller that stops iterating (a cancelled client, a deadline) stops the
-model within one step.
+It turns image bytes into pixels and features, messages into prompt ids through the model's
+own chat template, splices the image features into the prompt's embeddings, keeps the image
+feature and prompt-prefix KV caches, and runs prefill (in chunks) and batched decode steps on
+the runtime. Sampling, stopping and scheduling are the engine's (`lumen_vlm.engine`) and
+`generation/`'s; it knows neither transports nor ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,20 +21,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..backends.backend_exceptions import BackendInputError, BackendLoadError
-from ..backends.base import BaseFastVLMBackend, DecoderSpec, DecoderState, VisionSpec
+from ..backends.base import BaseFastVLMBackend
+from ..backends.kv_cache import KVBlock, KVCache
 from ..cache import ByteBudgetLRU
-from ..generation import (
-    FinishReason,
-    IncrementalDetokenizer,
-    SamplingParams,
-    StopSequenceFilter,
-    TokenSampler,
-    clamp_max_new_tokens,
-)
+from ..generation import SamplingParams, clamp_max_new_tokens
 from ..resources.exceptions import ConfigError, ModelFilesError
-from ..resources.model_files import ModelFacts, ModelFiles, load_tokenizer, locate_model_files, read_model_facts
-from ..resources.model_spec import ImageSpec, ResizeMode
-from ..resources.settings import VLMSettings
+from ..resources.model_files import ModelFiles, load_tokenizer, locate_model_files, read_file_spec
+from ..resources.model_spec import FileSpec, ImageSpec, ModelSpec, ResizeMode, model_spec
+from ..resources.settings import BackendSettings, CacheSettings, GenerationLimits, ModelSettings, VLMSettings
 from ..text import SHOWN_TEXT_CHARS, shown
 from .exceptions import InputError, PromptError
 from .image import ImageLimits, image_limits, image_to_pixels
@@ -49,7 +41,7 @@ log = logging.getLogger(__name__)
 class GenerationParams:
     """How to generate; validated by the service before it gets here."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = GenerationLimits.default_max_new_tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_sequences: tuple[str, ...] = ()
     add_generation_prompt: bool = True
@@ -66,31 +58,6 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class TextDelta:
-    """Newly final text; the deltas of one generation join to its result's text."""
-
-    text: str
-    generated_tokens: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """The end of one generation."""
-
-    text: str
-    finish_reason: FinishReason
-    generated_tokens: int
-    input_tokens: int
-    image_tokens: int
-    ttft_ms: float  # request start -> first token sampled
-    generation_time_ms: float
-    token_ids: tuple[int, ...] = ()  # every sampled token, the final eos included
-
-
-GenerationEvent = TextDelta | GenerationResult
-
-
-@dataclass(frozen=True)
 class PreparedRequest:
     """A request turned into model inputs, before any decoder work."""
 
@@ -101,107 +68,67 @@ class PreparedRequest:
     image_key: str | None = None  # the image's content hash, for the backend's prefix cache
 
 
-def read_model(files: ModelFiles) -> tuple[Tokenizer, ModelFacts]:
-    """Everything of a model but its graphs: the tokenizer and the facts, checked against each other.
+def read_model(files: ModelFiles) -> tuple[Tokenizer, FileSpec]:
+    """Everything of a model but its graphs: the tokenizer and what the files state, checked
+    against each other.
 
     One sequence for the check before the port opens and for loading, so both refuse the same files.
     """
     tokenizer = load_tokenizer(files.tokenizer)
-    facts = read_model_facts(files, tokenizer.token_to_id)
-    ensure_image_token(tokenizer, facts.image_token_id, files.tokenizer)
-    return tokenizer, facts
+    stated = read_file_spec(files, tokenizer.token_to_id)
+    ensure_image_token(tokenizer, stated.text.image_token_id, files.tokenizer)
+    return tokenizer, stated
 
 
-def image_spec(stated: ImageSpec, vision: VisionSpec) -> ImageSpec:
-    """The image spec the model's files state, with the size settled against the vision graph.
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the loaded model is, for capabilities and logs, so callers need not reach into the
+    backend or the spec."""
 
-    The graph's input shape is what the encoder accepts; where it leaves the size dynamic, the
-    files' size (preprocessor_config.json, or model_info.json's vision_config) is used.
-    """
-    if vision.image_size and stated.size and vision.image_size != stated.size:
-        raise ModelFilesError(
-            f"the vision encoder graph takes {vision.image_size}-pixel images, but the model's files state "
-            f"{stated.size} (preprocessor_config.json or model_info.json's vision_config.image_size)"
-        )
-    size = vision.image_size or stated.size
-    if not size:
-        raise ModelFilesError(
-            "no image size: the vision encoder graph's input leaves it dynamic, and neither "
-            "preprocessor_config.json nor model_info.json's extra_metadata.vision_config.image_size states it"
-        )
-    stated_tokens = stated.tokens_for(size)
-    if vision.image_tokens and stated_tokens and vision.image_tokens != stated_tokens:
-        raise ModelFilesError(
-            f"the vision encoder graph gives {vision.image_tokens} image tokens, but model_info.json's "
-            f"vision_config (image_size {size}, patch_size {stated.patch_size}) means {stated_tokens}"
-        )
-    return replace(stated, size=size)
-
-
-def check_decoder(facts: ModelFacts, decoder: DecoderSpec, vision: VisionSpec) -> None:
-    """Refuse graphs that do not belong together, or that contradict model_info.json's kv_cache_config.
-
-    The graphs are what runs, and their shapes are what the backend uses; a kv_cache_config that
-    disagrees means the metadata (image token, eos ids, context) may describe another model.
-    """
-    if vision.feature_dim != decoder.hidden_size:
-        raise ModelFilesError(
-            f"the vision encoder gives {vision.feature_dim}-wide image features, but the decoder takes "
-            f"{decoder.hidden_size}-wide embeddings: the graphs are not of one model"
-        )
-    stated = facts.kv_cache
-    if stated is None:
-        return
-    for key, graph_value in (
-        ("num_hidden_layers", decoder.num_layers),
-        ("num_key_value_heads", decoder.num_kv_heads),
-        ("head_dim", decoder.head_dim),
-    ):
-        if getattr(stated, key) != graph_value:
-            raise ModelFilesError(
-                f"model_info.json's kv_cache_config.{key} is {getattr(stated, key)}, but the decoder graph's "
-                f"is {graph_value}: the metadata and the graphs are not of one model"
-            )
+    model_id: str
+    runtime: str  # e.g. "onnxrt-cpu"
+    providers: tuple[str, ...]
+    precision: str  # the decoder's
+    precisions: tuple[str, ...]  # every precision loaded, the decoder's first
+    load_time_ms: float
+    image_size: int
+    image_tokens: int | None  # None when neither the vision graph nor the files say
+    resize_mode: ResizeMode  # the model's default; a request may ask for the other
+    context_length: int
 
 
 class FastVLMModelManager:
-    """Owns a backend, the tokenizer and the model's facts; serves generation requests."""
+    """Owns a backend, the tokenizer and the model spec; turns requests into inputs, inputs into logits."""
 
     def __init__(
         self,
         backend: BaseFastVLMBackend,
         tokenizer: Tokenizer,
-        facts: ModelFacts,
+        spec: ModelSpec,
         image_limits: ImageLimits | None = None,
-        resize_mode: ResizeMode | None = None,
-        feature_cache_bytes: int = 64 << 20,
+        feature_cache_bytes: int = CacheSettings.feature_cache_bytes,
+        prefix_cache_bytes: int = CacheSettings.prefix_cache_bytes,
     ) -> None:
-        """`resize_mode` None: the rule the model's files state (`model_files.resize_rule`).
-
-        Raises ModelFilesError where the graphs contradict the model's files."""
+        """`spec`: what the model's files and `backend`'s graphs state, joined (`from_model_dir` makes it)."""
         self.backend = backend
         self.tokenizer = tokenizer
-        self.facts = facts
+        self.spec = spec
         self.image_limits = image_limits or ImageLimits()
-        self.template = ChatTemplate(facts.chat_template, facts.special_tokens)
-        check_decoder(facts, backend.decoder_spec, backend.vision_spec)
-        self.image_spec = image_spec(facts.image, backend.vision_spec)
-        if resize_mode is not None:
-            self.image_spec = replace(self.image_spec, mode=resize_mode)
-        # Features per image: the vision graph's output shape, else (size / patch)^2; None if neither says.
-        self.image_tokens = backend.vision_spec.image_tokens or self.image_spec.tokens_for(self.image_spec.size)
+        self.template = ChatTemplate(spec.text.chat_template, spec.text.special_tokens)
         # A second question about the same photo skips the vision encoder.
         self.feature_cache: ByteBudgetLRU[np.ndarray] = ByteBudgetLRU(feature_cache_bytes, lambda a: a.nbytes)
+        # The KV of a prompt up to its image, for a new question about the same photo. Used by
+        # the engine's one scheduler thread; an entry is copied into a slot, never written.
+        self.prefix_cache: ByteBudgetLRU[KVBlock] = ByteBudgetLRU(prefix_cache_bytes, lambda block: block.nbytes)
 
     @classmethod
     def from_model_dir(
         cls,
         model_dir: Path | str,
-        precision: str = "fp32",
-        device: str = "auto",
+        precision: str = ModelSettings.precision,
+        device: str = BackendSettings.device,
         providers: Sequence[Any] | None = None,
-        intra_op_threads: int = 0,
-        prefix_cache_bytes: int = 256 << 20,
+        intra_op_threads: int = BackendSettings.intra_op_threads,
         optimized_graph_dir: Path | None = None,
         **manager_options: Any,
     ) -> FastVLMModelManager:
@@ -209,24 +136,24 @@ class FastVLMModelManager:
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
         files = locate_model_files(Path(model_dir), precision)
-        tokenizer, facts = read_model(files)
+        tokenizer, stated = read_model(files)
         chosen = select_providers(device, providers)
         try:
             backend = FastVLMONNXBackend(
                 files,
                 providers=chosen,
                 session_options=default_session_options(intra_op_threads),
-                context_length=facts.context_length,
-                prefix_cache_bytes=prefix_cache_bytes,
+                context_length=stated.text.context_length,
                 optimized_graph_dir=optimized_graph_dir,
             )
         except BackendLoadError as exc:  # a graph that is not ONNX, or not FastVLM's: the model's files
             raise ModelFilesError(str(exc)) from exc
-        return cls(backend, tokenizer, facts, **manager_options)
+        # The one place the spec is made; ModelFilesError where the graphs contradict the files.
+        return cls(backend, tokenizer, model_spec(stated, backend.graph_spec), **manager_options)
 
     @classmethod
     def from_settings(cls, settings: VLMSettings, model_dir: Path | str) -> FastVLMModelManager:
-        """Load the configured model with the configured device, threads and image limits.
+        """Load the configured model with the configured device, threads, image limits and cache budgets.
 
         Every problem with the model's files is a ModelFilesError naming the config key."""
         try:
@@ -240,6 +167,8 @@ class FastVLMModelManager:
                 intra_op_threads=settings.backend.intra_op_threads,
                 image_limits=image_limits(settings.limits),
                 optimized_graph_dir=settings.cache_dir / "ort-optimized",
+                feature_cache_bytes=settings.caches.feature_cache_bytes,
+                prefix_cache_bytes=settings.caches.prefix_cache_bytes,
             )
         except ModelFilesError as exc:
             raise ModelFilesError(f"{settings.model_key}: {exc}") from exc
@@ -257,8 +186,8 @@ class FastVLMModelManager:
         """
         try:
             files = locate_model_files(Path(model_dir), settings.model.precision)
-            _, facts = read_model(files)
-            ChatTemplate(facts.chat_template, facts.special_tokens)  # compiles and probes it
+            _, stated = read_model(files)
+            ChatTemplate(stated.text.chat_template, stated.text.special_tokens)  # compiles and probes it
         except ModelFilesError as exc:
             raise ModelFilesError(f"{settings.model_key}: {exc}") from exc
 
@@ -276,35 +205,27 @@ class FastVLMModelManager:
             key = "onnx_providers" if settings.backend.providers else "device"
             raise ConfigError(f"services.{settings.service_name}.backend_settings.{key}: {exc}") from exc
 
-    def describe(self) -> dict[str, Any]:
-        """Facts for capabilities and logs, so callers need not reach into the backend."""
-        info = self.backend.info
-        return {
-            "model_id": self.model_id,
-            "runtime": info.runtime,
-            "providers": list(info.providers),
-            "precision": info.precision,
-            "precisions": list(dict.fromkeys([info.precision, *info.graph_precisions.values()])),
-            "load_time_ms": info.load_time_ms,
-            "image_size": self.image_spec.size,
-            "image_tokens": self.image_tokens,
-            "resize_mode": self.image_spec.mode.value,
-            "context_length": self.context_length,
-        }
-
-    @property
-    def context_length(self) -> int:
-        return self.facts.context_length
-
-    @property
-    def model_id(self) -> str:
-        return self.facts.model_id
+    def describe(self) -> ModelDescription:
+        """What the loaded model is, for capabilities and logs."""
+        info, spec = self.backend.info, self.spec
+        return ModelDescription(
+            model_id=spec.model_id,
+            runtime=info.runtime,
+            providers=info.providers,
+            precision=info.precision,
+            precisions=info.precisions,
+            load_time_ms=info.load_time_ms,
+            image_size=spec.image.size,
+            image_tokens=spec.image.tokens,
+            resize_mode=spec.image.mode,
+            context_length=spec.text.context_length,
+        )
 
     # ------------------------------------------------------------------ request -> inputs
 
     def image_features(self, image: bytes, resize_mode: ResizeMode | None = None) -> tuple[np.ndarray, str]:
         """Image bytes -> (features, content key); features come from the cache when seen before."""
-        spec: ImageSpec = self.image_spec if resize_mode is None else replace(self.image_spec, mode=resize_mode)
+        spec: ImageSpec = self.spec.image if resize_mode is None else replace(self.spec.image, mode=resize_mode)
         key = f"{hashlib.sha256(image).hexdigest()}:{spec.mode.value}"
 
         def encode() -> np.ndarray:
@@ -313,10 +234,6 @@ class FastVLMModelManager:
             return features
 
         return self.feature_cache.get_or_compute(key, encode), key
-
-    def prompt_ids(self, messages: Sequence[Any], image_tokens: int | None, add_generation_prompt: bool) -> np.ndarray:
-        prompt = self.render(messages, image_tokens is not None, add_generation_prompt)
-        return encode_prompt(self.tokenizer, prompt, self.facts.image_token_id, image_tokens or 0)
 
     def render(self, messages: Sequence[Any], has_image: bool, add_generation_prompt: bool) -> str:
         """Validate the messages and render the prompt text (with one image placeholder)."""
@@ -336,99 +253,92 @@ class FastVLMModelManager:
         if request.image is not None:
             features, image_key = self.image_features(request.image, request.resize_mode)
         image_tokens = 0 if features is None else int(features.shape[0])
-        ids = encode_prompt(self.tokenizer, prompt, self.facts.image_token_id, image_tokens)
+        ids = encode_prompt(self.tokenizer, prompt, self.spec.text.image_token_id, image_tokens)
         try:
-            max_new = clamp_max_new_tokens(request.params.max_new_tokens, int(ids.size), self.context_length)
+            max_new = clamp_max_new_tokens(request.params.max_new_tokens, int(ids.size), self.spec.text.context_length)
         except ValueError as exc:
             raise PromptError(str(exc)) from exc
         return PreparedRequest(ids, features, max_new, started, image_key)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ inputs -> logits
 
-    def generate(self, request: GenerationRequest) -> Iterator[GenerationEvent]:
-        """Stream TextDelta events, then one GenerationResult."""
-        return self.generate_prepared(self.prepare(request), request.params)
+    def new_kv_cache(self, slots: int, slot_tokens: int) -> KVCache:
+        return self.backend.new_kv_cache(slots, slot_tokens)
 
-    def generate_text(self, request: GenerationRequest) -> GenerationResult:
-        """Run a request to the end and return only the result."""
-        for event in self.generate(request):
-            if isinstance(event, GenerationResult):
-                return event
-        raise RuntimeError("generation ended without a result")  # pragma: no cover - generator contract
+    def prefill(
+        self, prepared: PreparedRequest, cache: KVCache, slot: int, chunk_tokens: int
+    ) -> Iterator[np.ndarray | None]:
+        """Run the prompt into `slot`, one chunk of at most `chunk_tokens` per `next()`: None
+        after each chunk but the last, then the float32 [vocab] logits for the first token.
 
-    def generate_prepared(
-        self, prepared: PreparedRequest, params: GenerationParams, check: Callable[[], None] | None = None
-    ) -> Iterator[GenerationEvent]:
-        """Generate from a prepared request; `check` runs before every decode step and may
-        raise to stop the generation there (a cancelled call, a passed deadline)."""
-        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        stop_filter = StopSequenceFilter(params.stop_sequences)
-        pieces: list[str] = []
-        tokens: list[int] = []
-        finish = FinishReason.LENGTH
-        ttft_ms = 0.0
-        count = 0
-        for count, token in enumerate(self._sample_tokens(prepared, params.sampling, check), start=1):
-            if count == 1:
-                ttft_ms = (time.perf_counter() - prepared.started) * 1000.0
-            tokens.append(token)
-            if token in self.facts.eos_token_ids:
-                finish = FinishReason.EOS
-                break
-            text, stopped = stop_filter.feed(detokenizer.push(token))
-            if text:
-                pieces.append(text)
-                yield TextDelta(text, count)
-            if stopped:
-                finish = FinishReason.STOP_SEQUENCE
-                break
-        if finish is not FinishReason.STOP_SEQUENCE:
-            # Release what was held back: an unfinished character, a possible stop-sequence start.
-            text, stopped = stop_filter.feed(detokenizer.flush())
-            if stopped:
-                finish = FinishReason.STOP_SEQUENCE
-            else:
-                text += stop_filter.flush()
-            if text:
-                pieces.append(text)
-                yield TextDelta(text, count)
-        yield GenerationResult(
-            text="".join(pieces),
-            finish_reason=finish,
-            generated_tokens=count,
-            input_tokens=int(prepared.input_ids.size),
-            image_tokens=0 if prepared.image_features is None else int(prepared.image_features.shape[0]),
-            ttft_ms=ttft_ms,
-            generation_time_ms=(time.perf_counter() - prepared.started) * 1000.0,
-            token_ids=tuple(tokens),
-        )
+        Chunks let a scheduler decode other sequences between them. The prompt up to and
+        including the image is often repeated (a new question about the same photo): its KV
+        is kept in the prefix cache, and a chunk always ends there, so the rest of the prompt
+        runs on the same numbers whether the prefix was cached or just computed.
+        """
+        embeds = self._prompt_embeds(prepared)
+        ids = prepared.input_ids
+        image_positions = np.flatnonzero(ids == self.spec.text.image_token_id)
+        split = int(image_positions[-1]) + 1 if image_positions.size else 0
+        key = None
+        if prepared.image_key is not None and 0 < split < ids.size and self.prefix_cache.max_bytes:
+            key = (prepared.image_key, ids[:split].tobytes())
+        start = 0
+        cached = self.prefix_cache.get(key) if key is not None else None
+        if cached is not None:
+            cache.write(slot, cached)
+            start = split
+        logits = None
+        for begin, end in _chunks(start, ids.size, chunk_tokens, split):
+            logits = self._forward(cache, [slot], embeds[None, begin:end])
+            if key is not None and end == split and cached is None:
+                self.prefix_cache.put(key, cache.read(slot))
+            if end < ids.size:
+                yield None
+        assert logits is not None  # a prompt is never empty, nor wholly cached
+        # The generator stays open while its sequence runs: keep nothing the prompt needed.
+        del embeds, cached
+        yield logits[0]
 
-    def _sample_tokens(
-        self, prepared: PreparedRequest, sampling: SamplingParams, check: Callable[[], None] | None
-    ) -> Iterator[int]:
-        """Prefill, then sample and decode one token at a time, up to the request's limit."""
-        sampler = TokenSampler(sampling)
-        history = list(prepared.input_ids.tolist())
+    def decode(self, cache: KVCache, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token to each sequence in `slots`; float32 [len(slots), vocab] logits."""
+        embeds = self.backend.embed(np.asarray(tokens, dtype=np.int64))
+        return self._forward(cache, slots, embeds[:, None, :])
+
+    def _forward(self, cache: KVCache, slots: Sequence[int], embeds: np.ndarray) -> np.ndarray:
         try:
-            state: DecoderState = self.backend.prefill(
-                prepared.input_ids,
-                prepared.image_features,
-                self.facts.image_token_id,
-                prepared.image_key,
-                reserve=prepared.max_new_tokens,
-            )
+            return self.backend.forward(cache, slots, embeds)
         except BackendInputError as exc:
             raise InputError(str(exc)) from exc
-        logits = state.logits
-        for step in range(prepared.max_new_tokens):
-            token = sampler.next_token(logits, history)
-            yield token
-            if step + 1 < prepared.max_new_tokens:
-                if check is not None:
-                    check()
-                history.append(token)
-                logits = self.backend.decode_step(state, token)
+
+    def _prompt_embeds(self, prepared: PreparedRequest) -> np.ndarray:
+        """The prompt's embeddings with the image features at the image tokens, in order (as
+        transformers' masked_scatter puts them)."""
+        ids = prepared.input_ids
+        embeds = self.backend.embed(ids).copy()
+        image_positions = np.flatnonzero(ids == self.spec.text.image_token_id)
+        n_features = 0 if prepared.image_features is None else prepared.image_features.shape[0]
+        if image_positions.size != n_features:
+            raise InputError(
+                f"the prompt has {image_positions.size} image tokens but the image gave {n_features} features"
+            )
+        if n_features:
+            embeds[image_positions] = prepared.image_features
+        return embeds
 
     def close(self) -> None:
         self.feature_cache.clear()
+        self.prefix_cache.clear()
         self.backend.close()
+
+
+def _chunks(start: int, end: int, size: int, boundary: int) -> Iterator[tuple[int, int]]:
+    """[begin, end) ranges of at most `size` tokens covering start..end, one ending at `boundary`
+    when it lies inside."""
+    begin = start
+    while begin < end:
+        stop = min(begin + size, end)
+        if begin < boundary < stop:
+            stop = boundary
+        yield begin, stop
+        begin = stop

@@ -1,34 +1,33 @@
 """The gRPC face of the model: the Lumen `Inference` service for FastVLM.
 
-Protocol semantics live here and nowhere else: chunk reassembly and meta validation (through
-`request_parsing`), admission (concurrency limit, bounded queue, deadlines, cancellation), and
-turning the model manager's events into `InferResponse`s. No ONNX Runtime, no numpy.
+Protocol semantics live here and nowhere else: chunk reassembly (through `chunks`) and meta
+validation (through `request_meta`), turning requests into engine submissions and the engine's
+events into `InferResponse`s, and the one mapping of errors to codes (`error_code_for`).
+Admission, batching, deadlines and cancellation are the engine's (`lumen_vlm.engine`). No ONNX Runtime,
+no numpy.
 
-Threading. A generation runs one decode step per `next()` on the lazy response iterator
-`answer` returns, and every response is yielded the moment its event arrives. Two front
+Threading. `answer` returns a lazy response iterator; each `next()` waits for the request's
+next engine event, so every response is yielded the moment its event arrives. Two front
 doors draw on it: `Infer` here, the synchronous servicer the Lumen hub hosts on its own grpc
-server (one worker thread per stream: that server's thread pool must be larger than
-``max_concurrency + max_queue``, see `server_thread_pool_size`), and our own server's asyncio
-front door (`transports.grpc_aio`), which reads streams itself and draws each step in a thread
-pool. Both go through `respond`. At most `admission.max_concurrency` generations run at once
-and at most `admission.max_queue` wait for a slot; the rest are answered UNAVAILABLE at once.
+server (one worker thread per stream: see `server.server_thread_pool_size`), and our own
+server's asyncio front door (`transports.grpc_aio`), which reads streams itself and draws in a
+thread pool. Both go through `respond`.
 
 Memory. A stream's unfinished chunked uploads hold at most one payload and its meta, and all
-streams' together at most `upload_budget_bytes`, meta counted (a chunk beyond either fails its
-upload with UNAVAILABLE).
+streams' together at most `chunks.upload_budget_bytes`, meta counted (a chunk beyond either
+fails its upload with UNAVAILABLE).
 
-Cancellation. Between two events the handler checks the call: a client that cancelled or
-disconnected stops its generation there and frees its slot (grpc also stops pulling from the
-response generator, which then closes and releases the slot in its `finally`). A passed
-deadline answers DEADLINE_EXCEEDED. Only `is_active`, `add_callback` and `time_remaining` of
-the context are used, each optionally, so a hub may pass a context of its own.
+Cancellation. A client that cancels or disconnects cancels its engine request (through the
+call's termination callback, and when the response iterator is closed): the engine stops it
+within one decode step and frees its slot. The call's deadline goes to the engine with the
+request; passing it answers DEADLINE_EXCEEDED. Only `is_active`, `add_callback` and
+`time_remaining` of the context are used, each optionally, so a hub may pass a context of its own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,24 +40,17 @@ from google.protobuf import empty_pb2
 from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
 
 from .. import __version__
+from ..engine import ClientGone, DeadlineExceeded, Engine, GenerationResult, TextDelta, Unavailable
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
 from ..text import SHOWN_TEXT_CHARS, shown, shown_id
-from .admission import Admission, CallControl, ClientGone, ServiceError, Unavailable, watch_termination
+from .call_control import CallControl, watch_termination
+from .chunks import ChunkAssembler, CompleteRequest, UploadBudget, UploadsBusy, upload_budget_bytes
 from .exceptions import InputError
-from .fastvlm_model import FastVLMModelManager, GenerationRequest, GenerationResult, PreparedRequest, TextDelta
+from .fastvlm_model import FastVLMModelManager, GenerationRequest
 from .image import IMAGE_MIMES
-from .request_parsing import (
-    MAX_CORRELATION_ID_BYTES,
-    MAX_META_BYTES,
-    ChunkAssembler,
-    CompleteRequest,
-    UploadBudget,
-    UploadsBusy,
-    build_generation_request,
-    check_correlation_id,
-)
+from .request_meta import MAX_CORRELATION_ID_BYTES, build_generation_request, check_correlation_id
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +62,18 @@ TEXT_MIME = "text/plain;charset=utf-8"
 
 ErrorCode = ml_service_pb2.ErrorCode
 
-# Unfinished chunked uploads, all streams together, may hold this many whole payloads.
-_UPLOAD_BUDGET_PAYLOADS = 4
-
 
 # --------------------------------------------------------------------------- errors
 
 
 def error_code_for(exc: BaseException) -> int:
-    """The one place where exceptions become error codes."""
+    """The one place where exceptions (the engine's, the model room's, the protocol's) become error codes."""
     if isinstance(exc, InputError | UnknownTaskError):  # RequestError is an InputError
         return ErrorCode.ERROR_CODE_INVALID_ARGUMENT
-    if isinstance(exc, ServiceError):
-        return exc.code
+    if isinstance(exc, Unavailable):  # busy, shutting down, not ready
+        return ErrorCode.ERROR_CODE_UNAVAILABLE
+    if isinstance(exc, DeadlineExceeded):
+        return ErrorCode.ERROR_CODE_DEADLINE_EXCEEDED
     return ErrorCode.ERROR_CODE_INTERNAL
 
 
@@ -125,7 +116,6 @@ def partial_response(correlation_id: str, delta: TextDelta, seq: int) -> ml_serv
 def result_json(
     result: GenerationResult,
     request: GenerationRequest,
-    prepared: PreparedRequest,
     model_id: str,
     streaming_chunks: int | None,
 ) -> bytes:
@@ -141,7 +131,7 @@ def result_json(
             "metadata": {
                 "temperature": sampling.temperature,
                 "top_p": sampling.top_p,
-                "max_tokens": prepared.max_new_tokens,
+                "max_tokens": result.max_new_tokens,
                 "seed": sampling.seed,
                 "generation_time_ms": round(result.generation_time_ms, 3),
                 "streaming_chunks": streaming_chunks,
@@ -154,45 +144,14 @@ def result_json(
 # --------------------------------------------------------------------------- the service
 
 
-def server_thread_pool_size(settings: VLMSettings, headroom: int = 32) -> int:
-    """Workers a grpc server needs: every running and waiting request, plus headroom for idle
-    streams, health checks and capability calls."""
-    return settings.admission.max_concurrency + settings.admission.max_queue + headroom
-
-
-def server_max_concurrent_rpcs(settings: VLMSettings) -> int:
-    """grpc.server's maximum_concurrent_rpcs: one RPC per worker. grpc refuses the RPCs beyond
-    it with RESOURCE_EXHAUSTED rather than queueing them where no deadline or log sees them."""
-    return server_thread_pool_size(settings)
-
-
-def upload_budget_bytes(settings: VLMSettings) -> int:
-    """The bytes all streams' unfinished chunked uploads may hold together."""
-    return _UPLOAD_BUDGET_PAYLOADS * settings.limits.max_payload_bytes
-
-
-def server_options(settings: VLMSettings) -> list[tuple[str, int]]:
-    """Message size limits that let a whole max_payload_bytes image arrive in one message
-    (grpc's default is 4 MiB); the Go SDK chunks anything over 1 MiB anyway.
-
-    SO_REUSEPORT is off: grpc turns it on by default on Linux, and then a second server started
-    on a port that is already serving binds without error and takes a share of its connections.
-    """
-    limit = settings.limits.max_payload_bytes + MAX_META_BYTES
-    return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ]
-
-
 class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     """Lumen `Inference` servicer over a ready `FastVLMModelManager`.
 
     Construct it with a loaded manager and the settings (tests do), or with `from_settings` /
     `from_config`, which load the model and return a servicer ready to serve. `model_id` is
     the id results and capabilities report (the manager's by default); `upload_budget` bounds
-    the bytes of unfinished chunked uploads across all streams (`upload_budget_bytes` by default).
+    the bytes of unfinished chunked uploads across all streams (`upload_budget_bytes` by default);
+    `engine` is the engine to submit to (by default one of its own over `manager`).
     """
 
     def __init__(
@@ -203,16 +162,16 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         owns_manager: bool = False,
         model_id: str | None = None,
         upload_budget: int | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.manager = manager
         self.settings = settings
-        self.model_id = model_id or manager.model_id
+        self.model_id = model_id or manager.describe().model_id
         self._owns_manager = owns_manager  # close() closes only a manager we built
         self.uploads = UploadBudget(upload_budget_bytes(settings) if upload_budget is None else upload_budget)
-        self._admission = Admission(settings.admission.max_concurrency, settings.admission.max_queue)
+        self.engine = engine or Engine(manager, settings.admission, settings.limits)
+        self._owns_engine = engine is None
         self._registry = self._build_registry()
-        self._controls: set[CallControl] = set()
-        self._controls_lock = threading.Lock()
         self._closed = False
         self._capability: ml_service_pb2.Capability | None = None
 
@@ -275,27 +234,24 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     @property
     def in_flight(self) -> int:
-        """Generations holding a slot right now."""
-        return self._admission.active
+        """Generations holding a batch slot right now."""
+        return self.engine.active
 
     @property
     def queued(self) -> int:
-        return self._admission.waiting
+        return self.engine.waiting
 
     def begin_shutdown(self) -> None:
         """New requests (and those waiting for a slot) get UNAVAILABLE; running ones go on."""
-        self._admission.close()
+        self.engine.begin_shutdown()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no generation runs or waits; False if `timeout` passed first."""
-        return self._admission.wait_idle(timeout)
+        return self.engine.wait_idle(timeout)
 
     def cancel_all(self) -> None:
         """Stop every running generation at its next step; each is answered UNAVAILABLE."""
-        with self._controls_lock:
-            controls = list(self._controls)
-        for control in controls:
-            control.server_cancelled.set()
+        self.engine.cancel_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Refuse new requests, stop running ones, and release the model if we loaded it.
@@ -307,10 +263,10 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         if self._closed:
             return
         self._closed = True
-        self.begin_shutdown()
-        self.cancel_all()
-        if not self.wait_idle(timeout):
-            log.warning("closing with %d generations still running", self.in_flight)
+        if self._owns_engine:
+            self.engine.close(timeout)
+        else:
+            self.begin_shutdown()
         if self._owns_manager:
             self.manager.close()
 
@@ -335,24 +291,22 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     @property
     def shutting_down(self) -> bool:
-        return self._admission.closed
+        return self.engine.closed
 
     def answer(self, request: CompleteRequest, control: CallControl) -> Iterator[ml_service_pb2.InferResponse]:
         """Route one complete request to its task; every failure becomes one final error response.
 
-        Lazy: the work happens as the responses are drawn, one decode step per `next()`.
+        Lazy: each `next()` waits for the request's next engine event.
         """
         started = time.perf_counter()
         failure: ml_service_pb2.InferResponse | None = None
-        with self._controls_lock:
-            self._controls.add(control)
         try:
-            if self._admission.closed:
+            if self.engine.closed:
                 raise Unavailable("the server is shutting down")
             task = self._registry.get(request.task)
             yield from task.handler(request, control, started)
         except (ClientGone, GeneratorExit) as exc:
-            # ClientGone: seen at a decode step. GeneratorExit: the transport stopped drawing
+            # ClientGone: the engine saw the cancel. GeneratorExit: the transport stopped drawing
             # responses (the call ended between two of them) and closed us.
             log.info(
                 "correlation_id=%s task=%s cancelled by the client",
@@ -365,9 +319,6 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             # Yielded after the except block: the exception's traceback would otherwise keep
             # the abandoned generation's frames (and KV cache) alive while the client reads.
             failure = self._failure(request, exc, started)
-        finally:
-            with self._controls_lock:
-                self._controls.discard(control)
         if failure is not None:
             yield failure
 
@@ -395,41 +346,41 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             shown(json.dumps(generation.messages, ensure_ascii=False), SHOWN_TEXT_CHARS),
         )
         control.check()
-        with self._admission.slot(self.settings.admission.queue_timeout_s, control):
-            control.check()
-            prepared = self.manager.prepare(generation)
-            chunks = 0
-            result: GenerationResult | None = None
-            # control.check runs before every decode step, so a cancelled call or a passed
-            # deadline stops the model within one step even while no text is emitted.
-            events = self.manager.generate_prepared(prepared, generation.params, control.check)
-            try:
-                for event in events:
-                    if isinstance(event, TextDelta):
-                        if streaming:
-                            yield partial_response(request.correlation_id, event, chunks)
-                            chunks += 1
-                    else:
-                        result = event
-            finally:
-                _close(events)  # stop the model now, not whenever the generator is collected
-        if result is None:  # pragma: no cover - the manager always ends with a result
+        handle = self.engine.submit(generation, control.deadline())
+        # A client gone stops its generation within a step: at once where the context calls back,
+        # else when the wait for the next event next asks whether the call is active.
+        unregister = control.on_end(handle.cancel)
+        chunks = 0
+        result: GenerationResult | None = None
+        try:
+            for event in handle.watch(control.is_active):
+                if isinstance(event, TextDelta):
+                    if streaming:
+                        yield partial_response(request.correlation_id, event, chunks)
+                        chunks += 1
+                else:
+                    result = event
+        finally:
+            unregister()
+            handle.cancel()  # nothing more is read: a generation still running stops (a no-op once done)
+        if result is None:  # pragma: no cover - a handle ends with a result or raises
             raise RuntimeError("generation ended without a result")
-        yield self._final_response(request, generation, prepared, result, started, chunks if streaming else None)
+        queued_ms = (handle.submitted - started) * 1000.0
+        yield self._final_response(request, generation, result, started, queued_ms, chunks if streaming else None)
 
     def _final_response(
         self,
         request: CompleteRequest,
         generation: GenerationRequest,
-        prepared: PreparedRequest,
         result: GenerationResult,
         started: float,
+        before_submit_ms: float,
         streaming_chunks: int | None,
     ) -> ml_service_pb2.InferResponse:
         lat_ms = (time.perf_counter() - started) * 1000.0
-        # The manager's ttft counts from prepare(); the client's also includes the queue wait.
-        ttft_ms = (prepared.started - started) * 1000.0 + result.ttft_ms
-        body = result_json(result, generation, prepared, self.model_id, streaming_chunks)
+        # The engine's ttft counts from submission (its queue included); the request's from here.
+        ttft_ms = before_submit_ms + result.ttft_ms
+        body = result_json(result, generation, self.model_id, streaming_chunks)
         log.info(
             "correlation_id=%s task=%s input_tokens=%d generated_tokens=%d finish_reason=%s ttft_ms=%.1f lat_ms=%.1f",
             shown_id(request.correlation_id),
@@ -468,7 +419,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
 
     def Health(self, request: Any, context: Any) -> empty_pb2.Empty:
         """Empty while serving; UNAVAILABLE once shutdown began."""
-        if self._admission.closed:
+        if self.engine.closed:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return empty_pb2.Empty()
 
@@ -489,9 +440,11 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_image_pixels": limits.max_image_pixels,
             "max_new_tokens": limits.max_new_tokens,
             "default_max_new_tokens": limits.request_default_max_new_tokens,
-            "context_length": self.manager.context_length,
-            "max_concurrency": self._admission.max_concurrency,
-            "max_queue": self._admission.max_queue,
+            "context_length": self.manager.describe().context_length,
+            "max_concurrency": self.engine.max_concurrency,
+            "max_queue": self.engine.max_queue,
+            "kv_cache_tokens": self.settings.admission.kv_cache_tokens,
+            "kv_slot_tokens": self.engine.slot_tokens,
             "max_stop_sequences": limits.max_stop_sequences,
             "max_stop_sequence_chars": limits.max_stop_sequence_chars,
             "max_messages_chars": limits.max_messages_chars,
@@ -499,23 +452,23 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         }
 
     def _build_capability(self) -> ml_service_pb2.Capability:
-        facts = self.manager.describe()  # the model's own facts; nothing reached through it
+        model = self.manager.describe()  # the model's own description; nothing reached through it
         extra = {
             "version": __version__,
             "model_name": self.settings.model.model,
-            "providers": ",".join(facts["providers"]),
-            "image_size": facts["image_size"],
-            "image_tokens": facts["image_tokens"],
-            "context_length": facts["context_length"],
-            "load_time_ms": f"{facts['load_time_ms']:.1f}",
-            "resize_mode": facts["resize_mode"],
+            "providers": ",".join(model.providers),
+            "image_size": model.image_size,
+            "image_tokens": model.image_tokens,
+            "context_length": model.context_length,
+            "load_time_ms": f"{model.load_time_ms:.1f}",
+            "resize_mode": model.resize_mode.value,
         }
         return self._registry.capability(
             service_name=self.settings.service_name,
             model_ids=[self.model_id],
-            runtime=facts["runtime"],
-            max_concurrency=self._admission.max_concurrency,
-            precisions=facts["precisions"],  # every precision loaded, the decoder's first
+            runtime=model.runtime,
+            max_concurrency=self.engine.max_concurrency,
+            precisions=model.precisions,  # every precision loaded, the decoder's first
             extra={key: value for key, value in extra.items() if value is not None},  # unknown: left out
             limits=self.enforced_limits(),
         )
@@ -565,12 +518,6 @@ def _requests_until_gone(request_iterator: Iterable[Any]) -> Iterator[Any]:
         yield from request_iterator
     except grpc.RpcError:
         log.debug("request stream ended by the client", exc_info=True)
-
-
-def _close(iterator: Iterator[Any]) -> None:
-    close = getattr(iterator, "close", None)
-    if callable(close):
-        close()
 
 
 def _abort(context: Any, code: grpc.StatusCode, details: str) -> None:

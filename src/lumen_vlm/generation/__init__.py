@@ -1,4 +1,4 @@
-"""Pure-numpy generation helpers: sampling, streaming detokenization and stopping rules."""
+"""Pure-numpy generation helpers: sampling, streaming detokenization and the per-sequence stop rules."""
 
 from lumen_vlm.generation.detokenizer import IncrementalDetokenizer
 from lumen_vlm.generation.sampling import (
@@ -10,12 +10,14 @@ from lumen_vlm.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from lumen_vlm.generation.sequence import SequenceText
 from lumen_vlm.generation.stopping import FinishReason, StopSequenceFilter, clamp_max_new_tokens
 
 __all__ = [
     "FinishReason",
     "IncrementalDetokenizer",
     "SamplingParams",
+    "SequenceText",
     "StopSequenceFilter",
     "TokenSampler",
     "apply_repetition_penalty",

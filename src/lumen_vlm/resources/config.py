@@ -12,9 +12,9 @@ Two forms are accepted; the form is told by the presence of ``metadata`` or ``de
   single-service deployment, package and import_info filled in) and then goes through exactly
   the same validation, so both forms report errors by the same key paths.
 
-The VLM's own keys (`VLM_KEYS`: token, payload and image limits, admission, threads) need a home
-that lumen-resources' schema does not have: its ``BackendSettings`` forbids unknown keys, yet the
-seed puts ``max_new_tokens`` there. They are accepted in two places:
+The VLM's own keys (`VLM_KEYS`: token, payload and image limits, admission, cache budgets,
+threads) need a home that lumen-resources' schema does not have: its ``BackendSettings`` forbids
+unknown keys, yet the seed puts ``max_new_tokens`` there. They are accepted in two places:
 
 * ``services.vlm.backend_settings`` (seed compatibility): they are taken out before
   lumen-resources validates the rest, so its strictness still catches typos in its own keys;
@@ -54,6 +54,7 @@ from .model_files import canonical_precision
 from .settings import (
     AdmissionSettings,
     BackendSettings,
+    CacheSettings,
     GenerationLimits,
     MdnsSettings,
     ModelSettings,
@@ -62,7 +63,6 @@ from .settings import (
 )
 
 DEFAULT_CACHE_DIR = "~/.cache/lumen"
-DEFAULT_PORT = 50051
 SUPPORTED_RUNTIMES = ("onnx",)
 # What the short form stands for in the full one; also what loader.py hands lumen-resources.
 LUMEN_PACKAGE = "lumen_vlm"
@@ -89,7 +89,9 @@ class VLMOptions(BaseModel):
     max_stop_sequences: _NonNegativeInt | None = None
     max_stop_sequence_chars: _PositiveInt | None = None
     max_messages_chars: _PositiveInt | None = None
-    max_concurrency: _PositiveInt | None = None
+    max_concurrency: _PositiveInt | None = None  # batch slots; unset: what kv_cache_tokens allows, at least 4
+    kv_cache_tokens: _PositiveInt | None = None
+    prefill_chunk_tokens: _PositiveInt | None = None
     max_queue: _NonNegativeInt | None = None  # 0: no waiting, busy means UNAVAILABLE at once
     queue_timeout_s: _PositiveFloat | None = None
     shutdown_grace_s: _NonNegativeFloat | None = None
@@ -97,6 +99,8 @@ class VLMOptions(BaseModel):
     stream_idle_timeout_s: _PositiveFloat | None = None
     upload_idle_timeout_s: _PositiveFloat | None = None
     intra_op_threads: _NonNegativeInt | None = None  # 0: ONNX Runtime's default
+    feature_cache_bytes: _NonNegativeInt | None = None  # 0: no image-feature cache
+    prefix_cache_bytes: _NonNegativeInt | None = None  # 0: no prompt-prefix KV cache
 
 
 VLM_KEYS = tuple(VLMOptions.model_fields)
@@ -112,6 +116,8 @@ _LIMIT_FIELDS = {
 }
 _ADMISSION_FIELDS = (
     "max_concurrency",
+    "kv_cache_tokens",
+    "prefill_chunk_tokens",
     "max_queue",
     "queue_timeout_s",
     "shutdown_grace_s",
@@ -119,6 +125,9 @@ _ADMISSION_FIELDS = (
     "stream_idle_timeout_s",
     "upload_idle_timeout_s",
 )
+
+_BACKEND_FIELDS = ("intra_op_threads",)
+_CACHE_FIELDS = ("feature_cache_bytes", "prefix_cache_bytes")
 
 _SERVICE_KEYS = (*Services.model_fields, "vlm_settings")
 _SHORT_TOP_KEYS = ("cache_dir", "server", "services")
@@ -227,7 +236,7 @@ def _expand_short_form(data: Mapping[str, Any], service: str) -> dict[str, Any]:
     server = data.get("server") or {}
     if not isinstance(server, Mapping):
         raise ConfigError("server: must be a mapping with port and host")
-    return single_service_config(service, cache_dir, "other", {"port": DEFAULT_PORT, **server}, block)
+    return single_service_config(service, cache_dir, "other", {"port": ServerSettings.port, **server}, block)
 
 
 def single_service_config(
@@ -420,12 +429,13 @@ def _build_settings(
         cache_dir=cache_dir,
         model=_model_settings(service_config.models, f"services.{service}.models"),
         backend=BackendSettings(
-            device=backend.device or "auto",  # null means auto-detect, as in lumen-resources
+            device=backend.device or BackendSettings.device,  # null means auto-detect, as in lumen-resources
             providers=_providers(backend.onnx_providers, f"services.{service}.backend_settings.onnx_providers"),
-            intra_op_threads=options["intra_op_threads"][0] if "intra_op_threads" in options else 0,
+            **{k: options[k][0] for k in _BACKEND_FIELDS if k in options},
         ),
         limits=_limits(options),
         admission=AdmissionSettings(**{k: options[k][0] for k in _ADMISSION_FIELDS if k in options}),
+        caches=CacheSettings(**{k: options[k][0] for k in _CACHE_FIELDS if k in options}),
         server=server or ServerSettings(),
         service_name=service,
         region=region,
@@ -454,9 +464,9 @@ def _model_settings(models: Mapping[str, ModelConfig], prefix: str) -> ModelSett
 
 
 def _precision(value: str | None, path: str) -> str:
-    """The configured precision in our spelling (`canonical_precision`); fp32 when unset."""
+    """The configured precision in our spelling (`canonical_precision`); ModelSettings' (fp32) when unset."""
     if value is None:
-        return "fp32"
+        return ModelSettings.precision
     try:
         return canonical_precision(value)
     except ModelFilesError as exc:

@@ -17,7 +17,8 @@ Each graph is looked for in the requested precision, then in `FALLBACK_ORDER`, i
 the others, so a directory that mixes precisions (an fp16 vision encoder beside an fp32 decoder)
 loads. Every problem with the files is a `ModelFilesError` naming the file and key.
 
-Only this module opens a model's JSON files; everything else receives `ModelFacts`.
+Only this module opens a model's JSON files: it returns what they state as a `FileSpec`, the
+files' part of the model spec (`model_spec.py`).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from __future__ import annotations
 import json
 import reprlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from .exceptions import ModelFilesError
-from .model_spec import IMAGE_PLACEHOLDER, ImageSpec, KVCacheSpec, ResizeMode
+from .model_spec import IMAGE_PLACEHOLDER, FileSpec, ImageSpec, KVCacheSpec, ResizeMode, TextSpec
 
 # Other spellings accepted in configs: lumen-resources and the LumilioPhotos repos write q4f16 as q4fp16.
 PRECISION_ALIASES = {"q4fp16": "q4f16"}
@@ -64,20 +65,6 @@ class ModelFiles:
     def precision(self) -> str:
         """The decoder's precision: most of the model's weight and time."""
         return self.graph_precisions["decoder"]
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the model's JSON files say about it."""
-
-    model_id: str
-    image_token_id: int
-    eos_token_ids: frozenset[int]
-    chat_template: str
-    context_length: int
-    image: ImageSpec
-    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... for templates
-    kv_cache: KVCacheSpec | None = None  # a Lumen model_info.json's kv_cache_config, to check the decoder by
 
 
 # --------------------------------------------------------------------------- precisions
@@ -450,8 +437,8 @@ def _kv_cache(doc: _Doc) -> KVCacheSpec | None:
     return KVCacheSpec(**values)
 
 
-def read_model_facts(files: ModelFiles, token_to_id: Any) -> ModelFacts:
-    """Read the facts; `token_to_id` maps a token's text to its id (the tokenizer's)."""
+def read_file_spec(files: ModelFiles, token_to_id: Any) -> FileSpec:
+    """What the model's files state; `token_to_id` maps a token's text to its id (the tokenizer's)."""
     docs = _documents(files.root)
     tok_config = docs["tokenizer_config"].data
     image_token_id = _image_token_id(docs, token_to_id)
@@ -464,13 +451,16 @@ def read_model_facts(files: ModelFiles, token_to_id: Any) -> ModelFacts:
     eos_ids = _eos_ids(docs, token_to_id(eos_text) if eos_text else None)
     if not eos_ids:
         raise ModelFilesError(f"{files.root}: no end-of-sequence token id in the generation or tokenizer config")
-    return ModelFacts(
-        model_id=_declared_name(docs["model_info"].data) or files.root.name,
+    text = TextSpec(
         image_token_id=image_token_id,
         eos_token_ids=eos_ids,
         chat_template=_chat_template(files.root, tok_config),
         context_length=_context_length(docs),
-        image=_image_spec(docs),
         special_tokens=specials,
+    )
+    return FileSpec(
+        model_id=_declared_name(docs["model_info"].data) or files.root.name,
+        text=text,
+        image=_image_spec(docs),
         kv_cache=_kv_cache(docs["kv_cache"]),
     )

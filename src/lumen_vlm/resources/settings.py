@@ -6,19 +6,9 @@ only ever see these typed records.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-
-def default_max_concurrency() -> int:
-    """Concurrent generations by default: one per two cores, at least one.
-
-    Each generation already uses every core through ORT's intra-op threads; more concurrent
-    generations than that mostly trade latency for nothing.
-    """
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -58,7 +48,14 @@ class GenerationLimits:
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    max_concurrency: int = field(default_factory=default_max_concurrency)
+    # Sequences decoded together in one batch. None: what kv_cache_tokens allows for requests
+    # of the largest size served, at least 4 (`engine.batch_slots`).
+    max_concurrency: int | None = None
+    # The KV cache of every batch slot together, in tokens (positions); each slot gets an equal
+    # share, at most the model's context. FastVLM-0.5B's fp32 KV is 24 KiB a token: 384 MiB.
+    kv_cache_tokens: int = 16384
+    # A new prompt is prefilled this many tokens per step between the running streams' steps.
+    prefill_chunk_tokens: int = 256
     max_queue: int = 16  # requests waiting for a slot; beyond it UNAVAILABLE at once
     queue_timeout_s: float = 60.0  # longest wait for a slot before UNAVAILABLE
     shutdown_grace_s: float = 20.0  # in-flight generations may finish within this on SIGTERM
@@ -67,6 +64,18 @@ class AdmissionSettings:
     max_streams: int = 256
     stream_idle_timeout_s: float = 300.0  # no request in flight and nothing received: UNAVAILABLE
     upload_idle_timeout_s: float = 30.0  # an unfinished chunked upload with no new chunk is dropped
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The model room's two caches of past work, each bounded in bytes (0 turns it off)."""
+
+    # A second question about the same photo skips the vision encoder: its features, kept
+    # (FastVLM-0.5B's are 256 x 896 float32, 0.9 MiB a photo).
+    feature_cache_bytes: int = 64 << 20
+    # ... and the image's part of the prompt: the KV of the prompt up to its image (FastVLM-0.5B's
+    # is about 6.5 MiB a photo: some 270 positions of 24 KiB).
+    prefix_cache_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class VLMSettings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     limits: GenerationLimits = field(default_factory=GenerationLimits)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    caches: CacheSettings = field(default_factory=CacheSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     service_name: str = "vlm"
     region: str = "other"  # metadata.region: where lumen-resources' Downloader fetches Lumen models

@@ -5,9 +5,9 @@ client that opens streams and sends nothing takes the workers one by one, and wi
 health checks, which are calls too (38 idle streams made a default server unreachable).
 Here an open stream is a coroutine: idle streams cost a few kilobytes, health and
 capability calls are answered on the event loop whatever the Infer load, and nothing the
-event loop runs ever blocks. The model work stays synchronous: each stream hands its
-requests, one decode step at a time, to a thread pool (`respond` and
-`FastVLMService.answer`, the same code the Lumen hub runs on its own synchronous server).
+event loop runs ever blocks. Each stream draws its requests' responses in a thread pool, one
+engine event per draw (`respond` and `FastVLMService.answer`, the same code the Lumen hub
+runs on its own synchronous server); the engine does the model work in its own threads.
 
 What a stream may cost is bounded here:
 * at most `admission.max_streams` Infer streams are open at once; one more is refused with
@@ -36,15 +36,11 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from ..fastvlm.admission import CANCELLED_AT_SHUTDOWN, CallControl, CallEnd, Unavailable
-from ..fastvlm.fastvlm_service import (
-    FastVLMService,
-    abandoned_responses,
-    error_response,
-    respond,
-    upload_budget_bytes,
-)
-from ..fastvlm.request_parsing import ChunkAssembler, CompleteRequest, RequestError, UploadBudget
+from ..engine.errors import CANCELLED_AT_SHUTDOWN, Unavailable
+from ..fastvlm.call_control import CallControl, CallEnd
+from ..fastvlm.chunks import ChunkAssembler, CompleteRequest, UploadBudget, upload_budget_bytes
+from ..fastvlm.exceptions import RequestError
+from ..fastvlm.fastvlm_service import FastVLMService, abandoned_responses, error_response, respond
 from ..proto import ml_service_pb2
 from ..resources.settings import VLMSettings
 from ..text import shown_id
@@ -62,6 +58,10 @@ _SPARE_THREADS = 4
 _END = object()  # the request stream ended
 _SILENT = object()  # nothing arrived within the timeout
 _DONE = object()  # a response iterator is exhausted
+
+# What every call hears before `install`: the front door answers it itself, so there is no
+# stand-in service while the model loads.
+MODEL_LOADING = "the model is still loading"
 
 
 def keepalive_options() -> list[tuple[str, int]]:
@@ -144,10 +144,11 @@ class AsyncInference:
         self.settings = settings
         self.service: FastVLMService | None = None
         self.uploads = UploadBudget(upload_budget_bytes(settings))
-        admission = settings.admission
+        # A stream has at most one draw in flight, and a draw waits on the engine (a queued or
+        # running request) for no longer than its next event: one thread per open stream is
+        # the most ever busy. The pool starts its threads only as they are needed.
         self._executor = ThreadPoolExecutor(
-            max_workers=admission.max_concurrency + admission.max_queue + _SPARE_THREADS,
-            thread_name_prefix="infer",
+            max_workers=settings.admission.max_streams + _SPARE_THREADS, thread_name_prefix="infer"
         )
         self._open_streams = 0  # touched on the event loop only
         self._abandoned = asyncio.Event()
@@ -184,7 +185,7 @@ class AsyncInference:
 
     async def _ready_service(self, context: Any) -> FastVLMService:
         if self.service is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, MODEL_LOADING)
         assert self.service is not None
         return self.service
 
@@ -276,19 +277,20 @@ class AsyncInference:
     def _answer(self, request: CompleteRequest, control: CallControl) -> Iterator[InferResponse]:
         """A complete request, answered by the service, or UNAVAILABLE while the model loads."""
         if self.service is None:
-            return iter([error_response(request.correlation_id, Unavailable("the model is still loading"), 0.0)])
+            return iter([error_response(request.correlation_id, Unavailable(MODEL_LOADING), 0.0)])
         return self.service.answer(request, control)
 
     async def _drawn_in_thread(
         self, responses: Iterator[InferResponse], call: ThreadSideCall, correlation_id: str
     ) -> AsyncIterator[Any]:
-        """`responses`, each drawn by the thread pool: one decode step per draw, off the event loop.
+        """`responses`, each drawn by the thread pool, off the event loop: one engine event per draw.
 
         Left before the end only when the call is over (the client cancelled or went away,
-        or the server is stopping): the generation is told (`call.ended`, seen at its next
-        decode step) and closed in the pool once the draw in progress returns, which gives
-        its slot back. When shutdown cannot wait for a draw any longer (`abandon_in_flight`),
-        the request in flight is answered UNAVAILABLE here, under `correlation_id`.
+        or the server is stopping): the generation is told (`call.ended` cancels its engine
+        request, which leaves the batch at the next step and gives its slot back) and closed
+        in the pool once the draw in progress returns. When shutdown cannot wait for a draw any
+        longer (`abandon_in_flight`), the request in flight is answered UNAVAILABLE here, under
+        `correlation_id`.
         """
         pending: Future[Any] | None = None
         finished = False
@@ -323,7 +325,13 @@ class AsyncInference:
         if not callable(close):
             return
 
-        def submit_close(_: object = None) -> None:
+        def submit_close(done: Future[Any] | None = None) -> None:
+            if done is not None and done.cancelled():
+                # Cancelled by the pool's shutdown, which holds the pool's lock while it runs
+                # this callback: submitting would wait for that lock forever. Nothing is
+                # drawing from `responses`, so it is closed here.
+                close()
+                return
             with contextlib.suppress(RuntimeError):  # a pool shut down: the process is exiting
                 self._executor.submit(close)
 

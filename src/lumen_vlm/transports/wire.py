@@ -24,7 +24,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from ..fastvlm.request_parsing import MAX_CORRELATION_ID_BYTES
+from ..fastvlm.request_meta import MAX_CORRELATION_ID_BYTES
 from ..proto import ml_service_pb2
 from ..text import shown
 

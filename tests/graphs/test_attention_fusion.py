@@ -10,9 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lumen_vlm.backends.attention_fusion import FusionUnsupported, fuse_attention
-from lumen_vlm.backends.backend_exceptions import BackendInputError
-from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+from lumen_vlm.graphs.attention_fusion import FusionUnsupported, fuse_attention
 
 from .decoders import Decoder, decoder_path, session
 
@@ -122,32 +120,3 @@ def test_an_attention_it_does_not_reproduce_is_refused_and_left_unchanged(
     with pytest.raises(FusionUnsupported, match=reason):
         fuse_attention(model, context_length=256)
     assert model.SerializeToString() == before
-
-
-def test_the_engine_writes_the_cache_in_place_and_grows_it_when_needed(tmp_path: Path, tiny_model_dir: Path) -> None:
-    fused = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=tmp_path).backend
-    plain = FastVLMModelManager.from_model_dir(tiny_model_dir).backend
-    assert fused.fused_attention_layers > 0 and plain.fused_attention_layers == 0
-    ids = np.arange(10, 40, dtype=np.int64)
-    state = fused.prefill(ids, None, -1, reserve=2)
-    assert state.capacity == ids.size + 2
-    reference = plain.prefill(ids, None, -1)
-    np.testing.assert_allclose(state.logits, reference.logits, atol=1e-4, rtol=0)
-    # Each step's keys and values must land in the buffer for the next step's logits to match;
-    # past the reserve the cache must grow, keeping what it holds.
-    for _ in range(6):
-        token = int(np.argmax(reference.logits))
-        np.testing.assert_allclose(
-            fused.decode_step(state, token), plain.decode_step(reference, token), atol=1e-4, rtol=0
-        )
-    assert state.length == reference.length == ids.size + 6
-    assert state.capacity >= state.length
-
-
-def test_a_full_context_is_an_input_error(tmp_path: Path, tiny_model_dir: Path) -> None:
-    manager = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=tmp_path)
-    backend = manager.backend
-    state = backend.prefill(np.arange(10, 10 + manager.context_length - 1, dtype=np.int64), None, -1, reserve=1)
-    backend.decode_step(state, 11)  # the context's last position
-    with pytest.raises(BackendInputError, match="context of 1024 tokens is full"):
-        backend.decode_step(state, 12)

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lumen_vlm.backends import norm_fusion
-from lumen_vlm.backends.norm_fusion import fuse_rms_norms
+from lumen_vlm.graphs import norm_fusion
+from lumen_vlm.graphs.norm_fusion import fuse_rms_norms
 
 from .decoders import Decoder, decoder_path, session
 

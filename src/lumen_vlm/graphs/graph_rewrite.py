@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..backends.ort_runtime import ort
+
+if TYPE_CHECKING:  # onnx itself is imported only when a graph is rewritten (see decoder.py)
+    import onnx
 
 MS_DOMAIN = "com.microsoft"
 
@@ -25,12 +31,12 @@ def rewrite_error(want: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(want.astype(np.float32) - got.astype(np.float32)).max()) / scale
 
 
-def allowed_error(dtype: type) -> float:
+def allowed_error(dtype: np.dtype) -> float:
     """The rewrite_error a rewrite may make: float rounding, in the graph's precision."""
     return 1e-2 if dtype == np.float16 else 1e-4
 
 
-def reads(node: object) -> set[str]:
+def reads(node: onnx.NodeProto) -> set[str]:
     """The values `node` reads: its inputs, and those its subgraphs (If, Loop, Scan bodies)
     take from outside. Empty names (absent optional inputs) are not values."""
     names = {name for name in node.input if name}
@@ -46,33 +52,33 @@ class GraphIndex:
     """Who produces and who reads each value of an onnx GraphProto. Graph outputs count as
     read. Holds every node's wrapper, so id(node) is stable while the index lives."""
 
-    def __init__(self, graph: object) -> None:
+    def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        self.nodes = list(graph.node)
-        self.producer = {out: node for node in self.nodes for out in node.output if out}
-        self.readers: dict[str, list] = {}
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.producer: dict[str, onnx.NodeProto] = {out: node for node in self.nodes for out in node.output if out}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.nodes:
             for name in reads(node):
                 self.readers.setdefault(name, []).append(node)
         self.outputs = {value.name for value in graph.output}
         self.initializers = {init.name: init for init in graph.initializer}
 
-    def read_only_by(self, name: str, op_type: str) -> object | None:
+    def read_only_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         """The one node reading `name`, if it is an `op_type` and `name` is no graph output."""
         readers = self.readers.get(name, [])
         if name in self.outputs or len(readers) != 1 or readers[0].op_type != op_type:
             return None
         return readers[0]
 
-    def made_by(self, name: str, op_type: str) -> object:
+    def made_by(self, name: str, op_type: str) -> onnx.NodeProto:
         node = self.producer.get(name)
         if node is None or node.op_type != op_type:
             raise FusionUnsupported(f"{name} is not made by a {op_type}")
         return node
 
-    def upstream(self, names: Iterable[str], stop: set[str] = frozenset()) -> list:
+    def upstream(self, names: Iterable[str], stop: Container[str] = frozenset()) -> list[onnx.NodeProto]:
         """Nodes that `names` depend on, not looking past the values in `stop`."""
-        seen: dict[int, object] = {}
+        seen: dict[int, onnx.NodeProto] = {}
         queue = deque(n for n in names if n not in stop)
         while queue:
             node = self.producer.get(queue.popleft())
@@ -83,7 +89,8 @@ class GraphIndex:
         return list(seen.values())
 
 
-def attribute(node: object, name: str) -> object:
+def attribute(node: onnx.NodeProto, name: str) -> Any:
+    """The value of `node`'s attribute `name` (an int, a list of ints, a graph...), or None."""
     from onnx import helper
 
     for attr in node.attribute:
@@ -98,19 +105,23 @@ def single(found: set[str], what: str) -> str:
     return next(iter(found))
 
 
-def ms_opset_if_missing(opsets: Iterable) -> list:
+def ms_opset_if_missing(opsets: Iterable[onnx.OperatorSetIdProto]) -> list[onnx.OperatorSetIdProto]:
     """The com.microsoft opset import that `opsets` lacks for contrib ops, or nothing."""
     from onnx import helper
 
     return [] if any(op.domain == MS_DOMAIN for op in opsets) else [helper.make_opsetid(MS_DOMAIN, 1)]
 
 
-def small_session(model: object, nodes: list, inputs: list, outputs: list[str], initializers: list) -> object:
+def small_session(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[str],
+    initializers: list[onnx.TensorProto],
+) -> ort.InferenceSession:
     """An ORT session on a few of `model`'s nodes (or new ones), on the CPU provider: for
     computing tables with the graph's own nodes, and for checking a rewrite against them."""
     from onnx import helper
-
-    from .ort_runtime import ort
 
     graph = helper.make_graph(
         nodes, "probe", inputs, [helper.make_empty_tensor_value_info(name) for name in outputs], initializers
@@ -122,7 +133,9 @@ def small_session(model: object, nodes: list, inputs: list, outputs: list[str], 
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def cut_session(model: object, graph: GraphIndex, outputs: list[str], boundary: dict[str, int]) -> object:
+def cut_session(
+    model: onnx.ModelProto, graph: GraphIndex, outputs: list[str], boundary: dict[str, int]
+) -> ort.InferenceSession:
     """A session computing `outputs` with `model`'s own nodes, fed at the `boundary` values
     (name -> onnx element type) and the graph inputs those nodes read."""
     from onnx import helper
@@ -137,7 +150,7 @@ def cut_session(model: object, graph: GraphIndex, outputs: list[str], boundary: 
     return small_session(model, sorted(nodes, key=lambda n: order[id(n)]), inputs, outputs, initializers)
 
 
-def _topological(nodes: list, graph: object) -> list:
+def _topological(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes the graph's outputs need, each after the producers of what it reads."""
     producer = {out: node for node in nodes for out in node.output if out}
     needs = {id(node): {name for name in reads(node) if name in producer} for node in nodes}
@@ -150,12 +163,12 @@ def _topological(nodes: list, graph: object) -> list:
             stack.extend(producer[name] for name in needs[id(node)])
     kept = [node for node in nodes if id(node) in needed]
     waiting = {id(node): len(needs[id(node)]) for node in kept}
-    readers: dict[str, list] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in kept:
         for name in needs[id(node)]:
             readers.setdefault(name, []).append(node)
     ready = deque(node for node in kept if waiting[id(node)] == 0)
-    order: list = []
+    order: list[onnx.NodeProto] = []
     while ready:
         node = ready.popleft()
         order.append(node)
@@ -169,7 +182,7 @@ def _topological(nodes: list, graph: object) -> list:
     return order
 
 
-def replace_nodes(model: object, nodes: list) -> None:
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
     """Make `nodes` the graph's nodes: those its outputs need, each after the producers of what
     it reads; initializers no node reads any more go (with their graph input, if declared as
     one). Raises before changing anything if the nodes cannot be ordered."""

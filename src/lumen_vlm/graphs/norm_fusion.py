@@ -12,6 +12,7 @@ not match, or does not compute the same numbers, is left as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from .graph_rewrite import (
     small_session,
 )
 
+if TYPE_CHECKING:  # onnx itself is imported only when a graph is rewritten (see decoder.py)
+    import onnx
+
 
 @dataclass(frozen=True)
 class _Norm:
@@ -32,7 +36,7 @@ class _Norm:
     weight: str  # the per-channel scale, an initializer
     epsilon: float
     output: str
-    nodes: tuple  # the seven nodes it replaces
+    nodes: tuple[onnx.NodeProto, ...]  # the seven nodes it replaces
 
 
 def _scalar(graph: GraphIndex, name: str) -> float | None:
@@ -45,35 +49,48 @@ def _scalar(graph: GraphIndex, name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
-def _other(node: object, name: str) -> str | None:
+def _other(node: onnx.NodeProto, name: str) -> str | None:
     """The input of a two-input node that is not `name`."""
     inputs = list(node.input)
     return inputs[1 - inputs.index(name)] if len(inputs) == 2 and name in inputs else None
 
 
-def _norm_at(graph: GraphIndex, mean: object) -> _Norm | None:
+def _chain_after(graph: GraphIndex, node: onnx.NodeProto, op_types: list[str]) -> list[onnx.NodeProto] | None:
+    """The nodes of `op_types` that follow `node`, each the one reader of the one before's
+    output; None where the graph differs."""
+    chain: list[onnx.NodeProto] = []
+    for op_type in op_types:
+        found = graph.read_only_by((chain[-1] if chain else node).output[0], op_type)
+        if found is None:
+            return None
+        chain.append(found)
+    return chain
+
+
+def _norm_at(graph: GraphIndex, mean: onnx.NodeProto) -> _Norm | None:
     """The RMS norm whose ReduceMean is `mean`, or None if it is not one."""
     square = graph.producer.get(mean.input[0])
     if square is None or square.op_type != "Pow" or _scalar(graph, square.input[1]) != 2.0:
         return None
+    if graph.read_only_by(square.output[0], "ReduceMean") is not mean:
+        return None
+    chain = _chain_after(graph, mean, ["Add", "Sqrt", "Reciprocal", "Mul", "Mul"])
+    if chain is None:
+        return None
+    add, _, reciprocal, normalize, scale = chain
     source = square.input[0]
-    add = graph.read_only_by(mean.output[0], "Add")
-    epsilon = _scalar(graph, _other(add, mean.output[0])) if add is not None else None
-    sqrt = graph.read_only_by(add.output[0], "Sqrt") if epsilon is not None else None
-    reciprocal = graph.read_only_by(sqrt.output[0], "Reciprocal") if sqrt is not None else None
-    normalize = graph.read_only_by(reciprocal.output[0], "Mul") if reciprocal is not None else None
-    if normalize is None or _other(normalize, reciprocal.output[0]) != source:
+    epsilon_name = _other(add, mean.output[0])
+    epsilon = _scalar(graph, epsilon_name) if epsilon_name is not None else None
+    weight = _other(scale, normalize.output[0])
+    if epsilon is None or weight is None or _other(normalize, reciprocal.output[0]) != source:
         return None
-    scale = graph.read_only_by(normalize.output[0], "Mul")
-    weight = _other(scale, normalize.output[0]) if scale is not None else None
-    init = graph.initializers.get(weight or "")
-    if init is None or len(init.dims) != 1 or graph.read_only_by(square.output[0], "ReduceMean") is not mean:
+    init = graph.initializers.get(weight)
+    if init is None or len(init.dims) != 1:
         return None
-    nodes = (square, mean, add, sqrt, reciprocal, normalize, scale)
-    return _Norm(source, weight, epsilon, scale.output[0], nodes)
+    return _Norm(source, weight, epsilon, scale.output[0], (square, mean, *chain))
 
 
-def _fused_node(norm: _Norm, index: int) -> object:
+def _fused_node(norm: _Norm, index: int) -> onnx.NodeProto:
     from onnx import helper
 
     return helper.make_node(
@@ -87,7 +104,7 @@ def _fused_node(norm: _Norm, index: int) -> object:
     )
 
 
-def _reproduces(model: object, graph: GraphIndex, norm: _Norm, fused: object) -> bool:
+def _reproduces(model: onnx.ModelProto, graph: GraphIndex, norm: _Norm, fused: onnx.NodeProto) -> bool:
     """Whether the fused node gives the graph's numbers on random input."""
     from onnx import helper
 
@@ -108,11 +125,11 @@ def _reproduces(model: object, graph: GraphIndex, norm: _Norm, fused: object) ->
     return rewrite_error(want, got) <= allowed_error(dtype)
 
 
-def fuse_rms_norms(model: object) -> int:
+def fuse_rms_norms(model: onnx.ModelProto) -> int:
     """Rewrite `model` (an onnx ModelProto, in place) so each RMS norm it recognises and
     reproduces is one SimplifiedLayerNormalization node; return how many."""
     graph = GraphIndex(model.graph)
-    fused: list[tuple[_Norm, object]] = []
+    fused: list[tuple[_Norm, onnx.NodeProto]] = []
     for mean in [node for node in graph.nodes if node.op_type == "ReduceMean"]:
         norm = _norm_at(graph, mean)
         if norm is None:

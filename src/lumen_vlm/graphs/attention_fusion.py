@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backends.ort_runtime import ort
+from ..resources.export_names import EXPORT_NAMES as NAMES
 from .graph_rewrite import (
     MS_DOMAIN,
     FusionUnsupported,
@@ -43,17 +46,10 @@ from .graph_rewrite import (
     small_session,
 )
 
+if TYPE_CHECKING:  # onnx itself is imported only when a graph is rewritten (see decoder.py)
+    import onnx
+
 _TO_BNSH = [0, 2, 1, 3]
-
-
-def _past_names(index: int) -> list[str]:
-    """Layer `index`'s KV cache inputs, keys then values."""
-    return [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
-
-
-def _present_names(index: int) -> list[str]:
-    """Layer `index`'s KV cache outputs, keys then values."""
-    return [f"present.{index}.key", f"present.{index}.value"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +64,16 @@ class _Layer:
 
     @property
     def past(self) -> list[str]:
-        return _past_names(self.index)
+        """The layer's KV cache inputs, keys then values."""
+        return list(NAMES.past(self.index))
 
     @property
     def presents(self) -> list[str]:
-        return _present_names(self.index)
+        """The layer's KV cache outputs, keys then values."""
+        return list(NAMES.present(self.index))
 
 
-def _swaps_heads_and_sequence(node: object | None) -> bool:
+def _swaps_heads_and_sequence(node: onnx.NodeProto | None) -> bool:
     """Whether `node` is the Transpose between [batch, seq, heads, dim] and [batch, heads, seq, dim]."""
     return node is not None and node.op_type == "Transpose" and list(attribute(node, "perm") or []) == _TO_BNSH
 
@@ -83,7 +81,7 @@ def _swaps_heads_and_sequence(node: object | None) -> bool:
 def _head_split(graph: GraphIndex, name: str) -> str | None:
     """The [batch, seq, heads * dim] tensor that `name` is a Reshape + BNSH Transpose of."""
     node = graph.producer.get(name)
-    if not _swaps_heads_and_sequence(node):
+    if node is None or not _swaps_heads_and_sequence(node):
         return None
     reshape = graph.producer.get(node.input[0])
     return reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else None
@@ -109,8 +107,8 @@ def _split_inputs(graph: GraphIndex, name: str, stop: set[str]) -> set[str]:
 
 
 def _find_layer(graph: GraphIndex, index: int) -> _Layer:
-    past_key, past_value = _past_names(index)
-    present_key, present_value = _present_names(index)
+    past_key, past_value = NAMES.past(index)
+    present_key, present_value = NAMES.present(index)
     key_concat = graph.made_by(present_key, "Concat")
     value_concat = graph.made_by(present_value, "Concat")
     if list(key_concat.input)[:1] != [past_key] or list(value_concat.input)[:1] != [past_value]:
@@ -135,7 +133,7 @@ def _find_layer(graph: GraphIndex, index: int) -> _Layer:
     return _Layer(index, query, key, value, merge[0].output[0], cos, sin)
 
 
-def _values_matmul(graph: GraphIndex, present_value: str, index: int) -> object:
+def _values_matmul(graph: GraphIndex, present_value: str, index: int) -> onnx.NodeProto:
     """The MatMul whose second input is `present_value`, through shape-only ops."""
     queue = deque([present_value])
     while queue:
@@ -157,7 +155,7 @@ def _rotary_tables(graph: GraphIndex, rotated_key: str, stop: set[str], index: i
     return single(cos, f"layer {index} rotary cos"), single(sin, f"layer {index} rotary sin")
 
 
-def _input_type(model: object, name: str) -> int:
+def _input_type(model: onnx.ModelProto, name: str) -> int:
     """The onnx element type graph input `name` is declared with (int64 or int32 for the
     mask and positions, which some exports declare as int32 and cast inside)."""
     declared = next((value for value in model.graph.input if value.name == name), None)
@@ -166,32 +164,32 @@ def _input_type(model: object, name: str) -> int:
     return declared.type.tensor_type.elem_type
 
 
-def _numpy_type(model: object, name: str) -> type:
+def _numpy_type(model: onnx.ModelProto, name: str) -> type[np.generic]:
     from onnx import helper
 
     return helper.tensor_dtype_to_np_dtype(_input_type(model, name)).type
 
 
-def _layer_count(graph: object) -> int:
+def _layer_count(graph: onnx.GraphProto) -> int:
     names = {value.name for value in graph.input}
     count = 0
-    while _past_names(count)[0] in names:
+    while NAMES.past(count)[0] in names:
         count += 1
     if count == 0:
-        raise FusionUnsupported("no past_key_values.0.key input")
+        raise FusionUnsupported(f"no {NAMES.past(0)[0]} input")
     return count
 
 
 def _rotary_cache(
-    model: object, graph: GraphIndex, layer: _Layer, context_length: int
+    model: onnx.ModelProto, graph: GraphIndex, layer: _Layer, context_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """[context_length, head_dim / 2] cos and sin tables, computed by the graph's own nodes for
     positions 0..context_length-1, so they hold exactly the numbers the original graph uses."""
     session = cut_session(model, graph, [layer.cos, layer.sin], {})
-    if [value.name for value in session.get_inputs()] != ["position_ids"]:
-        raise FusionUnsupported("the rotary tables depend on more than position_ids")
-    positions = np.arange(context_length, dtype=_numpy_type(model, "position_ids")).reshape(1, -1)
-    cos_table, sin_table = session.run(None, {"position_ids": positions})
+    if [value.name for value in session.get_inputs()] != [NAMES.position_ids]:
+        raise FusionUnsupported(f"the rotary tables depend on more than {NAMES.position_ids}")
+    positions = np.arange(context_length, dtype=_numpy_type(model, NAMES.position_ids)).reshape(1, -1)
+    cos_table, sin_table = session.run(None, {NAMES.position_ids: positions})
     half = cos_table.shape[-1] // 2
     cos_table, sin_table = cos_table.reshape(context_length, -1), sin_table.reshape(context_length, -1)
     # rotate_half's tables repeat one half; GroupQueryAttention takes that half once.
@@ -208,12 +206,12 @@ class _Heads:
     query: int
     kv: int
     size: int
-    dtype: type  # of activations and the KV cache
+    dtype: np.dtype  # of activations and the KV cache
     onnx_type: int
     hidden: int  # the decoder's input width
 
 
-def _heads(model: object, graph: GraphIndex, layer: _Layer) -> _Heads:
+def _heads(model: onnx.ModelProto, graph: GraphIndex, layer: _Layer) -> _Heads:
     """Head counts and size, from the KV cache input and the query projection's width."""
     from onnx import helper
 
@@ -224,7 +222,7 @@ def _heads(model: object, graph: GraphIndex, layer: _Layer) -> _Heads:
     width = _width(graph, layer.query)
     if width is None or width % dims[3]:
         raise FusionUnsupported("cannot tell the query projection's width")
-    embeds = next((value for value in model.graph.input if value.name == "inputs_embeds"), None)
+    embeds = next((value for value in model.graph.input if value.name == NAMES.inputs_embeds), None)
     hidden = embeds.type.tensor_type.shape.dim[-1].dim_value if embeds is not None else 0
     onnx_type = kv_input.type.tensor_type.elem_type
     dtype = helper.tensor_dtype_to_np_dtype(onnx_type)
@@ -237,7 +235,12 @@ _PROBE_STEPS = (7, 3, 1)
 
 
 def _check_layer(
-    model: object, graph: GraphIndex, layer: _Layer, fused_nodes: list, tables: list, heads: _Heads
+    model: onnx.ModelProto,
+    graph: GraphIndex,
+    layer: _Layer,
+    fused_nodes: list[onnx.NodeProto],
+    tables: list[onnx.TensorProto],
+    heads: _Heads,
 ) -> None:
     """Run the layer's attention as the graph spells it out and as fused, on the same random
     projections, and raise FusionUnsupported if they differ. This catches what the pattern
@@ -250,7 +253,8 @@ def _check_layer(
     try:
         spelled_out = cut_session(model, graph, outputs, dict.fromkeys(projections, heads.onnx_type))
         inputs = [helper.make_tensor_value_info(name, heads.onnx_type, None) for name in projections + layer.past]
-        inputs.append(helper.make_tensor_value_info("attention_mask", _input_type(model, "attention_mask"), None))
+        mask_type = _input_type(model, NAMES.attention_mask)
+        inputs.append(helper.make_tensor_value_info(NAMES.attention_mask, mask_type, None))
         fused = small_session(model, fused_nodes, inputs, outputs, tables)
         _compare_steps(model, spelled_out, fused, layer, heads)
     except FusionUnsupported:
@@ -259,11 +263,15 @@ def _check_layer(
         raise FusionUnsupported(f"layer {layer.index}: GroupQueryAttention cannot run it here ({exc})") from exc
 
 
-def _compare_steps(model: object, spelled_out: object, fused: object, layer: _Layer, heads: _Heads) -> None:
+def _compare_steps(
+    model: onnx.ModelProto,
+    spelled_out: ort.InferenceSession,
+    fused: ort.InferenceSession,
+    layer: _Layer,
+    heads: _Heads,
+) -> None:
     """Feed both sessions the probe's steps; the fused one writes its cache in place, as the
     engine does, the spelled-out one gets its own presents back as the next past."""
-    from .ort_runtime import ort
-
     past, presents = layer.past, layer.presents
     cache = [np.zeros((1, heads.kv, sum(_PROBE_STEPS), heads.size), heads.dtype) for _ in past]
     cache_values = [ort.OrtValue.ortvalue_from_numpy(array) for array in cache]
@@ -276,16 +284,16 @@ def _compare_steps(model: object, spelled_out: object, fused: object, layer: _La
             layer.query: rng.standard_normal((1, tokens, heads.query * heads.size)).astype(heads.dtype),
             layer.key: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
             layer.value: rng.standard_normal((1, tokens, heads.kv * heads.size)).astype(heads.dtype),
-            "attention_mask": np.ones((1, total), _numpy_type(model, "attention_mask")),
-            "position_ids": np.arange(start, total, dtype=_numpy_type(model, "position_ids")).reshape(1, -1),
-            "inputs_embeds": np.zeros((1, tokens, heads.hidden), heads.dtype),  # read for its shape only
+            NAMES.attention_mask: np.ones((1, total), _numpy_type(model, NAMES.attention_mask)),
+            NAMES.position_ids: np.arange(start, total, dtype=_numpy_type(model, NAMES.position_ids)).reshape(1, -1),
+            NAMES.inputs_embeds: np.zeros((1, tokens, heads.hidden), heads.dtype),  # read for its shape only
             **dict(zip(past, state, strict=True)),
         }
         for value in model.graph.input:  # other layers' past, read for its shape only
             feed.setdefault(value.name, state[0])
         expected = spelled_out.run(None, {name: feed[name] for name in wanted})
         binding = fused.io_binding()
-        for name in (layer.query, layer.key, layer.value, "attention_mask"):
+        for name in (layer.query, layer.key, layer.value, NAMES.attention_mask):
             binding.bind_cpu_input(name, feed[name])
         binding.bind_output(layer.output, "cpu")
         for past_name, present_name, value in zip(past, presents, cache_values, strict=True):
@@ -298,7 +306,7 @@ def _compare_steps(model: object, spelled_out: object, fused: object, layer: _La
         state = expected[1:]
 
 
-def _require_close(name: str, want: np.ndarray, got: np.ndarray, dtype: type, where: str) -> None:
+def _require_close(name: str, want: np.ndarray, got: np.ndarray, dtype: np.dtype, where: str) -> None:
     error = rewrite_error(want, got)
     if not error <= allowed_error(dtype):  # NaN fails too
         raise FusionUnsupported(
@@ -306,7 +314,7 @@ def _require_close(name: str, want: np.ndarray, got: np.ndarray, dtype: type, wh
         )
 
 
-def fuse_attention(model: object, context_length: int) -> int:
+def fuse_attention(model: onnx.ModelProto, context_length: int) -> int:
     """Rewrite `model` (an onnx ModelProto, in place) to use GroupQueryAttention in every
     layer; return the number of layers fused. Raises FusionUnsupported, leaving `model`
     unchanged, when any layer's attention is not recognised or the fused kernel does not
@@ -333,7 +341,7 @@ def fuse_attention(model: object, context_length: int) -> int:
         }.items()
     ]
     # The mask as int64, for the arithmetic below (some exports declare it int32).
-    mask = "attention_mask"
+    mask = NAMES.attention_mask
     mask_nodes = []
     if _input_type(model, mask) != TensorProto.INT64:
         mask_nodes.append(helper.make_node("Cast", [mask], [f"{prefix}mask_int64"], to=TensorProto.INT64))
