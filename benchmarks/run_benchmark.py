@@ -966,13 +966,17 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": new_tokens,
         "results": results,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    text = report_markdown(report)
-    if args.markdown:
-        args.markdown.write_text(text)
-    print(text)
+    write_report(report, report_markdown(report), args.json, args.markdown)
     return 0
+
+
+def write_report(report: dict[str, Any], text: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """The report as JSON and markdown where asked, and the markdown on stdout."""
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if markdown_path:
+        markdown_path.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ def test_max_new_tokens_above_default_bound_raises_the_bound(tmp_path: Path) -> 
     data["services"]["vlm"]["backend_settings"]["max_new_tokens_limit"] = 8192
     limits = settings_from_mapping(data).limits
     assert (limits.default_max_new_tokens, limits.max_new_tokens) == (4096, 8192)
+    data["services"]["vlm"]["backend_settings"]["max_response_format_chars"] = 1000
+    assert settings_from_mapping(data).limits.max_response_format_chars == 1000
 
 
 def test_hub_service_config_from_model_and_dict(tmp_path: Path) -> None:

@@ -92,6 +92,53 @@ CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("messages[0].content[0].text", "surrogate"),
     ),
     "stop_sequences_lone_surrogate": (bad(PNG, stop_sequences='["\\ud800"]'), ("stop_sequences", "surrogate")),
+    "response_format_unknown_word": (bad(PNG, response_format="xml"), ("response_format", '"json"', "json_schema")),
+    "response_format_openai_form": (
+        bad(PNG, response_format=json.dumps({"type": "json_object"})),
+        ("response_format", "json_schema", "regex"),
+    ),
+    "response_format_not_json": (bad(PNG, response_format="{type: regex"), ("response_format", "not valid json")),
+    "response_format_without_schema": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema"})),
+        ("response_format", "json_schema"),
+    ),
+    "response_format_extra_key": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {}, "strict": True})),
+        ("response_format",),
+    ),
+    "response_format_schema_not_object": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": [1]})),
+        ("schema", "json object"),
+    ),
+    "response_format_bad_type": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {"type": "strin"}})),
+        ("response_format", "invalid type: strin"),
+    ),
+    "response_format_unsupported_keyword": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {"not": {"type": "string"}}})),
+        ("response_format", "unimplemented keys", "not"),
+    ),
+    "response_format_dangling_ref": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {"$ref": "#/$defs/label"}})),
+        ("response_format", "does not exist"),
+    ),
+    "response_format_bad_regex": (
+        bad(PNG, response_format=json.dumps({"type": "regex", "pattern": "(cat|dog"})),
+        ("response_format", "regex", "unclosed group"),
+    ),
+    "response_format_empty_pattern": (
+        bad(PNG, response_format=json.dumps({"type": "regex", "pattern": ""})),
+        ("pattern", "non-empty"),
+    ),
+    "response_format_lone_surrogate": (
+        bad(PNG, response_format='{"type": "regex", "pattern": "\\ud800"}'),
+        ("response_format", "surrogate"),
+    ),
+    "response_format_oversized": (
+        bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {"enum": ["x" * 40_000]}})),
+        ("response_format", "more than the limit of 32768"),
+    ),
+    "response_format_nested_too_deeply": (bad(PNG, response_format="[" * 30_000), ("response_format", "nested")),
     "unknown_task": (bad(PNG, task="vlm_translate"), ("vlm_translate", "vlm_generate", "vlm_generate_stream")),
     "empty_task": (bad(PNG, task=""), ("vlm_generate",)),
 }

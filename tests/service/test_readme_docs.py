@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from ..conftest import GOLDEN
@@ -23,7 +24,12 @@ def readme_blocks(language: str) -> list[str]:
 
 
 def client_example() -> str:
-    (block,) = [b for b in readme_blocks("python") if "InferRequest(" in b and 'task="vlm_generate"' in b]
+    (block,) = [b for b in readme_blocks("python") if "grpc.insecure_channel(" in b and 'task="vlm_generate"' in b]
+    return block
+
+
+def structured_output_example() -> str:
+    (block,) = [b for b in readme_blocks("python") if '"response_format"' in b]
     return block
 
 
@@ -54,6 +60,17 @@ def test_the_client_example_runs_against_a_server(served: Served, tmp_path: Path
     assert not thread.is_alive(), "the README's client example did not finish"
     assert not errors, errors
     assert isinstance(namespace["result"]["text"], str)
+
+
+def test_the_structured_output_example_gives_labels_valid_against_its_schema(served: Served, tmp_path: Path) -> None:
+    """It runs after the client example, in its namespace (the channel, the stub, the photo)."""
+    image = tmp_path / "image.jpg"
+    image.write_bytes((GOLDEN / "portrait.jpg").read_bytes())
+    source = client_example().replace("localhost:50051", f"127.0.0.1:{served.port}")
+    source = source.replace("'image.jpg'", repr(str(image))) + structured_output_example()
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    jsonschema.validate(namespace["answer"], namespace["labels"])
 
 
 def test_the_client_example_raises_on_an_error_response(served: Served, tmp_path: Path) -> None:

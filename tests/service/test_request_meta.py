@@ -24,9 +24,11 @@ from lumen_vlm.fastvlm.request_meta import (
     parse_generation_params,
     parse_int,
     parse_messages,
+    parse_response_format,
     parse_sampling,
     parse_stop_sequences,
 )
+from lumen_vlm.generation import ResponseFormat
 from lumen_vlm.resources.settings import GenerationLimits
 
 from .conftest import image_bytes
@@ -310,3 +312,38 @@ def test_build_generation_request_is_quiet_about_known_keys(caplog: pytest.LogCa
     caplog.set_level(logging.DEBUG, logger="lumen_vlm.fastvlm.request_meta")
     build_generation_request(CompleteRequest("c", "vlm_generate", {"prompt": "hi", "seed": "1"}), LIMITS)
     assert not caplog.records
+
+
+# --------------------------------------------------------------------------- response_format
+
+
+@pytest.mark.parametrize("raw", ["json", "JSON", " json\n"])
+def test_response_format_json(raw: str) -> None:
+    assert parse_response_format({"response_format": raw}, LIMITS) == ResponseFormat("json")
+
+
+def test_no_response_format_is_free_text() -> None:
+    assert parse_response_format({}, LIMITS) is None
+    assert parse_response_format({"response_format": " "}, LIMITS) is None
+    assert parse_generation_params({}, LIMITS).response_format is None
+
+
+def test_a_schema_is_kept_compact_in_its_own_key_order() -> None:
+    """The key order is the answer's key order; the spacing is not part of the cache key."""
+    schema = {"type": "object", "properties": {"zebra": {"type": "string"}, "apple": {"type": "integer"}}}
+    raw = json.dumps({"type": "json_schema", "schema": schema}, indent=2)
+    parsed = parse_response_format({"response_format": raw}, LIMITS)
+    assert parsed == ResponseFormat("json_schema", json.dumps(schema, separators=(",", ":")))
+    assert parsed is not None and parsed.source.index("zebra") < parsed.source.index("apple")
+
+
+def test_a_pattern_is_kept_as_sent() -> None:
+    raw = json.dumps({"type": "regex", "pattern": " (yes|no) "})
+    assert parse_response_format({"response_format": raw}, LIMITS) == ResponseFormat("regex", " (yes|no) ")
+
+
+def test_response_format_is_bounded() -> None:
+    limits = GenerationLimits(max_response_format_chars=40)
+    raw = json.dumps({"type": "regex", "pattern": "a" * 40})
+    with pytest.raises(RequestError, match="more than the limit of 40"):
+        parse_response_format({"response_format": raw}, limits)

@@ -15,7 +15,7 @@ from lumen_vlm.proto import ml_service_pb2
 from lumen_vlm.resources.exceptions import ConfigError
 from lumen_vlm.server import server_max_concurrent_rpcs, server_options, server_thread_pool_size
 
-from .conftest import image_bytes, make_request, make_settings, result_of
+from .conftest import image_bytes, make_request, make_settings, result_of, wait_until
 
 DEADLINE = ml_service_pb2.ERROR_CODE_DEADLINE_EXCEEDED
 UNAVAILABLE = ml_service_pb2.ERROR_CODE_UNAVAILABLE
@@ -106,6 +106,18 @@ def test_from_settings_loads_and_closes(tiny_model_dir: Path) -> None:
         (response,) = list(service.Infer(iter([make_request(prompt="hi", max_new_tokens="2")]), None))
         assert result_of(response)["generated_tokens"] == 2
         assert service.capability().model_ids == ["tiny-fastvlm"]
+    finally:
+        service.close()
+
+
+def test_from_settings_reads_the_tokenizer_for_grammars_before_any_request(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first constrained request does not pay for the grammar engine's tokenizer."""
+    caplog.set_level("INFO", logger="lumen_vlm")
+    service = FastVLMService.from_settings(make_settings(tiny_model_dir), tiny_model_dir)
+    try:
+        assert wait_until(lambda: "structured output ready" in caplog.text, timeout=30)
     finally:
         service.close()
 

@@ -28,6 +28,7 @@ from dataclasses import replace
 
 from ..fastvlm.exceptions import InputError
 from ..fastvlm.fastvlm_model import FastVLMModelManager, GenerationRequest, PreparedRequest
+from ..generation import ConstraintError, Grammar, GrammarCompiler
 from ..resources.exceptions import ConfigError
 from ..resources.settings import AdmissionSettings, GenerationLimits
 from .admission import Admission
@@ -85,6 +86,11 @@ class Engine:
                 image_tokens,
             )
         self.prefill_chunk_tokens = admission.prefill_chunk_tokens
+        # Structured output: each request's response format, compiled (and cached) at submission.
+        spec = model.spec
+        self.grammars = GrammarCompiler(
+            model.tokenizer, spec.decoder.vocab_size, spec.text.eos_token_ids, limits.max_response_format_chars
+        )
         self._kv = model.new_kv_cache(self.max_concurrency, self.slot_tokens)
         self._admission = Admission(self.max_concurrency, admission.max_queue, admission.queue_timeout_s)
         self._cond = threading.Condition()
@@ -112,9 +118,17 @@ class Engine:
     # ------------------------------------------------------------------ the API
 
     def submit(self, request: GenerationRequest, deadline: float | None = None) -> RequestHandle:
-        """Queue `request`; `deadline` is a time.monotonic() value. Never blocks: a refusal
-        (busy, shutting down) is the handle's error."""
-        handle = RequestHandle(request, deadline, self._cancelled)
+        """Queue `request`; `deadline` is a time.monotonic() value. Never waits for a slot: a
+        refusal (busy, shutting down, a response format that cannot be compiled) is the
+        handle's error. A new response format is compiled here, on the caller's thread, so a bad
+        one is refused before it takes a slot and no engine thread ever compiles."""
+        try:
+            grammar = self._grammar(request)
+        except InputError as exc:
+            handle = RequestHandle(request, deadline, self._cancelled)
+            handle.fail(exc)
+            return handle
+        handle = RequestHandle(request, deadline, self._cancelled, grammar)
         with self._cond:
             try:
                 admitted = self._admission.offer(handle, time.perf_counter())
@@ -125,6 +139,15 @@ class Engine:
                 self._to_prepare.append(handle)
             self._cond.notify_all()
         return handle
+
+    def _grammar(self, request: GenerationRequest) -> Grammar | None:
+        response_format = request.params.response_format
+        if response_format is None:
+            return None
+        try:
+            return self.grammars.compile(response_format)
+        except ConstraintError as exc:
+            raise InputError(f"response_format: {exc}") from None
 
     @property
     def active(self) -> int:
@@ -343,6 +366,9 @@ class Engine:
                 continue
             try:
                 finished = sequence.sample()
+            except ConstraintError as exc:  # its grammar hit one of the grammar engine's limits
+                self._retire(sequence, InputError(f"response_format: {exc}"))
+                continue
             except Exception as exc:  # this sequence's own rules failed (logits with no finite value)
                 log.exception("sampling failed")
                 self._retire(sequence, EngineError(f"sampling failed: {exc}"))

@@ -28,6 +28,7 @@ class GenerationResult:
     ttft_ms: float  # submitted -> first token sampled (queue, image and prefill included)
     generation_time_ms: float  # submitted -> done
     token_ids: tuple[int, ...] = ()  # every sampled token, the final eos included
+    response_format: str | None = None  # the kind of constraint applied (json, json_schema, regex); None: free text
 
 
 GenerationEvent = TextDelta | GenerationResult

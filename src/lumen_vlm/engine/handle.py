@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from ..fastvlm.fastvlm_model import GenerationRequest
+from ..generation import Grammar
 from .errors import ClientGone
 from .events import GenerationEvent, GenerationResult
 
@@ -22,9 +23,14 @@ class RequestHandle:
     """
 
     def __init__(
-        self, request: GenerationRequest, deadline: float | None, on_cancel: Callable[[RequestHandle], None]
+        self,
+        request: GenerationRequest,
+        deadline: float | None,
+        on_cancel: Callable[[RequestHandle], None],
+        grammar: Grammar | None = None,
     ) -> None:
         self.request = request
+        self.grammar = grammar  # the request's response format, compiled
         self.deadline = deadline  # time.monotonic() value, or None
         self.submitted = time.perf_counter()
         self._on_cancel = on_cancel

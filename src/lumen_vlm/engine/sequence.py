@@ -34,6 +34,7 @@ class Sequence:
         params = handle.request.params
         self._sampler = TokenSampler(params.sampling)
         self._text = SequenceText(tokenizer, eos_token_ids, prepared.max_new_tokens, params.stop_sequences)
+        self._constraint = None if handle.grammar is None else handle.grammar.start()
         self._history = list(prepared.input_ids.tolist())  # for the repetition penalty
         self.logits: np.ndarray | None = None  # the next token's, once prefill is done
         self.last_token = -1
@@ -46,7 +47,12 @@ class Sequence:
         """Pick the next token from `logits` and send the text it makes final; True when the
         sequence is finished (its result is then `result()`, sent once its slot is free)."""
         assert self.logits is not None
-        token = self._sampler.next_token(self.logits, self._history)
+        logits = self.logits if self._constraint is None else self._constraint.mask(self.logits)
+        # The mask comes first: the sampler's penalty, temperature, top-k and top-p see only
+        # the tokens the response format allows.
+        token = self._sampler.next_token(logits, self._history)
+        if self._constraint is not None:
+            self._constraint.advance(token)
         self.logits = None
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter()
@@ -69,6 +75,7 @@ class Sequence:
             input_tokens=int(self.prepared.input_ids.size),
             image_tokens=0 if features is None else int(features.shape[0]),
             max_new_tokens=self.prepared.max_new_tokens,
+            response_format=None if self.handle.grammar is None else self.handle.grammar.format.kind,
             ttft_ms=(self._first_token_at - submitted) * 1000.0,
             generation_time_ms=(now - submitted) * 1000.0,
             token_ids=self._text.token_ids,

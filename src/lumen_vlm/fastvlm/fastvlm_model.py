@@ -24,7 +24,7 @@ from ..backends.backend_exceptions import BackendInputError, BackendLoadError
 from ..backends.base import BaseFastVLMBackend
 from ..backends.kv_cache import KVBlock, KVCache
 from ..cache import ByteBudgetLRU
-from ..generation import SamplingParams, clamp_max_new_tokens
+from ..generation import ResponseFormat, SamplingParams, clamp_max_new_tokens
 from ..resources.exceptions import ConfigError, ModelFilesError
 from ..resources.model_files import ModelFiles, load_tokenizer, locate_model_files, read_file_spec
 from ..resources.model_spec import FileSpec, ImageSpec, ModelSpec, ResizeMode, model_spec
@@ -45,6 +45,7 @@ class GenerationParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_sequences: tuple[str, ...] = ()
     add_generation_prompt: bool = True
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 @dataclass(frozen=True)

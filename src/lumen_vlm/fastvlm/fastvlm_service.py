@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +42,7 @@ from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
 
 from .. import __version__
 from ..engine import ClientGone, DeadlineExceeded, Engine, GenerationResult, TextDelta, Unavailable
+from ..generation import RESPONSE_FORMAT_KINDS
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
@@ -187,7 +189,13 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         from ..resources.loader import served_model_id
 
         manager = FastVLMModelManager.from_settings(settings, model_dir)
-        return cls(manager, settings, owns_manager=True, model_id=served_model_id(settings, model_dir))
+        service = cls(manager, settings, owns_manager=True, model_id=served_model_id(settings, model_dir))
+        # Structured output's view of the tokenizer takes about a second for FastVLM's 150k
+        # tokens: built now, beside the first requests, not on the first constrained one.
+        threading.Thread(
+            target=_build_grammar_tokenizer, args=(service.engine,), name="lumen-grammars", daemon=True
+        ).start()
+        return service
 
     @classmethod
     def from_config(cls, service_config: Any, cache_dir: str | Path) -> FastVLMService:
@@ -391,6 +399,16 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             ttft_ms,
             lat_ms,
         )
+        meta = {
+            "lat_ms": f"{lat_ms:.1f}",
+            "ttft_ms": f"{ttft_ms:.1f}",
+            "input_tokens": str(result.input_tokens),
+            "image_tokens": str(result.image_tokens),
+            "generated_tokens": str(result.generated_tokens),
+            "finish_reason": result.finish_reason.value,
+        }
+        if result.response_format is not None:  # the constraint the answer was generated under
+            meta["response_format"] = result.response_format
         return ml_service_pb2.InferResponse(
             correlation_id=request.correlation_id,
             is_final=True,
@@ -398,14 +416,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             result_mime=JSON_MIME,
             result_schema=RESULT_SCHEMA,
             seq=streaming_chunks or 0,  # a stream's final continues its partials' count
-            meta={
-                "lat_ms": f"{lat_ms:.1f}",
-                "ttft_ms": f"{ttft_ms:.1f}",
-                "input_tokens": str(result.input_tokens),
-                "image_tokens": str(result.image_tokens),
-                "generated_tokens": str(result.generated_tokens),
-                "finish_reason": result.finish_reason.value,
-            },
+            meta=meta,
         )
 
     # ------------------------------------------------------------------ rpc: capabilities, health
@@ -448,6 +459,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "max_stop_sequences": limits.max_stop_sequences,
             "max_stop_sequence_chars": limits.max_stop_sequence_chars,
             "max_messages_chars": limits.max_messages_chars,
+            "max_response_format_chars": limits.max_response_format_chars,
             "max_correlation_id_bytes": MAX_CORRELATION_ID_BYTES,
         }
 
@@ -462,6 +474,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             "context_length": model.context_length,
             "load_time_ms": f"{model.load_time_ms:.1f}",
             "resize_mode": model.resize_mode.value,
+            "response_formats": ",".join(RESPONSE_FORMAT_KINDS),
         }
         return self._registry.capability(
             service_name=self.settings.service_name,
@@ -510,6 +523,15 @@ def abandoned_responses(abandoned: Iterable[tuple[str, Exception]]) -> Iterator[
     for correlation_id, exc in abandoned:
         _log_refusal(correlation_id, "", exc)
         yield error_response(correlation_id, exc)
+
+
+def _build_grammar_tokenizer(engine: Engine) -> None:
+    start = time.perf_counter()
+    engine.grammars.grammar_tokenizer()
+    log.info(
+        "structured output ready: the grammar engine read the tokenizer in %.0f ms",
+        1000 * (time.perf_counter() - start),
+    )
 
 
 def _requests_until_gone(request_iterator: Iterable[Any]) -> Iterator[Any]:

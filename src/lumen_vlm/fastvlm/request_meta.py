@@ -28,7 +28,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from ..generation import SamplingParams
+from ..generation import ResponseFormat, SamplingParams
 from ..resources.model_spec import ResizeMode
 from ..resources.settings import GenerationLimits
 from ..text import invalid_text, shown, shown_id, shown_list
@@ -71,6 +71,7 @@ KNOWN_META_KEYS = frozenset(
         "add_generation_prompt",
         "do_sample",
         "resize_mode",
+        "response_format",
     }
 )
 _TRUE = frozenset({"true", "1", "yes"})
@@ -248,6 +249,47 @@ def _optional(meta: Mapping[str, str], key: str, parse: Any) -> Any:
     return None if raw is None or not raw.strip() else parse(key, raw)
 
 
+RESPONSE_FORMAT_FORMS = '"json", {"type": "json_schema", "schema": {...}} or {"type": "regex", "pattern": "..."}'
+# The JSON forms' keys besides "type", by type.
+_RESPONSE_FORMAT_KEYS = {"json_schema": "schema", "regex": "pattern"}
+
+
+def parse_response_format(meta: Mapping[str, str], limits: GenerationLimits) -> ResponseFormat | None:
+    """`response_format`: ``json`` (any JSON object), or the JSON text of
+    ``{"type": "json_schema", "schema": {...}}`` or ``{"type": "regex", "pattern": "..."}``.
+
+    Only the form is checked here; whether the schema or pattern compiles is the engine's to
+    say, at submission. A schema is kept as compact JSON text in its own key order (the order
+    the answer's keys take), so the same schema sent with other spacing compiles once.
+    """
+    raw = meta.get("response_format")
+    if raw is None or not raw.strip():
+        return None
+    if raw.strip().lower() == "json":
+        return ResponseFormat("json")
+    if len(raw) > limits.max_response_format_chars:
+        raise RequestError(
+            f"meta 'response_format' is {len(raw)} characters, "
+            f"more than the limit of {limits.max_response_format_chars}"
+        )
+    value = _decode_json("response_format", raw, RESPONSE_FORMAT_FORMS)
+    kind = value.get("type") if isinstance(value, dict) else None
+    field_name = _RESPONSE_FORMAT_KEYS.get(kind) if isinstance(kind, str) else None
+    if field_name is None or set(value) != {"type", field_name}:
+        raise RequestError(f"meta 'response_format' must be {RESPONSE_FORMAT_FORMS}, got {shown(raw)}")
+    source = value[field_name]
+    if kind == "json_schema":
+        if not isinstance(source, dict):
+            raise RequestError("meta 'response_format' schema must be a JSON object (a JSON Schema)")
+        source = json.dumps(source, ensure_ascii=False, separators=(",", ":"))
+    elif not isinstance(source, str) or not source:
+        raise RequestError("meta 'response_format' pattern must be a non-empty string (a regular expression)")
+    problem = invalid_text(source)
+    if problem is not None:
+        raise RequestError(f"meta 'response_format' {field_name} is not valid text: {problem}")
+    return ResponseFormat(kind, source)
+
+
 def parse_generation_params(meta: Mapping[str, str], limits: GenerationLimits) -> GenerationParams:
     default_max = limits.request_default_max_new_tokens
     max_new = _optional(meta, "max_new_tokens", lambda k, v: parse_int(k, v, 1, limits.max_new_tokens))
@@ -257,6 +299,7 @@ def parse_generation_params(meta: Mapping[str, str], limits: GenerationLimits) -
         sampling=parse_sampling(meta),
         stop_sequences=parse_stop_sequences(meta, limits),
         add_generation_prompt=GenerationParams.add_generation_prompt if add_prompt is None else add_prompt,
+        response_format=parse_response_format(meta, limits),
     )
 
 

@@ -89,6 +89,7 @@ class VLMOptions(BaseModel):
     max_stop_sequences: _NonNegativeInt | None = None
     max_stop_sequence_chars: _PositiveInt | None = None
     max_messages_chars: _PositiveInt | None = None
+    max_response_format_chars: _PositiveInt | None = None
     max_concurrency: _PositiveInt | None = None  # batch slots; unset: what kv_cache_tokens allows, at least 4
     kv_cache_tokens: _PositiveInt | None = None
     prefill_chunk_tokens: _PositiveInt | None = None
@@ -113,6 +114,7 @@ _LIMIT_FIELDS = {
     "max_stop_sequences": "max_stop_sequences",
     "max_stop_sequence_chars": "max_stop_sequence_chars",
     "max_messages_chars": "max_messages_chars",
+    "max_response_format_chars": "max_response_format_chars",
 }
 _ADMISSION_FIELDS = (
     "max_concurrency",

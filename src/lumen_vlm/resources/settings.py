@@ -39,6 +39,9 @@ class GenerationLimits:
     max_stop_sequences: int = 8
     max_stop_sequence_chars: int = 256
     max_messages_chars: int = 200_000
+    # A response_format's schema or pattern; OpenAI allows some 120 000 characters of strings in a
+    # schema, far more than a photo app's label schema (about 500) needs.
+    max_response_format_chars: int = 32_768
 
     @property
     def request_default_max_new_tokens(self) -> int:
