@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from lumen_vlm.generation import ConstraintError, GrammarCompiler, ResponseFormat, TokenConstraint
+from lumen_vlm.generation import ConstraintError, Grammar, GrammarCompiler, ResponseFormat, TokenConstraint
 
 from ..conftest import TINY_MODEL
 
 # The tiny model's facts, as its files state them (checked in `test_facts_are_the_models`).
 LOGITS_WIDTH = 4032  # config.json's text_config.vocab_size
 EOS_IDS = (4000, 4002)
+# A schema whose only definition is itself: no JSON value satisfies it.
+SELF_REFERENCE = '{"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}'
 ENUM_SCHEMA = json.dumps(
     {
         "type": "object",
@@ -166,10 +168,11 @@ def test_the_cache_is_bounded(tokenizer: Tokenizer) -> None:
         (ResponseFormat("json_schema", '{"not": {"type": "string"}}'), "Unimplemented keys"),
         (ResponseFormat("json_schema", '{"$ref": "#/definitions/missing"}'), "does not exist"),
         (ResponseFormat("json_schema", '{"type": "string", "pattern": "(["}'), "regex parse error"),
+        (ResponseFormat("json_schema", SELF_REFERENCE), "admits no answer"),
         (ResponseFormat("regex", "(unclosed"), "unclosed group"),
         (ResponseFormat("regex", "x" * 4097), "4097 characters, more than the limit of 4096"),
     ],
-    ids=["json", "not-object", "type", "keyword", "ref", "schema-pattern", "regex", "size"],
+    ids=["json", "not-object", "type", "keyword", "ref", "schema-pattern", "ref-loop", "regex", "size"],
 )
 def test_a_format_that_cannot_compile_says_why(
     compiler: GrammarCompiler, response_format: ResponseFormat, message: str
@@ -191,3 +194,83 @@ def test_the_engines_message_is_escaped_and_cut(compiler: GrammarCompiler) -> No
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="json, json_schema, regex"):
         ResponseFormat("yaml")  # type: ignore[arg-type]
+
+
+# From a second read of the change: each of these failed on its first version.
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        ResponseFormat("regex", r"[^\s\S]"),
+        ResponseFormat("regex", r"[a&&b]"),
+        ResponseFormat("json_schema", SELF_REFERENCE),
+        ResponseFormat(
+            "json_schema", json.dumps({"$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"})
+        ),
+    ],
+    ids=["empty-class", "empty-intersection", "ref-loop", "allof-ref-loop"],
+)
+def test_a_format_that_no_text_satisfies_is_refused_at_compile(
+    compiler: GrammarCompiler, response_format: ResponseFormat
+) -> None:
+    """Refused at submission, not after the request's image encode and prefill."""
+    with pytest.raises(ConstraintError, match="admits no answer"):
+        compiler.compile(response_format)
+
+
+def test_a_schema_too_complex_for_the_grammar_engine_is_refused_without_its_internals(
+    compiler: GrammarCompiler,
+) -> None:
+    """Its panic and backtrace (build paths of the server's machine) stay out of the message."""
+    schema = {
+        "allOf": [
+            {
+                "anyOf": [
+                    {"type": "object", "properties": {f"a{j}": {"type": "integer"}}, "required": [f"a{j}"]}
+                    for j in range(3)
+                ]
+            }
+            for _ in range(8)
+        ]
+    }
+    with pytest.raises(ConstraintError) as refused:
+        compiler.compile(ResponseFormat("json_schema", json.dumps(schema)))
+    assert "panic" not in str(refused.value) and "backtrace" not in str(refused.value), str(refused.value)
+
+
+def follows(grammar: Grammar, tokenizer: Tokenizer, text: str) -> bool:
+    """Does the grammar let the tokens of `text` through, to a complete answer?"""
+    constraint = grammar.start()
+    try:
+        for token in tokenizer.encode(text, add_special_tokens=False).ids:
+            constraint.allowed()
+            constraint.advance(token)
+    except ConstraintError:
+        return False
+    return constraint.accepting
+
+
+def test_a_schemas_own_options_cannot_make_the_answer_not_json(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
+    schema = {
+        "x-guidance": {"item_separator": ";", "key_separator": "="},
+        "type": "object",
+        "properties": {"a": {"type": "array", "items": {"type": "integer"}}},
+        "required": ["a"],
+    }
+    grammar = compiler.compile(ResponseFormat("json_schema", json.dumps(schema)))
+    assert not follows(grammar, tokenizer, '{"a"=[1;2]}')
+    assert follows(grammar, tokenizer, '{"a": [1, 2]}')
+
+
+def test_an_unimplemented_keyword_is_refused_even_when_the_schema_asks_for_leniency(
+    compiler: GrammarCompiler,
+) -> None:
+    schema = {"x-guidance": {"lenient": True}, "type": "string", "not": {"const": "a"}}
+    with pytest.raises(ConstraintError, match="Unimplemented keys"):
+        compiler.compile(ResponseFormat("json_schema", json.dumps(schema)))
+
+
+def test_a_boolean_schema_is_refused_clearly(compiler: GrammarCompiler) -> None:
+    with pytest.raises(ConstraintError, match="must be a JSON object"):
+        compiler.compile(ResponseFormat("json_schema", "true"))

@@ -122,6 +122,15 @@ CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         bad(PNG, response_format=json.dumps({"type": "json_schema", "schema": {"$ref": "#/$defs/label"}})),
         ("response_format", "does not exist"),
     ),
+    "response_format_schema_admitting_nothing": (
+        bad(
+            PNG,
+            response_format=json.dumps(
+                {"type": "json_schema", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}
+            ),
+        ),
+        ("response_format", "admits no answer"),
+    ),
     "response_format_bad_regex": (
         bad(PNG, response_format=json.dumps({"type": "regex", "pattern": "(cat|dog"})),
         ("response_format", "regex", "unclosed group"),

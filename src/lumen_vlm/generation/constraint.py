@@ -48,12 +48,22 @@ RESPONSE_FORMAT_KINDS: tuple[ResponseFormatKind, ...] = ("json", "json_schema", 
 
 # Any JSON value whose top level is an object: what "json" asks for (OpenAI's json_object).
 ANY_JSON_OBJECT = '{"type": "object"}'
-# llguidance's JSON options: compact separators and no free whitespace (see the module's doc).
-# A schema's own "x-guidance" options override these.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's JSON options: compact separators and no free whitespace (see the module's doc),
+# and no leniency (an unimplemented keyword is an error). Applied over a schema's own
+# "x-guidance" options, so a client can neither make the answer something other than JSON nor
+# have a keyword silently ignored.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+# Bounds on a client's grammar, below llguidance's defaults (1M, 200k, 250k): its work units for
+# building the lexer (~50 a microsecond) and for each step's mask (~14 a microsecond), and the
+# lexer states it may build (1-2 kB each; the states stay with the cached grammar). A labels
+# schema needs a few hundred states; a pattern such as ((a{100}){100}){100} otherwise takes
+# seconds and hundreds of MB on the scheduler thread, and now fails its request instead.
+INITIAL_LEXER_FUEL = 200_000
+STEP_LEXER_FUEL = 50_000
+MAX_LEXER_STATES = 10_000
 # Compiled grammars kept (each a matcher in its start state); a request with a cached schema
 # text skips compiling.
-CACHED_GRAMMARS = 64
+CACHED_GRAMMARS = 16
 
 
 class ConstraintError(ValueError):
@@ -152,7 +162,12 @@ class GrammarCompiler:
         self._cached = cached
         self._lock = threading.Lock()
         # Errors say what is wrong with the format, not the grammar engine's internal state.
-        self._limits = llguidance.LLParserLimits(verbose_errors=False)
+        self._limits = llguidance.LLParserLimits(
+            verbose_errors=False,
+            initial_lexer_fuel=INITIAL_LEXER_FUEL,
+            step_lexer_fuel=STEP_LEXER_FUEL,
+            max_lexer_states=MAX_LEXER_STATES,
+        )
 
     def grammar_tokenizer(self) -> llguidance.LLTokenizer:
         """llguidance's view of the tokenizer, built on first use (a 150k-token vocabulary takes
@@ -190,8 +205,13 @@ class GrammarCompiler:
         if error:
             raise ConstraintError(f"the {response_format.kind} cannot be used: {_one_line(error)}")
         matcher = llguidance.LLMatcher(tokenizer, definition, log_level=0, limits=self._limits)
-        if matcher.is_error():  # pragma: no cover - validate_grammar refuses what this would
-            raise ConstraintError(f"the {response_format.kind} cannot be used: {_one_line(matcher.get_error())}")
+        # The first mask here, on the submitting thread: its lexer work is shared by every
+        # sequence that starts from this grammar, and a grammar that cannot produce anything
+        # (a $ref that only refers to itself) is refused now, not after the request took a slot.
+        matcher.compute_bitmask()
+        if matcher.is_error():
+            reason = _one_line(matcher.get_error())
+            raise ConstraintError(f"the {response_format.kind} cannot be used: it admits no answer ({reason})")
         return Grammar(response_format, matcher, self._width, threading.Lock())
 
 
@@ -203,10 +223,10 @@ def _grammar_definition(response_format: ResponseFormat) -> str:
         schema = json.loads(source)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ConstraintError(f"the json_schema is not valid JSON: {_one_line(str(exc))}") from None
-    if not isinstance(schema, (dict, bool)):
-        raise ConstraintError("the json_schema must be a JSON object (or true/false)")
+    if not isinstance(schema, dict):
+        raise ConstraintError("the json_schema must be a JSON object")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)  # type: ignore[arg-type]
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ConstraintError(f"the json_schema cannot be used: {_one_line(str(exc))}") from None
 
@@ -215,5 +235,6 @@ def _one_line(message: str) -> str:
     """The grammar engine's message, which may quote the client's schema or pattern, made safe to
     show and log: on one line (a regex error draws its caret on a second), every other
     unprintable character escaped, and cut at SHOWN_TEXT_CHARS."""
+    message = message.replace("<non-verbose/>", "")  # llguidance's marker of a shortened message
     line = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in " ".join(message.split()))
     return line if len(line) <= SHOWN_TEXT_CHARS else line[:SHOWN_TEXT_CHARS] + "..."
