@@ -200,11 +200,11 @@ class GrammarCompiler:
                 f"more than the limit of {self.max_source_chars}"
             )
         definition = _grammar_definition(response_format)
-        tokenizer = self.grammar_tokenizer()
-        error = llguidance.LLMatcher.validate_grammar(definition, tokenizer, limits=self._limits)
-        if error:
-            raise ConstraintError(f"the {response_format.kind} cannot be used: {_one_line(error)}")
-        matcher = llguidance.LLMatcher(tokenizer, definition, log_level=0, limits=self._limits)
+        # The matcher checks the grammar as it builds it (llguidance's validate_grammar would
+        # build it a second time): an invalid one leaves it in its error state.
+        matcher = llguidance.LLMatcher(self.grammar_tokenizer(), definition, log_level=0, limits=self._limits)
+        if matcher.is_error():
+            raise ConstraintError(f"the {response_format.kind} cannot be used: {_one_line(matcher.get_error())}")
         # The first mask here, on the submitting thread: its lexer work is shared by every
         # sequence that starts from this grammar, and a grammar that cannot produce anything
         # (a $ref that only refers to itself) is refused now, not after the request took a slot.
