@@ -46,12 +46,15 @@ def setup_logging(level: str = "INFO") -> None:
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lumen-vlm",
-        description="FastVLM vision-language service for Lumen (gRPC). "
+        description="FastVLM vision-language service for Lumen (gRPC, and HTTP: the Ollama and OpenAI APIs). "
         "Use 'lumen-vlm describe IMAGE --model DIR' to try a model without a server.",
     )
     parser.add_argument("--config", required=True, type=Path, help="Lumen YAML config file")
     parser.add_argument("--port", type=int, help="port to listen on (overrides the config)")
     parser.add_argument("--host", help="address to bind (overrides the config)")
+    parser.add_argument(
+        "--http-port", type=int, help="serve the Ollama and OpenAI APIs on this port too (overrides server.http.port)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--version", action="version", version=f"lumen-vlm {__version__}")
     return parser
@@ -101,7 +104,7 @@ def serve_main(argv: list[str]) -> int:
     args = _serve_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        settings = settings_with_overrides(load_settings(args.config), args.host, args.port)
+        settings = settings_with_overrides(load_settings(args.config), args.host, args.port, args.http_port)
         FastVLMModelManager.check_device(settings)  # before a download, which may take minutes
         model_dir = model_on_disk(settings)
         if model_dir is not None:

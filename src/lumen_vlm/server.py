@@ -35,8 +35,9 @@ from . import __version__
 from .fastvlm.chunks import MAX_META_BYTES
 from .proto import ml_service_pb2
 from .resources.exceptions import CONFIG_ERROR_EXIT, ConfigError, ResourceError
-from .resources.settings import VLMSettings
+from .resources.settings import HttpSettings, VLMSettings
 from .transports.grpc_aio import INFERENCE_SERVICE, AsyncInference, keepalive_options
+from .transports.http import HttpFrontDoor, listen_socket
 
 if TYPE_CHECKING:
     from .fastvlm.fastvlm_service import FastVLMService
@@ -97,9 +98,13 @@ class VLMServer:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
+        self.http: HttpFrontDoor | None = None
         try:
             self.port = self._on_loop(self._build())
+            self.http = _http_front_door(settings)
         except BaseException:
+            if hasattr(self, "server"):  # bound: the HTTP port failed after it
+                self._on_loop(self.server.stop(0))
             self._stop_loop()
             raise
 
@@ -131,11 +136,15 @@ class VLMServer:
 
     def start(self) -> None:
         self._on_loop(self.server.start())
+        if self.http is not None:
+            self.http.start()
 
     def install(self, service: Any) -> None:
         """The model is ready: serve it."""
         self.service = service
         self.inference.install(service)
+        if self.http is not None:
+            self.http.install(service)
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         if self.settings.server.mdns.enabled:
             self._mdns = advertise_mdns(self.settings, self.port)
@@ -167,6 +176,8 @@ class VLMServer:
             self._on_loop(self.inference.abandon_in_flight())
         # Calls still open (idle streams, answers not yet sent) end now.
         self._on_loop(self.server.stop(_STOP_GRACE_S))
+        if self.http is not None:
+            self.http.close()
         self.inference.close()
         if self.service is not None and idle:
             self.service.close(timeout=0)
@@ -198,6 +209,8 @@ class VLMServer:
             return
         self._withdraw_mdns()
         self._on_loop(self.server.stop(0))
+        if self.http is not None:
+            self.http.close()
         self.inference.close()
         self._stop_loop()
 
@@ -211,9 +224,26 @@ class VLMServer:
             self._loop.close()
 
 
+def _http_front_door(settings: VLMSettings) -> HttpFrontDoor | None:
+    """The HTTP front door, its port bound, when the config has server.http (or --http-port)."""
+    http = settings.server.http
+    if http is None:
+        return None
+    host = settings.server.http_host
+    try:
+        sock = listen_socket(host, http.port)
+    except OSError as exc:
+        reason = _BIND_ERRORS.get(exc.errno or 0, "{strerror}").format(host=host, port=http.port, strerror=exc.strerror)
+        reason = reason.replace(_PORT_KEYS, _HTTP_PORT_KEYS).replace(_HOST_KEYS, _HTTP_HOST_KEYS)
+        raise BindError(f"cannot listen for HTTP on {host}:{http.port}: {reason}") from None
+    return HttpFrontDoor(settings, sock)
+
+
 # What to change, and why a bind failed, by errno: said by `explain_bind_failure`.
 _PORT_KEYS = "server.port in the config, or --port"
 _HOST_KEYS = "server.host in the config, or --host"
+_HTTP_PORT_KEYS = "server.http.port in the config, or --http-port"
+_HTTP_HOST_KEYS = "server.http.host in the config"
 _BIND_ERRORS = {
     errno.EADDRINUSE: "port {port} is already in use: another server (perhaps another lumen-vlm) listens on it. "
     f"Stop that one, or set another port ({_PORT_KEYS})",
@@ -487,11 +517,17 @@ def _exit_now(why: str) -> NoReturn:
     os._exit(0)
 
 
-def settings_with_overrides(settings: VLMSettings, host: str | None, port: int | None) -> VLMSettings:
+def settings_with_overrides(
+    settings: VLMSettings, host: str | None, port: int | None, http_port: int | None = None
+) -> VLMSettings:
+    """The command line's --host, --port and --http-port over the config's (--http-port turns
+    HTTP on with server.http's defaults where the config has no server.http)."""
     server = settings.server
     server = replace(
         server, host=host if host is not None else server.host, port=port if port is not None else server.port
     )
+    if http_port is not None:
+        server = replace(server, http=replace(server.http or HttpSettings(), port=http_port))
     return replace(settings, server=server)
 
 

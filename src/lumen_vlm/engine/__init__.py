@@ -6,7 +6,7 @@ each request's events from its `RequestHandle`.
 
 from ..fastvlm.fastvlm_model import GenerationParams, GenerationRequest
 from .engine import Engine, batch_slots
-from .errors import CANCELLED_AT_SHUTDOWN, ClientGone, DeadlineExceeded, EngineError, Unavailable
+from .errors import CANCELLED_AT_SHUTDOWN, ClientGone, DeadlineExceeded, EngineError, Overloaded, Unavailable
 from .events import GenerationEvent, GenerationResult, TextDelta
 from .handle import RequestHandle
 
@@ -20,6 +20,7 @@ __all__ = [
     "GenerationParams",
     "GenerationRequest",
     "GenerationResult",
+    "Overloaded",
     "RequestHandle",
     "TextDelta",
     "Unavailable",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .errors import SHUTTING_DOWN, DeadlineExceeded, Unavailable
+from .errors import SHUTTING_DOWN, DeadlineExceeded, Overloaded, Unavailable
 from .handle import RequestHandle
 
 
@@ -32,7 +32,7 @@ class Admission:
             self.active += 1
             return True
         if len(self.waiting) >= self.max_queue:
-            raise Unavailable(
+            raise Overloaded(
                 f"server busy: {self.active} generations running, {len(self.waiting)} waiting "
                 f"(max_concurrency={self.max_concurrency}, max_queue={self.max_queue}); retry later"
             )
@@ -64,7 +64,7 @@ class Admission:
                 gone.append(
                     (
                         handle,
-                        Unavailable(f"no generation slot became free within {self.queue_timeout_s:g} s; retry later"),
+                        Overloaded(f"no generation slot became free within {self.queue_timeout_s:g} s; retry later"),
                     )
                 )
         for handle, _ in gone:

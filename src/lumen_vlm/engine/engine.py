@@ -161,6 +161,22 @@ class Engine:
             return len(self._admission.waiting)
 
     @property
+    def running(self) -> int:
+        """Sequences in the decode batch now (the running batch size; prefilling ones not counted)."""
+        return len(self._running)
+
+    @property
+    def kv_tokens_used(self) -> int:
+        """Positions held in the KV cache by every slot together (a read for metrics: unlocked,
+        so a step in progress may be half counted)."""
+        return sum(self._kv.lengths)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions the KV cache holds in all, every slot together."""
+        return self.max_concurrency * self.slot_tokens
+
+    @property
     def max_queue(self) -> int:
         return self._admission.max_queue
 

@@ -16,6 +16,11 @@ class Unavailable(EngineError):
     """Overloaded, shutting down or not ready: the client may retry later."""
 
 
+class Overloaded(Unavailable):
+    """Every slot is busy and the queue is full, or no slot freed within the queue timeout: the
+    client should back off and retry (HTTP's 429 or 503, with Retry-After)."""
+
+
 class DeadlineExceeded(EngineError):
     """The request's deadline passed before it finished."""
 

@@ -38,6 +38,7 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self.cancel_reason: BaseException | None = None  # set by the engine: shutdown, deadline
         self.done = threading.Event()  # the last event was sent
+        self._listener: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -75,6 +76,20 @@ class RequestHandle:
             if isinstance(event, GenerationResult):
                 return
 
+    def poll(self) -> GenerationEvent | BaseException | None:
+        """The next event (or the error, returned, not raised) if one has arrived, else None: for
+        callers on an event loop, which wait for `on_event`'s call instead of blocking."""
+        try:
+            return self._events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def on_event(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (from an engine thread: it must only schedule work, never block)
+        after every event from now on, and once now, for an event that may already be waiting."""
+        self._listener = listener
+        listener()
+
     def result(self) -> GenerationResult:
         """Wait for the end and return only the result (raising the error, if it failed)."""
         for event in self:
@@ -88,10 +103,17 @@ class RequestHandle:
         self._events.put(event)
         if isinstance(event, GenerationResult):
             self.done.set()
+        self._notify()
 
     def fail(self, error: BaseException) -> None:
         self._events.put(error)
         self.done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     def past_deadline(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

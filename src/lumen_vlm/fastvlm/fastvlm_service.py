@@ -43,6 +43,7 @@ from lumen_resources.result_schemas.text_generation_v1 import TextGenerationV1
 from .. import __version__
 from ..engine import ClientGone, DeadlineExceeded, Engine, GenerationResult, TextDelta, Unavailable
 from ..generation import RESPONSE_FORMAT_KINDS
+from ..metrics import RequestTracker, ServingMetrics
 from ..proto import ml_service_pb2, ml_service_pb2_grpc
 from ..registry import TaskRegistry, TaskSpec, UnknownTaskError
 from ..resources.settings import VLMSettings
@@ -173,6 +174,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         self.uploads = UploadBudget(upload_budget_bytes(settings) if upload_budget is None else upload_budget)
         self.engine = engine or Engine(manager, settings.admission, settings.limits)
         self._owns_engine = engine is None
+        self.metrics = ServingMetrics(self.engine, manager)  # both front doors record here
         self._registry = self._build_registry()
         self._closed = False
         self._capability: ml_service_pb2.Capability | None = None
@@ -308,12 +310,14 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         """
         started = time.perf_counter()
         failure: ml_service_pb2.InferResponse | None = None
+        tracker = self.metrics.track("grpc", request.task if request.task in self._registry.names() else "unknown")
         try:
             if self.engine.closed:
                 raise Unavailable("the server is shutting down")
             task = self._registry.get(request.task)
-            yield from task.handler(request, control, started)
+            yield from task.handler(request, control, started, tracker)
         except (ClientGone, GeneratorExit) as exc:
+            tracker.failed(exc)
             # ClientGone: the engine saw the cancel. GeneratorExit: the transport stopped drawing
             # responses (the call ended between two of them) and closed us.
             log.info(
@@ -324,6 +328,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
             if isinstance(exc, GeneratorExit):
                 raise
         except Exception as exc:
+            tracker.failed(exc)
             # Yielded after the except block: the exception's traceback would otherwise keep
             # the abandoned generation's frames (and KV cache) alive while the client reads.
             failure = self._failure(request, exc, started)
@@ -345,7 +350,13 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
     # ------------------------------------------------------------------ the generation tasks
 
     def _generate(
-        self, request: CompleteRequest, control: CallControl, started: float, *, streaming: bool
+        self,
+        request: CompleteRequest,
+        control: CallControl,
+        started: float,
+        tracker: RequestTracker,
+        *,
+        streaming: bool,
     ) -> Iterator[ml_service_pb2.InferResponse]:
         generation = build_generation_request(request, self.settings.limits)  # before admission: cheap
         log.debug(
@@ -363,6 +374,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         try:
             for event in handle.watch(control.is_active):
                 if isinstance(event, TextDelta):
+                    tracker.delta(event)
                     if streaming:
                         yield partial_response(request.correlation_id, event, chunks)
                         chunks += 1
@@ -374,6 +386,7 @@ class FastVLMService(ml_service_pb2_grpc.InferenceServicer):
         if result is None:  # pragma: no cover - a handle ends with a result or raises
             raise RuntimeError("generation ended without a result")
         queued_ms = (handle.submitted - started) * 1000.0
+        tracker.finished(result)
         yield self._final_response(request, generation, result, started, queued_ms, chunks if streaming else None)
 
     def _final_response(

@@ -187,20 +187,24 @@ def parse_stop_sequences(meta: Mapping[str, str], limits: GenerationLimits) -> t
     value = _decode_json(key, raw, "a JSON list of strings")
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise RequestError(f"meta '{key}' must be a JSON list of strings, got {shown(raw)}")
+    return check_stop_sequences(value, f"meta '{key}'", limits)
+
+
+def check_stop_sequences(value: list[str], where: str, limits: GenerationLimits) -> tuple[str, ...]:
+    """Stop sequences as every front door bounds them: `where` names the field in messages."""
     if len(value) > limits.max_stop_sequences:
         raise RequestError(
-            f"meta '{key}' holds {len(value)} stop sequences, more than the limit of {limits.max_stop_sequences}"
+            f"{where} holds {len(value)} stop sequences, more than the limit of {limits.max_stop_sequences}"
         )
     for index, stop in enumerate(value):
         if not stop:
-            raise RequestError(f"meta '{key}'[{index}] is an empty string")
+            raise RequestError(f"{where}[{index}] is an empty string")
         problem = invalid_text(stop)
         if problem is not None:
-            raise RequestError(f"meta '{key}'[{index}] is not valid text: {problem}")
+            raise RequestError(f"{where}[{index}] is not valid text: {problem}")
         if len(stop) > limits.max_stop_sequence_chars:
             raise RequestError(
-                f"meta '{key}'[{index}] is {len(stop)} characters, "
-                f"more than the limit of {limits.max_stop_sequence_chars}"
+                f"{where}[{index}] is {len(stop)} characters, more than the limit of {limits.max_stop_sequence_chars}"
             )
     return tuple(value)
 
@@ -233,6 +237,14 @@ def parse_sampling(meta: Mapping[str, str]) -> SamplingParams:
         meta, "repetition_penalty", lambda k, v: parse_float(k, v, 0.0, MAX_REPETITION_PENALTY, low_open=True)
     )
     seed = _optional(meta, "seed", lambda k, v: parse_int(k, v, 0, MAX_SEED))
+    return sampling_params(temperature, top_p, top_k, penalty, seed)
+
+
+def sampling_params(
+    temperature: float, top_p: float | None, top_k: int | None, penalty: float | None, seed: int | None
+) -> SamplingParams:
+    """The sampling rules every front door shares, on values already checked against the bounds
+    above; None: SamplingParams' default. A sampled request without a seed gets one drawn."""
     if seed is None and temperature > 0:
         seed = secrets.randbits(DRAWN_SEED_BITS)
     try:
@@ -279,14 +291,30 @@ def parse_response_format(meta: Mapping[str, str], limits: GenerationLimits) -> 
         raise RequestError(f"meta 'response_format' must be {RESPONSE_FORMAT_FORMS}, got {shown(raw)}")
     source = value[field_name]
     if kind == "json_schema":
-        if not isinstance(source, dict):
-            raise RequestError("meta 'response_format' schema must be a JSON object (a JSON Schema)")
-        source = json.dumps(source, ensure_ascii=False, separators=(",", ":"))
-    elif not isinstance(source, str) or not source:
+        return schema_response_format(source, limits, "meta 'response_format' schema")
+    if not isinstance(source, str) or not source:
         raise RequestError("meta 'response_format' pattern must be a non-empty string (a regular expression)")
+    return _checked_format("regex", source, "meta 'response_format' pattern")
+
+
+def schema_response_format(schema: Any, limits: GenerationLimits, where: str) -> ResponseFormat:
+    """A JSON Schema (a decoded JSON object) as a response format, for every front door: kept as
+    compact JSON text in its own key order (the order the answer's keys take), so the same
+    schema sent with other spacing compiles once."""
+    if not isinstance(schema, dict):
+        raise RequestError(f"{where} must be a JSON object (a JSON Schema)")
+    source = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    if len(source) > limits.max_response_format_chars:
+        raise RequestError(
+            f"{where} is {len(source)} characters, more than the limit of {limits.max_response_format_chars}"
+        )
+    return _checked_format("json_schema", source, where)
+
+
+def _checked_format(kind: str, source: str, where: str) -> ResponseFormat:
     problem = invalid_text(source)
     if problem is not None:
-        raise RequestError(f"meta 'response_format' {field_name} is not valid text: {problem}")
+        raise RequestError(f"{where} is not valid text: {problem}")
     return ResponseFormat(kind, source)
 
 

@@ -39,6 +39,7 @@ is given). Relative ``cache_dir`` paths are taken from the config file's directo
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +57,7 @@ from .settings import (
     BackendSettings,
     CacheSettings,
     GenerationLimits,
+    HttpSettings,
     MdnsSettings,
     ModelSettings,
     ServerSettings,
@@ -105,6 +107,27 @@ class VLMOptions(BaseModel):
 
 
 VLM_KEYS = tuple(VLMOptions.model_fields)
+
+
+_Port = Annotated[int, Field(strict=True, ge=0, le=65535)]
+_Name = Annotated[str, Field(strict=True, min_length=1)]
+
+
+class HttpOptions(BaseModel):
+    """``server.http``: the HTTP front door. lumen-resources' ``Server`` ignores keys it does not
+    know, so this block (and ``server.api_key``) is read here, from the raw config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: _Name | None = None
+    port: _Port = HttpSettings.port
+    model_aliases: list[_Name] = []
+    allowed_image_hosts: list[_Name] = []
+    image_fetch_timeout_s: _PositiveFloat = HttpSettings.image_fetch_timeout_s
+    max_body_bytes: _PositiveInt | None = None
+
+
+API_KEY_ENV = "LUMEN_VLM_API_KEY"  # wins over server.api_key, so a key need not be written in the file
 # Option key -> GenerationLimits field; the seed's max_new_tokens is the per-request default.
 _LIMIT_FIELDS = {
     "max_new_tokens": "default_max_new_tokens",
@@ -134,7 +157,7 @@ _CACHE_FIELDS = ("feature_cache_bytes", "prefix_cache_bytes")
 _SERVICE_KEYS = (*Services.model_fields, "vlm_settings")
 _SHORT_TOP_KEYS = ("cache_dir", "server", "services")
 _SHORT_SERVICE_KEYS = ("models", "backend_settings", "vlm_settings")
-_SERVER_KEYS = tuple(Server.model_fields)
+_SERVER_KEYS = (*Server.model_fields, "http", "api_key")  # the last two are ours: see HttpOptions
 _MDNS_KEYS = tuple(Mdns.model_fields)
 _HINTS = {
     "prefer_fp16": "choose the model's precision instead: models.<alias>.precision: fp16",
@@ -277,7 +300,7 @@ def _from_full_config(data: Mapping[str, Any], base_dir: Path | None, service: s
         service=service,
         cache_dir=_cache_dir(config.metadata.cache_dir, "metadata.cache_dir", base_dir),
         region=config.metadata.region.value,
-        server=_server_settings(config.server),
+        server=_server_settings(config.server, data.get("server")),
         config_dir=base_dir,
     )
 
@@ -493,9 +516,13 @@ def _limits(options: dict[str, tuple[Any, str]]) -> GenerationLimits:
     return GenerationLimits(**values)
 
 
-def _server_settings(server: Server) -> ServerSettings:
+def _server_settings(server: Server, raw: Any) -> ServerSettings:
+    """`raw`: the config's server block as written, for the keys lumen-resources does not keep."""
+    raw = raw if isinstance(raw, Mapping) else {}
     mdns = server.mdns
     return ServerSettings(
+        http=_http_settings(raw.get("http", None), "http" in raw),
+        api_key=_api_key(raw.get("api_key")),
         host=server.host or ServerSettings.host,
         port=server.port,
         mdns=MdnsSettings(
@@ -503,6 +530,35 @@ def _server_settings(server: Server) -> ServerSettings:
             service_name=(mdns and mdns.service_name) or MdnsSettings.service_name,
         ),
     )
+
+
+def _http_settings(raw: Any, present: bool) -> HttpSettings | None:
+    """``server.http`` (an empty block means every default); None when the config has none."""
+    if not present:
+        return None
+    options = _validate(HttpOptions, raw or {}, "server.http")
+    return HttpSettings(
+        host=options.host,
+        port=options.port,
+        model_aliases=tuple(options.model_aliases),
+        allowed_image_hosts=tuple(host.lower() for host in options.allowed_image_hosts),
+        image_fetch_timeout_s=options.image_fetch_timeout_s,
+        max_body_bytes=options.max_body_bytes,
+    )
+
+
+def _api_key(configured: Any) -> str | None:
+    """The API key: the environment's LUMEN_VLM_API_KEY, else server.api_key; None (no key) when
+    neither is set (an empty one counts as unset)."""
+    value = os.environ.get(API_KEY_ENV)
+    where = API_KEY_ENV
+    if not value:
+        value, where = configured, "server.api_key"
+    if value is None:
+        return None
+    if not isinstance(value, str) or value != value.strip() or any(not " " < ch < "\x7f" for ch in value):
+        raise ConfigError(f"{where}: must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return value or None
 
 
 def _cache_dir(value: str, path: str, base_dir: Path | None) -> Path:

@@ -88,10 +88,42 @@ class MdnsSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP front door (the Ollama and OpenAI APIs, metrics, the page): `server.http`."""
+
+    host: str | None = None  # None: the gRPC server's host
+    port: int = 11434  # Ollama's: clients that default to a local Ollama find it there
+    # Other names the model answers to (with or without ":latest"), e.g. the name a client's config asks for.
+    model_aliases: tuple[str, ...] = ()
+    # Hosts whose http(s) image URLs may be fetched; none by default (no server-side fetches to
+    # arbitrary addresses): images come as base64 or data: URLs.
+    allowed_image_hosts: tuple[str, ...] = ()
+    image_fetch_timeout_s: float = 10.0
+    # A request body's bytes; None: what the largest request allowed needs (`default_max_body_bytes`).
+    max_body_bytes: int | None = None
+
+
+def default_max_body_bytes(limits: GenerationLimits) -> int:
+    """The largest body a valid request can be: its image in base64, its texts JSON-escaped
+    (at most 6 bytes a character, for \\uXXXX), and 64 KiB for the rest."""
+    base64_image = 4 * -(-limits.max_payload_bytes // 3)
+    texts = 6 * (limits.max_messages_chars + limits.max_response_format_chars)
+    return base64_image + texts + 64 * 1024
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     host: str = "0.0.0.0"
     port: int = 50051
     mdns: MdnsSettings = field(default_factory=MdnsSettings)
+    http: HttpSettings | None = None  # None: gRPC only (a config's server.http block, or --http-port, turns it on)
+    # When set, every API call needs it: HTTP as "Authorization: Bearer KEY", gRPC as the call's
+    # "authorization" metadata. server.api_key or the environment's LUMEN_VLM_API_KEY (which wins).
+    api_key: str | None = None
+
+    @property
+    def http_host(self) -> str:
+        return self.host if self.http is None or self.http.host is None else self.http.host
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -189,10 +190,26 @@ class AsyncInference:
         assert self.service is not None
         return self.service
 
+    async def _authorize(self, context: Any) -> None:
+        """With an API key configured, a call must carry it: metadata `authorization: Bearer KEY`
+        (as HTTP sends it). Health never needs it: probes must always be answered."""
+        key = self.settings.server.api_key
+        if key is None:
+            return
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, token = str(given).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid API key is required: send metadata 'authorization: Bearer KEY'",
+            )
+
     async def GetCapabilities(self, request: Any, context: Any) -> ml_service_pb2.Capability:
+        await self._authorize(context)
         return (await self._ready_service(context)).capability()
 
     async def StreamCapabilities(self, request: Any, context: Any) -> AsyncIterator[ml_service_pb2.Capability]:
+        await self._authorize(context)
         yield (await self._ready_service(context)).capability()
 
     async def Health(self, request: Any, context: Any) -> empty_pb2.Empty:
@@ -205,6 +222,7 @@ class AsyncInference:
 
     async def Infer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[InferResponse]:
         """Answer every request of the stream, in order, within the stream limits above."""
+        await self._authorize(context)
         max_streams = self.settings.admission.max_streams
         if self._open_streams >= max_streams:
             log.info("refused an Infer stream: %d are open (max_streams=%d)", self._open_streams, max_streams)
