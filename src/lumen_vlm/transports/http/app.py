@@ -16,7 +16,6 @@ to: one admission, one queue, one set of limits. Errors are the API's own shape 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -89,6 +88,7 @@ def build_app(served: Served) -> Starlette:
             served.ready()
             data = await body_json(request)
             limits, http = served.settings.limits, served.http
+            tracker = served.ready().metrics.track("http", f"{api.API}.{endpoint}")  # one label, refused or served
             try:
                 parsed = await anyio.to_thread.run_sync(api.parse, endpoint, data, limits, http)
                 image = parsed.image
@@ -97,11 +97,9 @@ def build_app(served: Served) -> Starlette:
                 if image is not None:
                     image = checked_image(image, limits)
             except Exception as exc:
-                served.ready().metrics.track("http", f"{api.__name__.rsplit('.', 1)[-1]}.{endpoint}").failed(exc)
+                tracker.failed(exc)
                 raise
-            if api is ollama:
-                return await ollama.answer(request, served, parsed, image, time.time_ns)
-            return await openai_api.answer(request, served, parsed, image)
+            return await api.answer(request, served, parsed, image, tracker)
 
         return handler
 

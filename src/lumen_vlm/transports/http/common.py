@@ -8,7 +8,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,10 +165,3 @@ async def first_then_rest(events: AsyncIterator[GenerationEvent]) -> tuple[Gener
     """The first event (so a refusal is an HTTP status, not a broken stream), and the rest."""
     first = await events.__anext__()
     return first, events
-
-
-def now_ns() -> int:
-    return time.time_ns()
-
-
-Clock = Callable[[], float]

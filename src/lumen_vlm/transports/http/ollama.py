@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from ...fastvlm.fastvlm_model import GenerationRequest
 from ...fastvlm.prompt import IMAGE_PLACEHOLDER
 from ...fastvlm.request_meta import schema_response_format
 from ...generation import FinishReason, ResponseFormat
+from ...metrics import RequestTracker
 from ...resources.settings import GenerationLimits, HttpSettings
 from .common import Served, collected, engine_events, first_then_rest
 from .errors import Unsupported, message_of, retry_headers, status_for
@@ -45,6 +47,7 @@ NDJSON = "application/x-ndjson"
 # The Ollama API version whose shapes these are (clients read /api/version to tell features apart:
 # `format` as a schema needs 0.5).
 OLLAMA_API_VERSION = "0.12.0"
+API = "ollama"  # the metrics' name of this API
 _STRICT = ConfigDict(extra="ignore", strict=True)
 
 
@@ -357,17 +360,19 @@ async def stream_lines(first: Any, rest: AsyncIterator[Any], reply: Reply, clock
         yield error_line(exc)
 
 
-async def answer(request: Request, served: Served, parsed: Parsed, image: bytes | None, clock: Any) -> Response:
+async def answer(
+    request: Request, served: Served, parsed: Parsed, image: bytes | None, tracker: RequestTracker
+) -> Response:
     """Generate (or answer a load request) and reply streamed or whole."""
     service = served.ready()
     model = served.model_name(parsed.model)
+    clock = time.time_ns
     started = clock()
     reply = Reply(parsed, model, started)
     if parsed.request is None:
         body = reply.final(None, clock(), whole=True)
         return StreamingResponse(iter([line(body)]), media_type=NDJSON) if parsed.stream else JSONResponse(body)
     generation = GenerationRequest(parsed.request.messages, image, parsed.request.params)
-    tracker = service.metrics.track("http", f"ollama.{parsed.endpoint}")
     events = engine_events(service, generation, tracker)
     if not parsed.stream:
         result = await collected(events, request)

@@ -31,12 +31,14 @@ from ...fastvlm.fastvlm_model import GenerationRequest
 from ...fastvlm.prompt import IMAGE_PLACEHOLDER
 from ...fastvlm.request_meta import schema_response_format
 from ...generation import FinishReason, ResponseFormat
+from ...metrics import RequestTracker
 from ...resources.settings import GenerationLimits, HttpSettings
 from .common import Served, collected, engine_events, first_then_rest
 from .errors import HttpError, Unsupported, message_of, retry_headers, status_for
 from .inputs import ImageInput, Knobs, checked_messages, generation_params, image_from, one_image, validated
 
 SSE = "text/event-stream"
+API = "openai"  # the metrics' name of this API
 _LOOSE = ConfigDict(extra="ignore", strict=True)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -372,11 +374,12 @@ def model_card(served: Served) -> dict[str, Any]:
     return {"id": served.ready().model_id, "object": "model", "created": int(served.started), "owned_by": "lumen-vlm"}
 
 
-async def answer(request: Request, served: Served, parsed: Parsed, image: bytes | None) -> Response:
+async def answer(
+    request: Request, served: Served, parsed: Parsed, image: bytes | None, tracker: RequestTracker
+) -> Response:
     service = served.ready()
     model = served.model_name(parsed.model)
     generation = GenerationRequest(parsed.request.messages, image, parsed.request.params)
-    tracker = service.metrics.track("http", f"openai.{parsed.endpoint}")
     events = engine_events(service, generation, tracker)
     reply = ChatReply(model) if parsed.endpoint == "chat.completions" else ResponsesReply(model)
     if not parsed.stream:
