@@ -74,7 +74,10 @@ class HttpFrontDoor:
 def listen_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (OSError as the bind failed)."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # socket says it is TCP. Without it Nagle holds each streamed token behind the client's
+    # delayed ACK (some 40 ms), and a stream's lines arrive in one burst.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
