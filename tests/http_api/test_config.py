@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lumen_vlm.resources.config import API_KEY_ENV, settings_from_mapping
+from lumen_vlm.resources.config import API_KEY_ENV, settings_from_mapping, single_service_config
 from lumen_vlm.resources.exceptions import ConfigError
 from lumen_vlm.resources.settings import HttpSettings
 from lumen_vlm.server import settings_with_overrides
@@ -15,22 +15,7 @@ SHORT = {"services": {"vlm": {"models": {"fastvlm": {"model": "fastvlm-0.5b", "r
 
 
 def full(server: dict) -> dict:
-    return {
-        "metadata": {"version": "1.0.0", "region": "other", "cache_dir": "/tmp/lumen"},
-        "deployment": {"mode": "single", "service": "vlm"},
-        "server": server,
-        "services": {
-            "vlm": {
-                "enabled": True,
-                "package": "lumen_vlm",
-                "import_info": {
-                    "registry_class": "lumen_vlm.fastvlm.GeneralFastVLMService",
-                    "add_to_server": "lumen_vlm.proto.ml_service_pb2_grpc.add_InferenceServicer_to_server",
-                },
-                "models": {"fastvlm": {"model": "fastvlm-0.5b", "runtime": "onnx"}},
-            }
-        },
-    }
+    return single_service_config("vlm", "/tmp/lumen", "other", server, {"models": SHORT["services"]["vlm"]["models"]})
 
 
 @pytest.mark.parametrize("form", ["short", "full"])

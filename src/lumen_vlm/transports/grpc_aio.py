@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -45,6 +44,7 @@ from ..fastvlm.fastvlm_service import FastVLMService, abandoned_responses, error
 from ..proto import ml_service_pb2
 from ..resources.settings import VLMSettings
 from ..text import shown_id
+from .api_key import bearer_key_matches
 from .wire import UnreadableRequest, read_infer_request
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,7 @@ class AsyncInference:
         if key is None:
             return
         given = dict(context.invocation_metadata() or ()).get("authorization", "")
-        scheme, _, token = str(given).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        if not bearer_key_matches(str(given), key):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a valid API key is required: send metadata 'authorization: Bearer KEY'",

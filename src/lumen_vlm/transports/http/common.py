@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from ...fastvlm.fastvlm_model import GenerationRequest
 from ...metrics import RequestTracker
 from ...resources.settings import HttpSettings, VLMSettings, default_max_body_bytes
 from ...text import SHOWN_CHARS
+from ..api_key import bearer_key_matches
 from .errors import BodyTimeout, BodyTooLarge, NotFound, Unauthorized
 
 if TYPE_CHECKING:
@@ -65,9 +65,7 @@ class Served:
         key = self.settings.server.api_key
         if key is None:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        if not bearer_key_matches(request.headers.get("authorization", ""), key):
             raise Unauthorized("a valid API key is required: send it as 'Authorization: Bearer KEY'")
 
 

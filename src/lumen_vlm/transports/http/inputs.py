@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from ...fastvlm.exceptions import ImageError, RequestError
 from ...fastvlm.fastvlm_model import GenerationParams
 from ...fastvlm.image import image_limits
-from ...fastvlm.prompt import Message, normalize_messages
+from ...fastvlm.prompt import IMAGE_PLACEHOLDER, Message, normalize_messages
 from ...fastvlm.request_meta import (
     MAX_REPETITION_PENALTY,
     MAX_SEED,
@@ -176,6 +176,19 @@ def one_image(images: list[ImageInput], where: str) -> ImageInput | None:
 
 
 # --------------------------------------------------------------------------- messages and parameters
+
+
+def first_user_turn(roles: Sequence[Any]) -> int | None:
+    """The index of the first user message, whose image the model room places (as for gRPC)."""
+    return next((index for index, role in enumerate(roles) if role == "user"), None)
+
+
+def images_before_text(text: str, image_count: int, index: int, first_user: int | None) -> str:
+    """A later message's text with its images marked before it, where FastVLM was trained to
+    see them, whatever the order the client sent the parts in (PhotoPrism sends text first)."""
+    if index == first_user:
+        return text
+    return f"{IMAGE_PLACEHOLDER}\n" * image_count + text
 
 
 def checked_messages(messages: list[dict[str, Any]], limits: GenerationLimits) -> list[Message]:

@@ -34,14 +34,23 @@ from ... import __version__
 from ...engine import GenerationResult, TextDelta
 from ...fastvlm.exceptions import RequestError
 from ...fastvlm.fastvlm_model import GenerationRequest
-from ...fastvlm.prompt import IMAGE_PLACEHOLDER
 from ...fastvlm.request_meta import schema_response_format
 from ...generation import FinishReason, ResponseFormat
 from ...metrics import RequestTracker
 from ...resources.settings import GenerationLimits, HttpSettings
 from .common import Served, collected, engine_events, first_then_rest
 from .errors import Unsupported, message_of, retry_headers, status_for
-from .inputs import ImageInput, Knobs, checked_messages, generation_params, image_from, one_image, validated
+from .inputs import (
+    ImageInput,
+    Knobs,
+    checked_messages,
+    first_user_turn,
+    generation_params,
+    image_from,
+    images_before_text,
+    one_image,
+    validated,
+)
 
 NDJSON = "application/x-ndjson"
 # The Ollama API version whose shapes these are (clients read /api/version to tell features apart:
@@ -162,20 +171,21 @@ def _knobs(options: Options, limits: GenerationLimits, response_format: Response
 def _chat_messages(
     body: ChatBody, http: HttpSettings, limits: GenerationLimits
 ) -> tuple[list[dict[str, Any]], list[ImageInput]]:
-    """Messages for the model room; a message's image goes before its text, where FastVLM was
-    trained to see it (on the first user turn the model room places it, as for gRPC)."""
+    """Messages for the model room, and their images."""
     messages: list[dict[str, Any]] = []
     images: list[ImageInput] = []
-    first_user = next((i for i, m in enumerate(body.messages) if m.role == "user"), None)
+    first_user = first_user_turn([message.role for message in body.messages])
     for index, message in enumerate(body.messages):
         if message.tool_calls:
             raise Unsupported(f'"{body.model}" does not support tools', param=f"messages[{index}].tool_calls")
-        content = message.content
-        for number, image in enumerate(message.images or []):
-            images.append(image_from(image, f"messages[{index}].images[{number}]", limits, http))
-            if index != first_user:
-                content = f"{IMAGE_PLACEHOLDER}\n{content}"
-        messages.append({"role": message.role, "content": content})
+        found = [
+            image_from(image, f"messages[{index}].images[{number}]", limits, http)
+            for number, image in enumerate(message.images or [])
+        ]
+        images += found
+        messages.append(
+            {"role": message.role, "content": images_before_text(message.content, len(found), index, first_user)}
+        )
     return messages, images
 
 
@@ -216,9 +226,13 @@ def parse(endpoint: str, data: Any, limits: GenerationLimits, http: HttpSettings
 # --------------------------------------------------------------------------- replies
 
 
+def rfc3339(seconds: float) -> str:
+    """Ollama's timestamps: RFC 3339, UTC, to the microsecond."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def created_at() -> str:
-    """Ollama's timestamp: RFC 3339, UTC, to the microsecond."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return rfc3339(time.time())
 
 
 _DONE_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
@@ -299,13 +313,12 @@ def model_details(served: Served) -> dict[str, Any]:
 def model_entry(served: Served) -> dict[str, Any]:
     service = served.ready()
     info = service.manager.backend.info
-    modified = datetime.datetime.fromtimestamp(served.started, datetime.timezone.utc).isoformat()
     # A digest of what identifies the files served: their id, precision and size.
     digest = hashlib.sha256(f"{service.model_id}:{info.precision}:{info.model_bytes}".encode()).hexdigest()
     return {
         "name": service.model_id,
         "model": service.model_id,
-        "modified_at": modified.replace("+00:00", "Z"),
+        "modified_at": rfc3339(served.started),
         "size": info.model_bytes,
         "digest": digest,
         "details": model_details(served),
@@ -338,7 +351,7 @@ def show(served: Served, data: Any) -> dict[str, Any]:
         "details": model_details(served),
         "model_info": {"general.architecture": "fastvlm", "fastvlm.context_length": described.context_length},
         "capabilities": ["completion", "vision"],
-        "modified_at": model_entry(served)["modified_at"],
+        "modified_at": rfc3339(served.started),
     }
 
 

@@ -28,14 +28,23 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ...engine import GenerationResult
 from ...fastvlm.exceptions import RequestError
 from ...fastvlm.fastvlm_model import GenerationRequest
-from ...fastvlm.prompt import IMAGE_PLACEHOLDER
 from ...fastvlm.request_meta import schema_response_format
 from ...generation import FinishReason, ResponseFormat
 from ...metrics import RequestTracker
 from ...resources.settings import GenerationLimits, HttpSettings
 from .common import Served, collected, engine_events, first_then_rest
 from .errors import HttpError, Unsupported, message_of, retry_headers, status_for
-from .inputs import ImageInput, Knobs, checked_messages, generation_params, image_from, one_image, validated
+from .inputs import (
+    ImageInput,
+    Knobs,
+    checked_messages,
+    first_user_turn,
+    generation_params,
+    image_from,
+    images_before_text,
+    one_image,
+    validated,
+)
 
 SSE = "text/event-stream"
 API = "openai"  # the metrics' name of this API
@@ -131,12 +140,10 @@ def _content(content: Any, where: str, limits: GenerationLimits, http: HttpSetti
 def _messages(
     raw: list[dict[str, Any]], where: str, limits: GenerationLimits, http: HttpSettings
 ) -> tuple[list[dict[str, Any]], list[ImageInput]]:
-    """Messages for the model room. A message's image goes before its text, where FastVLM was
-    trained to see it, whatever the order of the parts (PhotoPrism sends the text first); on the
-    first user turn the model room places it, as for gRPC."""
+    """Messages for the model room, and their images."""
     messages: list[dict[str, Any]] = []
     images: list[ImageInput] = []
-    first_user = next((i for i, m in enumerate(raw) if isinstance(m, dict) and m.get("role") == "user"), None)
+    first_user = first_user_turn([message.get("role") if isinstance(message, dict) else None for message in raw])
     for index, message in enumerate(raw):
         if not isinstance(message, dict):
             raise RequestError(f"'{where}[{index}]' must be an object with role and content")
@@ -144,10 +151,8 @@ def _messages(
         if role not in _ROLES:
             raise RequestError(f"'{where}[{index}].role' must be system, developer, user or assistant")
         text, found = _content(message.get("content", ""), f"{where}[{index}].content", limits, http)
-        if found and index != first_user:
-            text = f"{IMAGE_PLACEHOLDER}\n{text}"
         images += found
-        messages.append({"role": _ROLES[role], "content": text})
+        messages.append({"role": _ROLES[role], "content": images_before_text(text, len(found), index, first_user)})
     return messages, images
 
 
