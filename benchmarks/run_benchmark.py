@@ -15,6 +15,9 @@ process's `Engine`: N streams submitted at once, each a different photo, and a b
 --burst photos at once against the same photos one after another (see `concurrency_runs`).
 
 Medians over --runs runs after one warm-up; JSON to --json, a markdown table to stdout.
+
+--peers sets our decoder beside llama.cpp's and onnxruntime-genai's instead (benchmarks/peers.py,
+the [bench] extra).
 """
 
 from __future__ import annotations
@@ -923,6 +926,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--burst", type=int, default=BURST_PHOTOS, help="concurrency mode: photos in the burst (0: off)"
     )
+    parser.add_argument(
+        "--peers", action="store_true", help="our decoder beside llama.cpp and onnxruntime-genai (benchmarks/peers.py)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="peers mode: rounds of every engine in turn")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     streams = tuple(args.streams)
@@ -937,6 +944,12 @@ def main(argv: list[str] | None = None) -> int:
             result = lumen_worker(args.model_dir, precision, args.runs, args.new_tokens, streams, args.burst)
         args.json.write_text(json.dumps(result))
         return 0
+
+    if args.peers:
+        from peers import main as peers_main
+
+        model_dir = (args.model_dir or CACHE / "fastvlm-0.5b-random").expanduser()
+        return peers_main(ensure_model(model_dir, "full"), args.rounds, args.json)
 
     size = "tiny" if args.quick else "full"
     runs = 1 if args.quick else args.runs

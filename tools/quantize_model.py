@@ -26,12 +26,17 @@ def quantize_int8(source: Path, target: Path) -> None:
     quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
 
 
-def quantize_q4(source: Path, target: Path, block_size: int = 32, accuracy_level: int = 4) -> None:
+def quantize_q4(
+    source: Path, target: Path, block_size: int = 32, accuracy_level: int = 4, is_symmetric: bool = True, bits: int = 4
+) -> None:
+    """MatMulNBits weights; the keywords are the choices benchmarks/peers.py's candidates vary."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))
-    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block_size, is_symmetric=is_symmetric, accuracy_level=accuracy_level
+    )
     quantizer.process()
     # Past protobuf's 2 GB limit, or already split: keep the weights in a side file.
     large = source.stat().st_size > 1_800_000_000 or len(graph_files(source)) > 1
