@@ -252,6 +252,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         # with it, each request's KV cache is allocated once and written in place.
         self.fused_attention_layers = 0
         self.fused_norms = 0  # RMS norms run as one kernel each
+        self.fused_projections = 0  # weight matmuls joined to a sibling's (q/k/v, gate/up)
         # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
         # the GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
         # OptimizedGraphCache.derived_decoder) is used when one can be made.
@@ -289,13 +290,14 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
-            "loaded %s (%s, %s) in %.0f ms; attention %s, %d RMS norms fused",
+            "loaded %s (%s, %s) in %.0f ms; attention %s, %d RMS norms fused, %d projections joined",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
             "fused" if self.fused_attention_layers else "as exported",
             self.fused_norms,
+            self.fused_projections,
         )
 
     # ------------------------------------------------------------------ loading
@@ -319,6 +321,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             else:
                 self.fused_attention_layers = derived.fused_attention_layers
                 self.fused_norms = derived.fused_norms
+                self.fused_projections = derived.fused_projections
                 return session, derived.last_position_logits
         return self._open(source, options, reuse_optimized=False), False
 

@@ -5,7 +5,9 @@ Each rewrite is made where the graph allows it:
 - logits for the last position only (logits_slice);
 - with `fuse_kernels` (for ORT's CPU provider, where they are checked): attention as one
   GroupQueryAttention node a layer (attention_fusion; its rotary table needs the context
-  length), and RMS norms as SimplifiedLayerNormalization (norm_fusion).
+  length), RMS norms as SimplifiedLayerNormalization (norm_fusion), and sibling projections
+  (q, k, v; gate, up) as one matmul each (projection_fusion, last: the attention fusion reads
+  the q, k and v projections' widths).
 A graph none applies to, or whose copy ORT cannot load, is recorded as such, so the (large)
 source is not parsed again at every start.
 
@@ -29,6 +31,7 @@ from .cache import DECODER_KIND, GRAPH_NAME, WEIGHTS_NAME, OptimizedGraphCache
 from .graph_rewrite import FusionUnsupported
 from .logits_slice import slice_logits_to_last_position
 from .norm_fusion import fuse_rms_norms
+from .projection_fusion import fuse_projections
 
 if TYPE_CHECKING:
     import onnx
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 UNSUPPORTED_NAME = "unsupported.txt"
 MANIFEST_NAME = "derived.json"
 # Part of the derived decoder's cache key: raise it when the rewrite changes.
-REWRITE_VERSION = 4
+REWRITE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class DerivedDecoder:
     last_position_logits: bool  # prefill's logits cover the last position only
     fused_attention_layers: int  # layers whose attention is one GroupQueryAttention node
     fused_norms: int = 0  # RMS norms that are one SimplifiedLayerNormalization node
+    fused_projections: int = 0  # weight matmuls that went into a sibling's (q/k/v, gate/up)
 
     def discard(self, reason: Exception | str) -> None:
         """Remove this copy from the cache (say, ORT cannot open it any more): the next start
@@ -125,7 +129,7 @@ def _write_rewritten(
     if branch is not None:
         log.info("%s: no rewrite applies, its outputs come from %s", source.name, branch)
         return None
-    manifest = {
+    manifest: dict[str, int | bool] = {
         "last_position_logits": slice_logits_to_last_position(model, source.name),
         "fused_attention_layers": (
             _rewrite(lambda: fuse_attention(model, context_length), "attention", source.name)
@@ -134,6 +138,8 @@ def _write_rewritten(
         ),
         "fused_norms": _rewrite(lambda: fuse_rms_norms(model), "RMS norms", source.name) if fuse_kernels else 0,
     }
+    if fuse_kernels:  # after the attention fusion, which finds q, k and v by their own matmuls
+        manifest["fused_projections"] = _rewrite(lambda: fuse_projections(model), "projections", source.name)
     if not any(manifest.values()):
         return None
     onnx.save(
