@@ -52,6 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 292
 DECODE_STEPS = 63
 THREADS = 2
+# Between two engines' turns: an engine's idle threads spin for a while after its last call
+# (OpenMP's in llama.cpp, ONNX Runtime's pool), which would slow the next engine's prefill.
+SETTLE_S = 1.0
 SEED = 0
 # Each engine's files by weight class (the keys of CLASSES). llama_ftype: LLAMA_FTYPE_MOSTLY_*.
 LUMEN_PRECISIONS = {"fp32": "fp32", "int8": "int8", "q4": "q4"}
@@ -430,6 +433,7 @@ def run_class(specs: list[EngineSpec], prompt: np.ndarray, steps: np.ndarray, ro
             progress(f"{specs[0].weight_class}: round {round_index} of {rounds}" + " (warm-up)" * (round_index == 0))
             shift = round_index % len(workers)
             for worker in workers[shift:] + workers[:shift]:
+                time.sleep(SETTLE_S)
                 result = worker.run(prompt, steps, keep_logits=round_index == 0)
                 entry = results[worker.spec.name]
                 if round_index == 0:
@@ -473,7 +477,12 @@ def run_peers(model_dir: Path, work: Path, rounds: int) -> dict[str, Any]:
 def peer_versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("onnxruntime", "onnxruntime-genai", "llama-cpp-python", "gguf")}
+    import llama_cpp
+
+    versions = {name: version(name) for name in ("onnxruntime", "onnxruntime-genai", "llama-cpp-python", "gguf")}
+    # What llama.cpp was compiled to use here (its SIMD, AMX or not): its own line.
+    versions["llama.cpp system info"] = llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip()
+    return versions
 
 
 # --------------------------------------------------------------------------- the report
