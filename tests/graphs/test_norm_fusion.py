@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from lumen_vlm.graphs import norm_fusion
-from lumen_vlm.graphs.norm_fusion import fuse_rms_norms
+from lumen_vlm.graphs.norm_fusion import fuse_residual_adds, fuse_rms_norms
 
 from .decoders import Decoder, decoder_path, session
 
@@ -126,3 +126,58 @@ def test_values_read_inside_a_subgraph_are_kept() -> None:
     expected = run(model)
     assert fuse_rms_norms(model) == 1
     np.testing.assert_allclose(run(model), expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- residual adds
+
+
+def ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def test_each_residual_add_goes_into_the_norm_that_reads_it_with_the_same_numbers(tiny_model_dir: Path) -> None:
+    original, fused = decoder(tiny_model_dir), decoder(tiny_model_dir)
+    layers = sum(value.name.endswith(".key") for value in original.graph.input)
+    fuse_rms_norms(fused)
+    adds_before = ops(fused)["Add"]
+    # Two a layer: after attention, and the layer's output (the next layer's input norm, or
+    # the final norm); the first layer's input norm reads the embeddings, no Add.
+    assert fuse_residual_adds(fused) == 2 * layers
+    assert ops(fused)["SkipSimplifiedLayerNormalization"] == 2 * layers
+    assert ops(fused)["SimplifiedLayerNormalization"] == 1
+    assert ops(fused)["Add"] == adds_before - 2 * layers
+    for want, got in zip(prefill_outputs(original), prefill_outputs(fused), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_a_residual_add_whose_sum_is_a_graph_output_is_kept(tiny_model_dir: Path) -> None:
+    model = decoder(tiny_model_dir)
+    layers = sum(value.name.endswith(".key") for value in model.graph.input)
+    fuse_rms_norms(model)
+    graph = norm_fusion.GraphIndex(model.graph)
+    norm = next(
+        node
+        for node in graph.nodes
+        if node.op_type == "SimplifiedLayerNormalization"
+        and node.input[0] in graph.producer
+        and graph.producer[node.input[0]].op_type == "Add"
+    )
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(norm.input[0]))
+    assert fuse_residual_adds(model) == 2 * layers - 1
+    prefill_outputs(model)  # still a graph ORT runs
+
+
+def test_the_residual_check_sees_a_wrong_epsilon(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_node = norm_fusion._skip_norm_node
+
+    def huge_epsilon(add: onnx.NodeProto, norm: onnx.NodeProto, index: int) -> onnx.NodeProto:
+        node = make_node(add, norm, index)
+        for attr in node.attribute:
+            if attr.name == "epsilon":
+                attr.f *= 1e6  # large enough to move every row's result
+        return node
+
+    monkeypatch.setattr(norm_fusion, "_skip_norm_node", huge_epsilon)
+    model = decoder(tiny_model_dir)
+    fuse_rms_norms(model)
+    assert fuse_residual_adds(model) == 0

@@ -16,8 +16,6 @@ from lumen_vlm.graphs.projection_fusion import fuse_projections
 
 from .decoders import Decoder, decoder_path, session
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def prefill_outputs(model: onnx.ModelProto) -> list[np.ndarray]:
     """Logits and KV cache for a 6-token prompt of random embeddings, then one more token."""
@@ -43,18 +41,6 @@ def weight_matmuls(model: onnx.ModelProto) -> int:
 def assert_same_numbers(want: list[np.ndarray], got: list[np.ndarray]) -> None:
     for expected, actual in zip(want, got, strict=True):
         np.testing.assert_allclose(actual, expected, atol=1e-4 * max(1.0, np.abs(expected).max()), rtol=0)
-
-
-@pytest.fixture
-def q4_decoder(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from tools.quantize_model import quantize_q4
-
-    target = tmp_path / "decoder_q4.onnx"
-    quantize_q4(decoder_path(tiny_model_dir), target)
-    return target
 
 
 @pytest.mark.parametrize("form", ["fp32", "q4"])

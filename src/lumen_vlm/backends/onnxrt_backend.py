@@ -253,6 +253,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self.fused_attention_layers = 0
         self.fused_norms = 0  # RMS norms run as one kernel each
         self.fused_projections = 0  # weight matmuls joined to a sibling's (q/k/v, gate/up)
+        self.fused_residual_adds = 0  # residual Adds done inside the norm that reads them
+        self.packed_attention_layers = 0  # layers whose attention reads q, k and v as one tensor
         # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
         # the GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
         # OptimizedGraphCache.derived_decoder) is used when one can be made.
@@ -290,13 +292,16 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             decoder_bytes=_file_bytes(files.graphs["decoder"]),
         )
         log.info(
-            "loaded %s (%s, %s) in %.0f ms; attention %s, %d RMS norms fused, %d projections joined",
+            "loaded %s (%s, %s) in %.0f ms; attention %s (%d layers packed), %d RMS norms fused "
+            "(%d with their residual Add), %d projections joined",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
             "fused" if self.fused_attention_layers else "as exported",
+            self.packed_attention_layers,
             self.fused_norms,
+            self.fused_residual_adds,
             self.fused_projections,
         )
 
@@ -322,6 +327,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                 self.fused_attention_layers = derived.fused_attention_layers
                 self.fused_norms = derived.fused_norms
                 self.fused_projections = derived.fused_projections
+                self.fused_residual_adds = derived.fused_residual_adds
+                self.packed_attention_layers = derived.packed_attention_layers
                 return session, derived.last_position_logits
         return self._open(source, options, reuse_optimized=False), False
 

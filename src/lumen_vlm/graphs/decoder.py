@@ -5,9 +5,11 @@ Each rewrite is made where the graph allows it:
 - logits for the last position only (logits_slice);
 - with `fuse_kernels` (for ORT's CPU provider, where they are checked): attention as one
   GroupQueryAttention node a layer (attention_fusion; its rotary table needs the context
-  length), RMS norms as SimplifiedLayerNormalization (norm_fusion), and sibling projections
-  (q, k, v; gate, up) as one matmul each (projection_fusion, last: the attention fusion reads
-  the q, k and v projections' widths).
+  length), RMS norms as SimplifiedLayerNormalization and each residual Add with the norm that
+  reads it as SkipSimplifiedLayerNormalization (norm_fusion), sibling projections (q, k, v;
+  gate, up) as one matmul each (projection_fusion, after the attention fusion, which reads the
+  q, k and v projections' widths), and then the joined q/k/v fed to the attention packed
+  (packed_attention).
 A graph none applies to, or whose copy ORT cannot load, is recorded as such, so the (large)
 source is not parsed again at every start.
 
@@ -30,7 +32,8 @@ from .attention_fusion import fuse_attention
 from .cache import DECODER_KIND, GRAPH_NAME, WEIGHTS_NAME, OptimizedGraphCache
 from .graph_rewrite import FusionUnsupported
 from .logits_slice import slice_logits_to_last_position
-from .norm_fusion import fuse_rms_norms
+from .norm_fusion import fuse_residual_adds, fuse_rms_norms
+from .packed_attention import pack_attention_inputs
 from .projection_fusion import fuse_projections
 
 if TYPE_CHECKING:
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 UNSUPPORTED_NAME = "unsupported.txt"
 MANIFEST_NAME = "derived.json"
 # Part of the derived decoder's cache key: raise it when the rewrite changes.
-REWRITE_VERSION = 5
+REWRITE_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class DerivedDecoder:
     fused_attention_layers: int  # layers whose attention is one GroupQueryAttention node
     fused_norms: int = 0  # RMS norms that are one SimplifiedLayerNormalization node
     fused_projections: int = 0  # weight matmuls that went into a sibling's (q/k/v, gate/up)
+    fused_residual_adds: int = 0  # residual Adds done inside a SkipSimplifiedLayerNormalization
+    packed_attention_layers: int = 0  # layers whose attention reads q, k and v packed
 
     def discard(self, reason: Exception | str) -> None:
         """Remove this copy from the cache (say, ORT cannot open it any more): the next start
@@ -138,8 +143,15 @@ def _write_rewritten(
         ),
         "fused_norms": _rewrite(lambda: fuse_rms_norms(model), "RMS norms", source.name) if fuse_kernels else 0,
     }
-    if fuse_kernels:  # after the attention fusion, which finds q, k and v by their own matmuls
+    if fuse_kernels:
+        # In this order: the residual Adds join the norms the norm fusion made; the projections
+        # are found after the attention fusion (which finds q, k and v by their own matmuls);
+        # the attention is fed packed once q, k and v are one matmul.
+        manifest["fused_residual_adds"] = _rewrite(lambda: fuse_residual_adds(model), "residual adds", source.name)
         manifest["fused_projections"] = _rewrite(lambda: fuse_projections(model), "projections", source.name)
+        manifest["packed_attention_layers"] = _rewrite(
+            lambda: pack_attention_inputs(model), "attention inputs", source.name
+        )
     if not any(manifest.values()):
         return None
     onnx.save(

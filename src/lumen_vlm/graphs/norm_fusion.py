@@ -7,6 +7,11 @@ norms save about 3% of a q4 decode step.
 
 Each norm found is run both ways on random input before anything changes; a norm that does
 not match, or does not compute the same numbers, is left as it is.
+
+`fuse_residual_adds` then moves the residual Add before a norm into it: Add and
+SimplifiedLayerNormalization become one SkipSimplifiedLayerNormalization, whose fourth output
+is the sum the next residual reads (48 Adds fewer in FastVLM-0.5B, onnxruntime-genai's layout).
+ONNX Runtime 1.32's own optimizer left these Adds as they were (its profile of the q4 decoder).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .graph_rewrite import (
+    MS_DOMAIN,
     FusionUnsupported,
     GraphIndex,
     allowed_error,
+    attribute,
     cut_session,
+    ms_opset_if_missing,
     replace_nodes,
     rewrite_error,
     small_session,
@@ -146,3 +154,80 @@ def fuse_rms_norms(model: onnx.ModelProto) -> int:
     except FusionUnsupported:
         return 0
     return len(fused)
+
+
+# --------------------------------------------------------------------------- residual adds
+
+
+def _residual_norm(graph: GraphIndex, norm: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Add of two computed values (a residual and a layer's output) that `norm` normalizes,
+    or None."""
+    add = graph.producer.get(norm.input[0])
+    if add is None or add.op_type != "Add" or len(add.input) != 2 or add.output[0] in graph.outputs:
+        return None
+    if any(name in graph.initializers for name in add.input):  # a bias, not a residual
+        return None
+    return add
+
+
+def _skip_norm_node(add: onnx.NodeProto, norm: onnx.NodeProto, index: int) -> onnx.NodeProto:
+    """One SkipSimplifiedLayerNormalization: the norm of the sum as output 0 and the sum itself
+    (which the next residual reads) as output 3, under the Add's name."""
+    from onnx import helper
+
+    return helper.make_node(
+        "SkipSimplifiedLayerNormalization",
+        [add.input[0], add.input[1], norm.input[1]],
+        [norm.output[0], "", "", add.output[0]],
+        name=f"lumen_skip_rms_norm_{index}",
+        domain=MS_DOMAIN,
+        epsilon=attribute(norm, "epsilon"),
+    )
+
+
+def _skip_norm_reproduces(
+    model: onnx.ModelProto, graph: GraphIndex, add: onnx.NodeProto, norm: onnx.NodeProto, fused: onnx.NodeProto
+) -> bool:
+    """Whether the fused node gives the Add's and the norm's numbers on random input."""
+    from onnx import helper
+
+    weight = graph.initializers[norm.input[1]]
+    width = int(weight.dims[0])
+    dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.standard_normal((1, 3, width)).astype(dtype) for name in add.input}
+    inputs = [helper.make_tensor_value_info(name, weight.data_type, None) for name in add.input]
+    outputs = [norm.output[0], add.output[0]]
+    try:
+        separate = small_session(model, [add, norm], inputs, outputs, [weight])
+        one_node = small_session(model, [fused], inputs, outputs, [weight])
+        wants = separate.run(None, feeds)
+        gots = one_node.run(None, feeds)
+    except Exception:  # ORT cannot build or run either piece: not a pair this rewrite knows
+        return False
+    return all(rewrite_error(want, got) <= allowed_error(dtype) for want, got in zip(wants, gots, strict=True))
+
+
+def fuse_residual_adds(model: onnx.ModelProto) -> int:
+    """Rewrite `model` (an onnx ModelProto, in place) so each residual Add that a
+    SimplifiedLayerNormalization reads is done inside one SkipSimplifiedLayerNormalization with
+    it; return how many. Run after fuse_rms_norms, which makes the SimplifiedLayerNormalizations."""
+    graph = GraphIndex(model.graph)
+    pairs: list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]] = []
+    for norm in [node for node in graph.nodes if node.op_type == "SimplifiedLayerNormalization"]:
+        add = _residual_norm(graph, norm)
+        if add is None or norm.input[1] not in graph.initializers:
+            continue
+        fused = _skip_norm_node(add, norm, len(pairs))
+        if _skip_norm_reproduces(model, graph, add, norm, fused):
+            pairs.append((add, norm, fused))
+    if not pairs:
+        return 0
+    replaced = {id(node) for add, norm, _ in pairs for node in (add, norm)}
+    kept = [node for node in graph.nodes if id(node) not in replaced]
+    try:
+        replace_nodes(model, kept + [fused for _, _, fused in pairs])
+    except FusionUnsupported:
+        return 0
+    model.opset_import.extend(ms_opset_if_missing(model.opset_import))
+    return len(pairs)
