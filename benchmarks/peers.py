@@ -72,8 +72,8 @@ REFERENCE = "lumen-fp32"
 
 @dataclass(frozen=True)
 class Candidate:
-    """Another quantization of our decoder (tools/quantize_model.quantize_q4's keywords), run as
-    one more engine beside lumen-q4 (block 32, symmetric, accuracy level 4) and its peers."""
+    """Another quantization of our decoder, run as one more engine beside ours and the peers:
+    tools/quantize_model.quantize_q4's keywords, or an int8 form for quantize_int8."""
 
     name: str
     weight_class: str
@@ -81,10 +81,13 @@ class Candidate:
 
 
 CANDIDATES = (
+    # lumen-q4 is tools/quantize_model's default (block 128, zero points); these are the others.
+    Candidate("lumen-q4-b32-sym", "q4", {"block_size": 32, "is_symmetric": True}),  # the default until 2026-12-03
     Candidate("lumen-q4-b64", "q4", {"block_size": 64}),
-    Candidate("lumen-q4-b128", "q4", {"block_size": 128}),
-    Candidate("lumen-q4-b128-asym", "q4", {"block_size": 128, "is_symmetric": False}),
-    Candidate("lumen-q8w-b128", "int8", {"bits": 8, "block_size": 128}),  # 8-bit weights, no MatMulInteger
+    Candidate("lumen-q4-b128-sym", "q4", {"block_size": 128, "is_symmetric": True}),
+    # lumen-int8 is the tool's int8 form for this CPU (--int8-form auto); these are both forms.
+    Candidate("lumen-int8-integer", "int8", {"int8_form": "integer"}),  # MatMulInteger
+    Candidate("lumen-int8-nbits", "int8", {"int8_form": "nbits"}),  # 8-bit MatMulNBits
 )
 
 
@@ -231,7 +234,9 @@ def candidate_dir(model_dir: Path, work: Path, candidate: Candidate) -> Path:
     """A model directory whose q4 decoder is the candidate's; every other file links to the model's."""
     out = work / candidate.name
     target = out / "onnx" / "decoder_model_merged_q4.onnx"
-    if target.exists():
+    recipe = out / "candidate.json"  # what made the file: a changed recipe makes it again
+    wanted = json.dumps(candidate.options, sort_keys=True)
+    if target.exists() and recipe.exists() and recipe.read_text() == wanted:
         return out
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     for item in [*model_dir.iterdir(), *(model_dir / "onnx").iterdir()]:
@@ -239,10 +244,15 @@ def candidate_dir(model_dir: Path, work: Path, candidate: Candidate) -> Path:
         if item.name not in ("onnx", "torch") and "_q4" not in item.name and not link.exists():
             link.symlink_to(item.resolve())
     sys.path.insert(0, str(ROOT))
-    from tools.quantize_model import quantize_q4
+    from tools.quantize_model import quantize_int8, quantize_q4
 
     progress(f"quantizing {candidate.name}")
-    quantize_q4(model_dir / "onnx" / "decoder_model_merged.onnx", target, **candidate.options)
+    source = model_dir / "onnx" / "decoder_model_merged.onnx"
+    if "int8_form" in candidate.options:
+        quantize_int8(source, target, form=candidate.options["int8_form"])
+    else:
+        quantize_q4(source, target, **candidate.options)
+    recipe.write_text(wanted)
     return out
 
 

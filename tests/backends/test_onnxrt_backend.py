@@ -68,6 +68,30 @@ def test_quantized_decoders_load_and_generate(
     assert result.text
 
 
+def test_int8_as_8_bit_matmulnbits_loads_and_stays_close_to_fp32(
+    quantized_model_dir: Path, golden: dict[str, Any], tmp_path: Path
+) -> None:
+    """tools/quantize_model's other int8 form (auto's choice on AVX-512 VNNI CPUs): the same
+    file name, 8-bit MatMulNBits weights, no MatMulInteger."""
+    from tools.quantize_model import quantize_decoder
+
+    model_dir = tmp_path / "tiny"
+    shutil.copytree(quantized_model_dir, model_dir)
+    decoder = quantize_decoder(model_dir, "int8", int8_form="nbits")
+    nodes = onnx.load(str(decoder)).graph.node
+    assert {node.op_type for node in nodes} & {"MatMulInteger", "DynamicQuantizeLinear"} == set()
+    bits = {attr.i for node in nodes if node.op_type == "MatMulNBits" for attr in node.attribute if attr.name == "bits"}
+    assert bits == {8}
+
+    quantized = FastVLMModelManager.from_model_dir(model_dir, precision="int8")
+    reference = FastVLMModelManager.from_model_dir(model_dir)
+    case = golden["cases"][0]
+    prepared = quantized.prepare(golden_request(case))
+    correlation = np.corrcoef(prefill_logits(quantized, prepared), prefill_logits(reference, prepared))[0, 1]
+    assert correlation > 0.98
+    assert generate_text(quantized, golden_request(case)).text
+
+
 def test_a_missing_precision_falls_back_to_the_best_present(quantized_model_dir: Path) -> None:
     # No fp16 graph at all: each graph takes the first of FALLBACK_ORDER present, fp32 (not int8 or q4).
     files = locate_model_files(quantized_model_dir, "fp16")
