@@ -28,3 +28,25 @@ def test_auto_picks_the_form_measured_faster_for_the_cpu(flags: set[str], form: 
 def test_an_unknown_form_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="choose one of auto, integer, nbits"):
         quantize_int8(tmp_path / "missing.onnx", tmp_path / "out.onnx", form="int4")
+
+
+def test_quantizing_again_replaces_the_side_file_rather_than_growing_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A decoder with its weights in a side file (as the full-size one is): onnx appends to a
+    side file that exists, so a second quantization must start from none."""
+    import onnx
+
+    from tools.quantize_model import quantize_q4
+
+    source = tmp_path / "decoder.onnx"
+    onnx.save(
+        onnx.load(str(tiny_model_dir / "onnx" / "decoder_model_merged.onnx")),
+        str(source),
+        save_as_external_data=True,
+        location="decoder.onnx.data",
+    )
+    target = tmp_path / "decoder_q4.onnx"
+    quantize_q4(source, target)
+    first = {path.name: path.stat().st_size for path in tmp_path.glob("decoder_q4.onnx*")}
+    quantize_q4(source, target)
+    assert len(first) == 2  # the graph and its side file
+    assert {path.name: path.stat().st_size for path in tmp_path.glob("decoder_q4.onnx*")} == first

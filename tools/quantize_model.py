@@ -59,6 +59,7 @@ def quantize_int8(source: Path, target: Path, form: str = "auto") -> str:
     if chosen == "nbits":
         quantize_q4(source, target, block_size=128, is_symmetric=True, bits=8)
     elif chosen == "integer":
+        remove_graph(target)
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
     else:
         raise ValueError(f"int8 form {form!r}: choose one of {', '.join(INT8_FORMS)}")
@@ -84,7 +85,15 @@ def quantize_q4(
     quantizer.process()
     # Past protobuf's 2 GB limit, or already split: keep the weights in a side file.
     large = source.stat().st_size > 1_800_000_000 or len(graph_files(source)) > 1
+    remove_graph(target)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
+
+
+def remove_graph(target: Path) -> None:
+    """Remove a graph written before, with its side files: onnx appends external weights to a
+    side file that exists, so a re-quantized decoder would carry the old weights' bytes too."""
+    for path in graph_files(target):
+        path.unlink()
 
 
 QUANTIZERS = {"int8": quantize_int8, "q4": quantize_q4}
