@@ -1,0 +1,679 @@
+"""What ONNX Runtime's options do to FastVLM's vision encoder (FastViTHD): speed and features.
+
+    python benchmarks/vision_encoder.py [--model-dir DIR] [--work DIR] [--runs 5] [--threads 2]
+                                        [--small-size 512] [--json FILE] [--no-memory]
+
+Every variant is measured against the model's own fp32 graph (onnx/vision_encoder.onnx):
+
+* fp32 at ORT_ENABLE_ALL, the baseline (what the server runs), and at ORT_ENABLE_EXTENDED
+  (the same without ALL's layout optimizations: NCHWc convolutions);
+* int8 dynamic quantization (`quantize_dynamic`, QInt8 weights; ConvInteger/MatMulInteger);
+* int8 static quantization in QDQ format (`quantize_static`, per-channel weights, uint8
+  activations), calibrated on real photographs: with int8 weights (U8S8, ORT's x86 choice),
+  the same with `reduce_range`, with uint8 weights (U8U8), and U8S8 on the dense (group 1)
+  convolutions only, see `make_static`;
+* fp32 at a smaller input (`--small-size`, 512 px: 64 image tokens instead of 256), a choice
+  a user would make. Its features are not comparable with the model's, so it gets speed only.
+  The model's graph has its input size baked in, so that graph is re-exported from the model's
+  PyTorch weights (MODEL_DIR/torch, which tools/make_test_model.py --save-torch writes; else
+  from config.json with random weights, which is enough for speed). That needs the `[tools]`
+  extra (torch, transformers, timm, onnxscript).
+
+Pixels are made by the server's own preprocessing (`lumen_vlm.fastvlm.image.image_to_pixels`
+with the model's `preprocessor_config.json`), from image bytes, as a request's are.
+
+Photographs: the ones scikit-image ships inside its wheel (no download), read as files, so
+the `[bench]` extra (or `pip install scikit-image`) is needed. Calibration and evaluation use different photos.
+
+Timing: each round runs every variant once on the same photo, the order rotating per round,
+so that noise from other processes hits all variants alike; the table gives medians and
+ratios to fp32 within this run (absolute times on a shared machine mean little). Accuracy:
+features of each evaluation photo against fp32's (cosine of the flattened features, the
+lowest per-token cosine, max abs error, relative error ||q - f|| / ||f||). A variant is kept
+only if its cosine is >= 0.99 on every evaluation photo. Memory: peak and steady RSS of a
+fresh process that loads the variant and encodes once, over that process's RSS before.
+
+Quantized and re-exported graphs are written only under --work (default: beside the model
+directory, or under the system temp directory for a model inside this repository), reused
+while the fp32 graph and the recipe are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lumen_vlm.backends.onnxrt_backend import default_session_options  # noqa: E402
+from lumen_vlm.fastvlm.image import image_to_pixels  # noqa: E402
+from lumen_vlm.resources.model_files import load_tokenizer, locate_model_files, read_file_spec  # noqa: E402
+from lumen_vlm.resources.model_spec import ImageSpec  # noqa: E402
+
+DEFAULT_MODEL = Path.home() / ".cache" / "lumen-vlm" / "bench" / "fastvlm-0.5b-random"
+# Colour (and one grey) photographs bundled in scikit-image's wheel; the two sets share none.
+CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "camera.png")
+EVALUATION_PHOTOS = ("chelsea.png", "rocket.jpg", "retina.jpg", "ihc.png")
+KEEP_COSINE = 0.99  # the issue's rule, on every evaluation photo
+ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the encoder: a graph (by recipe) and session options."""
+
+    name: str
+    graph: str  # a key of GRAPH_RECIPES
+    level: ort.GraphOptimizationLevel = ALL
+    small: bool = False  # at --small-size: speed and tokens only
+
+    @property
+    def comparable(self) -> bool:
+        return not self.small
+
+
+VARIANTS = (
+    Variant("fp32, ORT_ENABLE_ALL (baseline)", "fp32"),
+    Variant("fp32, ORT_ENABLE_EXTENDED (no NCHWc)", "fp32", level=EXTENDED),
+    Variant("int8 dynamic (QInt8 weights)", "int8-dynamic"),
+    Variant("int8 static QDQ, per-channel, U8S8", "int8-static-u8s8"),
+    Variant("int8 static QDQ, per-channel, U8S8 reduce_range", "int8-static-u8s8-reduce-range"),
+    Variant("int8 static QDQ, per-channel, U8U8", "int8-static-u8u8"),
+    Variant("int8 static QDQ, per-channel, U8S8, dense convolutions only", "int8-static-dense-convs"),
+    Variant("fp32, ORT_ENABLE_ALL, small input", "fp32-small", small=True),
+)
+BASELINE = VARIANTS[0]
+
+
+@dataclass
+class Outcome:
+    """What was measured for one variant; `error` holds why it could not be."""
+
+    variant: str
+    graph: str
+    level: str
+    input_size: int
+    tokens: int | None = None
+    graph_mb: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    median_ms: float | None = None
+    ratio_to_fp32: float | None = None
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # photo -> metrics
+    kept: bool | None = None  # None: not comparable (speed only) or failed
+    memory_mb: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- photos and pixels
+
+
+def photo_bytes(name: str) -> bytes:
+    """A photo file from scikit-image's bundled data, as the bytes a request would carry."""
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise SystemExit("this benchmark needs scikit-image for its photographs: pip install scikit-image") from exc
+    path = Path(skimage.data.data_dir) / name
+    if not path.is_file():
+        raise SystemExit(f"{path} is not in this scikit-image wheel; pick photos that are bundled")
+    return path.read_bytes()
+
+
+def model_image_spec(model_dir: Path) -> ImageSpec:
+    """The image preprocessing the server uses for this model, as its files state it."""
+    files = locate_model_files(model_dir)
+    spec = read_file_spec(files, load_tokenizer(files.tokenizer).token_to_id).image
+    if spec.size == 0:  # no file states it: the server takes the vision graph's input size
+        spec = replace(spec, size=graph_input_size(files.graphs["vision_encoder"]))
+    return spec
+
+
+def graph_input_size(path: Path) -> int:
+    """The square side a vision graph's pixel_values input declares."""
+    shape = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+    return int(shape[-1])
+
+
+def pixels_for(photos: Sequence[str], spec: ImageSpec) -> dict[str, np.ndarray]:
+    return {name: image_to_pixels(photo_bytes(name), spec) for name in photos}
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+class PhotoReader(CalibrationDataReader):
+    """Feeds the calibration photos' pixels, one at a time, to ORT's calibrator."""
+
+    def __init__(self, input_name: str, pixels: Sequence[np.ndarray]) -> None:
+        self._feeds = [{input_name: p} for p in pixels]
+        self._next: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._next, None)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next = iter(self._feeds[start_index:end_index])
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the graph recipes start from."""
+
+    model_dir: Path
+    fp32: Path
+    work: Path
+    input_name: str
+    calibration: list[np.ndarray]
+    small_size: int
+
+
+def make_dynamic(inputs: Inputs, out: Path) -> None:
+    quantize_dynamic(str(inputs.fp32), str(out), weight_type=QuantType.QInt8)
+
+
+def preprocessed_fp32(inputs: Inputs) -> Path:
+    """ORT's recommended pre-processing for static quantization (shape inference and basic
+    optimizations), once for both static recipes."""
+    out = inputs.work / f"fp32-preprocessed.{source_stamp(inputs)[:16]}.onnx"
+    if not out.is_file():
+        quant_pre_process(str(inputs.fp32), str(out))
+    return out
+
+
+def make_static(
+    inputs: Inputs, out: Path, weights: QuantType, reduce_range: bool = False, dense_convs_only: bool = False
+) -> None:
+    """QDQ, per-channel weights of type `weights`, uint8 activations, MinMax ranges from the
+    calibration photos, every op ORT can quantize. The ranges (floats, whatever the types) are
+    cached, so that only the first static recipe calibrates.
+
+    U8S8 is ORT's recommendation for x86; on AVX2 without VNNI its kernels (VPMADDUBSW) add
+    pairs of u8 x s8 products into int16, which can saturate. ORT's documented remedies are
+    `reduce_range` (7-bit weights) and U8U8, so both are measured too.
+
+    `dense_convs_only` quantizes the convolutions with group 1 and nothing else: FastViTHD's
+    depthwise convolutions (half of its 186) and its attention MatMuls stay fp32. Measured
+    while choosing the recipes: the MatMuls alone in int8 changed the features little
+    (cosine >= 0.997) and saved no time; the depthwise ones cost most of the accuracy.
+    """
+    graph = preprocessed_fp32(inputs)
+    quantize_static(
+        str(graph),
+        str(out),
+        PhotoReader(inputs.input_name, inputs.calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=weights,
+        calibration_cache_path=calibration_cache(inputs),
+        nodes_to_quantize=dense_convs(graph) if dense_convs_only else None,
+    )
+
+
+def dense_convs(graph: Path) -> list[str]:
+    """The names of the graph's Conv nodes with group 1 (not depthwise)."""
+    import onnx
+    from onnx import helper
+
+    def group(node: onnx.NodeProto) -> int:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    return [node.name for node in nodes if node.op_type == "Conv" and group(node) == 1]
+
+
+def calibration_cache(inputs: Inputs) -> Path:
+    """The calibration ranges' file, named by what they depend on, so stale ones are never read."""
+    return inputs.work / f"calibration-ranges.{source_stamp(inputs, *CALIBRATION_PHOTOS)[:16]}.json"
+
+
+def make_small(inputs: Inputs, out: Path) -> None:
+    """Re-export the encoder at --small-size in a child process (torch stays out of this one)."""
+    with child_process() as pool:
+        pool.submit(export_vision_graph, str(inputs.model_dir), inputs.small_size, str(out)).result()
+
+
+def make_fp32(inputs: Inputs, out: Path) -> None:
+    raise AssertionError("the fp32 graph is the model's own")
+
+
+GRAPH_RECIPES: dict[str, Callable[[Inputs, Path], None]] = {
+    "fp32": make_fp32,
+    "int8-dynamic": make_dynamic,
+    "int8-static-u8s8": lambda inputs, out: make_static(inputs, out, QuantType.QInt8),
+    "int8-static-u8s8-reduce-range": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, reduce_range=True),
+    "int8-static-u8u8": lambda inputs, out: make_static(inputs, out, QuantType.QUInt8),
+    "int8-static-dense-convs": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, dense_convs_only=True),
+    "fp32-small": make_small,
+}
+
+
+def source_stamp(inputs: Inputs, *parts: str) -> str:
+    """A hash of what a made file depends on: the fp32 graph, ORT's version, and `parts`."""
+    stat = inputs.fp32.stat()
+    stamp = [str(inputs.fp32.resolve()), str(stat.st_size), str(stat.st_mtime_ns), ort.__version__, *parts]
+    return hashlib.sha256("\n".join(stamp).encode()).hexdigest()
+
+
+def recipe_stamp(inputs: Inputs, recipe: str) -> str:
+    if recipe.startswith("int8-static"):
+        return source_stamp(inputs, recipe, *CALIBRATION_PHOTOS)
+    if recipe == "fp32-small":
+        return source_stamp(inputs, recipe, str(inputs.small_size))
+    return source_stamp(inputs, recipe)
+
+
+def ensure_graph(inputs: Inputs, recipe: str) -> Path:
+    """The graph `recipe` makes, made once per stamp; the model's own for fp32."""
+    if recipe == "fp32":
+        return inputs.fp32
+    out = inputs.work / f"vision_encoder.{recipe}.onnx"
+    stamp_file = out.with_suffix(".stamp")
+    stamp = recipe_stamp(inputs, recipe)
+    if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return out
+    progress(f"making {out.name}")
+    started = time.perf_counter()
+    GRAPH_RECIPES[recipe](inputs, out)
+    stamp_file.write_text(stamp)
+    progress(f"made {out.name} in {time.perf_counter() - started:.0f} s")
+    return out
+
+
+def export_vision_graph(model_dir: str, size: int, out: str) -> None:
+    """(Child process) FastVLM's image features at `size` px, exported as make_test_model does."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_test_model import import_reference_stack  # CPU torch + timm, with its torchvision shim
+
+    import_reference_stack()
+    import torch
+    from transformers import AutoConfig, FastVlmForConditionalGeneration
+
+    weights = Path(model_dir) / "torch"
+    if weights.is_dir():
+        model = FastVlmForConditionalGeneration.from_pretrained(str(weights))
+    else:  # the speed of a graph does not depend on its weights' values
+        model = FastVlmForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
+    model.eval()
+
+    class VisionEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    with torch.no_grad():
+        wrapper = VisionEncoder().eval()
+        program = torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), dynamo=True, optimize=True)
+    program.save(out)
+
+
+# --------------------------------------------------------------------------- sessions and measuring
+
+
+def make_session(graph: Path, level: ort.GraphOptimizationLevel, threads: int) -> ort.InferenceSession:
+    """The server's session options (default_session_options) at `threads` threads and `level`."""
+    options = default_session_options(threads)
+    options.graph_optimization_level = level
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def encode(session: ort.InferenceSession, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """(features [tokens, hidden], milliseconds) of one encode, as the backend's encode_image."""
+    name = session.get_inputs()[0].name
+    started = time.perf_counter()
+    (features,) = session.run(None, {name: pixels})
+    return features[0], (time.perf_counter() - started) * 1000
+
+
+def compare(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
+    """How far `features` are from fp32's, in float64 so the metrics add no error of their own."""
+    ref, got = reference.astype(np.float64), features.astype(np.float64)
+    diff = got - ref
+    token_cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    return {
+        "cosine": float(np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got))),
+        "min_token_cosine": float(token_cos.min()),
+        "max_abs_error": float(np.abs(diff).max()),
+        "relative_error": float(np.linalg.norm(diff) / np.linalg.norm(ref)),
+    }
+
+
+def rss_mb(field_name: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_memory(graph: str, level: int, size: int, threads: int) -> dict[str, float]:
+    """(Child process) RSS a variant costs: loaded and run once, over the RSS before loading."""
+    before = rss_mb("VmRSS")
+    session = make_session(Path(graph), ort.GraphOptimizationLevel(level), threads)
+    encode(session, np.zeros((1, 3, size, size), dtype=np.float32))
+    return {"steady_rss_mb": rss_mb("VmRSS") - before, "peak_rss_mb": rss_mb("VmHWM") - before}
+
+
+def child_process() -> concurrent.futures.ProcessPoolExecutor:
+    """A fresh process, so that memory and imports of one job never leak into another's."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+
+def rounds(names: list[str], runs: int) -> Iterator[list[str]]:
+    """`runs` orders of the variants, rotated by one each round, so none always runs first."""
+    for r in range(runs):
+        shift = r % len(names)
+        yield names[shift:] + names[:shift]
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Setup:
+    """The loaded variants and the pixels they are measured on."""
+
+    sessions: dict[str, ort.InferenceSession]
+    outcomes: dict[str, Outcome]
+    pixels: dict[str, np.ndarray]  # evaluation photo -> model-size pixels
+    small_pixels: dict[str, np.ndarray]
+
+
+def prepare(args: argparse.Namespace, variants: Sequence[Variant], spec: ImageSpec) -> tuple[Setup, dict[str, Path]]:
+    """Make every graph, open a session per variant; a variant that fails is kept with its error."""
+    fp32 = args.model_dir / "onnx" / "vision_encoder.onnx"
+    input_name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    inputs = Inputs(
+        args.model_dir,
+        fp32,
+        args.work,
+        input_name,
+        list(pixels_for(CALIBRATION_PHOTOS, spec).values()),
+        args.small_size,
+    )
+    small_spec = replace(spec, size=args.small_size)
+    setup = Setup({}, {}, pixels_for(EVALUATION_PHOTOS, spec), pixels_for(EVALUATION_PHOTOS[:1], small_spec))
+    graphs: dict[str, Path] = {}
+    for variant in variants:
+        size = args.small_size if variant.small else spec.size
+        outcome = Outcome(variant.name, variant.graph, variant.level.name, size)
+        setup.outcomes[variant.name] = outcome
+        try:
+            graph = graphs.get(variant.graph) or ensure_graph(inputs, variant.graph)
+            graphs[variant.graph] = graph
+            outcome.graph_mb = graph_megabytes(graph)
+            setup.sessions[variant.name] = make_session(graph, variant.level, args.threads)
+        except Exception as exc:  # reported in the table, the other variants still run
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            progress(f"{variant.name}: {outcome.error}")
+    return setup, graphs
+
+
+def graph_megabytes(graph: Path) -> float:
+    """The graph's size on disk, with any external-data files beside it."""
+    extra = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*.data")) + sum(
+        p.stat().st_size for p in graph.parent.glob(graph.name + "_data")
+    )
+    return (graph.stat().st_size + extra) / 1e6
+
+
+def measure_accuracy(setup: Setup, variants: Sequence[Variant]) -> None:
+    """Each comparable variant on every evaluation photo against fp32 (this also warms them up)."""
+    base = setup.sessions[BASELINE.name]
+    for photo, pixels in setup.pixels.items():
+        reference, _ = encode(base, pixels)
+        setup.outcomes[BASELINE.name].tokens = int(reference.shape[0])
+        for variant in variants:
+            if variant.name not in setup.sessions or not variant.comparable:
+                continue
+            features, _ = encode(setup.sessions[variant.name], pixels)
+            outcome = setup.outcomes[variant.name]
+            outcome.tokens = int(features.shape[0])
+            outcome.accuracy[photo] = compare(reference, features)
+        progress(f"accuracy: {photo} done")
+    for variant in variants:
+        outcome = setup.outcomes[variant.name]
+        if variant.comparable and outcome.accuracy:
+            outcome.kept = all(m["cosine"] >= KEEP_COSINE for m in outcome.accuracy.values())
+
+
+def measure_speed(setup: Setup, variants: Sequence[Variant], runs: int) -> None:
+    """Interleaved rounds on one photo; medians, and ratios to fp32 from the same rounds."""
+    photo = EVALUATION_PHOTOS[0]
+    names = [v.name for v in variants if v.name in setup.sessions]
+    small = {v.name for v in variants if v.small}
+    for name in small & set(names):  # warm-up: the comparable ones ran in measure_accuracy
+        features, _ = encode(setup.sessions[name], setup.small_pixels[photo])
+        setup.outcomes[name].tokens = int(features.shape[0])
+    for r, order in enumerate(rounds(names, runs), 1):
+        for name in order:
+            pixels = setup.small_pixels[photo] if name in small else setup.pixels[photo]
+            setup.outcomes[name].times_ms.append(encode(setup.sessions[name], pixels)[1])
+        progress(f"round {r}/{runs} done")
+    base = setup.outcomes[BASELINE.name]
+    for name in names:
+        outcome = setup.outcomes[name]
+        outcome.median_ms = statistics.median(outcome.times_ms)
+        if base.times_ms:
+            outcome.ratio_to_fp32 = outcome.median_ms / statistics.median(base.times_ms)
+
+
+def measure_memories(setup: Setup, variants: Sequence[Variant], graphs: dict[str, Path], threads: int) -> None:
+    """Each variant's RSS in a fresh process of its own (sequential: they would compete)."""
+    for variant in variants:
+        outcome = setup.outcomes[variant.name]
+        if variant.graph not in graphs or outcome.error:
+            continue
+        with child_process() as pool:
+            graph, level = str(graphs[variant.graph]), int(variant.level)
+            job = pool.submit(measure_memory, graph, level, outcome.input_size, threads)
+            try:
+                outcome.memory_mb = job.result()
+            except Exception as exc:
+                outcome.memory_mb = {"error": f"{type(exc).__name__}: {exc}"}  # type: ignore[dict-item]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The flags that decide MLAS's int8 kernels: VNNI avoids AVX2's u8s8 saturation."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
+    return []
+
+
+def machine(threads: int, runs: int) -> dict[str, Any]:
+    import os
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "runs": runs,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def worst(outcome: Outcome, metric: str, lowest: bool) -> float | None:
+    values = [m[metric] for m in outcome.accuracy.values()]
+    return (min(values) if lowest else max(values)) if values else None
+
+
+def kept_text(outcome: Outcome) -> str:
+    if outcome.error:
+        return "failed"
+    if outcome.kept is None:
+        return "speed only"
+    return "yes" if outcome.kept else "**no**"
+
+
+def summary_table(outcomes: Sequence[Outcome]) -> list[str]:
+    lines = [
+        "| Variant | Input | Tokens | Graph MB | RSS MB (peak) | Median ms | vs fp32 | Cosine (min) "
+        "| Min token cos | Max abs err | Rel err (max) | Kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in outcomes:
+        memory = o.memory_mb
+        rss = (
+            f"{memory['steady_rss_mb']:.0f} ({memory['peak_rss_mb']:.0f})"
+            if isinstance(memory.get("steady_rss_mb"), float)
+            else "—"
+        )
+        lines.append(
+            f"| {o.variant} | {o.input_size} | {o.tokens or '—'} | {fmt(o.graph_mb, '.0f')} | {rss} "
+            f"| {fmt(o.median_ms, '.0f')} | {fmt(o.ratio_to_fp32, '.2f')} | {fmt(worst(o, 'cosine', True), '.5f')} "
+            f"| {fmt(worst(o, 'min_token_cosine', True), '.4f')} | {fmt(worst(o, 'max_abs_error', False), '.3g')} "
+            f"| {fmt(worst(o, 'relative_error', False), '.3g')} | {kept_text(o)} |"
+        )
+    return lines
+
+
+def photo_table(outcomes: Sequence[Outcome]) -> list[str]:
+    compared = [o for o in outcomes if o.accuracy and o.variant != BASELINE.name]
+    if not compared:
+        return []
+    lines = [
+        "| Variant | " + " | ".join(EVALUATION_PHOTOS) + " |",
+        "|---|" + "---|" * len(EVALUATION_PHOTOS),
+    ]
+    for o in compared:
+        cells = [
+            f"{o.accuracy[p]['cosine']:.5f} / {o.accuracy[p]['min_token_cosine']:.4f}" if p in o.accuracy else "—"
+            for p in EVALUATION_PHOTOS
+        ]
+        lines.append(f"| {o.variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(info: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
+    head = [
+        f"CPU: {info['cpu']} ({info['cores']} cores; {', '.join(info['cpu_flags']) or 'no AVX'}); "
+        f"onnxruntime {info['onnxruntime']}; {info['threads']} intra-op threads for every variant.",
+        f"Model: {info['model_dir']}; vision graph input {info['image_size']} px.",
+        f"Encode time: median of {info['runs']} interleaved rounds on {EVALUATION_PHOTOS[0]}, "
+        "pixels prepared beforehand (preprocessing not included); 'vs fp32' is the ratio to the baseline's "
+        "median in the same rounds.",
+        f"Accuracy vs fp32 features on {', '.join(EVALUATION_PHOTOS)} (calibration used "
+        f"{', '.join(CALIBRATION_PHOTOS)}); worst photo shown. Kept: cosine >= {KEEP_COSINE} on every photo.",
+        "RSS: growth of a fresh process loading the variant and encoding once: steady (peak).",
+        "",
+    ]
+    body = [*summary_table(outcomes), ""]
+    photos = photo_table(outcomes)
+    if photos:
+        body += ["Per photo, cosine / min per-token cosine:", "", *photos, ""]
+    errors = [f"- {o.variant}: {o.error}" for o in outcomes if o.error]
+    if errors:
+        body += ["Failed:", *errors, ""]
+    return "\n".join(head + body)
+
+
+def progress(message: str) -> None:
+    print(f"[vision_encoder] {message}", file=sys.stderr, flush=True)
+
+
+def default_work(model_dir: Path) -> Path:
+    """Beside the model (outside the repository); the temp directory for a model inside it."""
+    work = model_dir.resolve().parent / "vision-encoder-bench" / model_dir.name
+    if work.is_relative_to(ROOT):
+        work = Path(tempfile.gettempdir()) / "lumen-vlm-vision-encoder-bench" / model_dir.name
+    return work
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--work", type=Path, help="where made graphs go (never inside the repository)")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds (every variant once per round)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, the same for every variant")
+    parser.add_argument("--small-size", type=int, default=512, help="the smaller input to time; 0 skips it")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant RSS processes")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    args.model_dir = args.model_dir.expanduser()
+    args.work = (args.work.expanduser() if args.work else default_work(args.model_dir)).resolve()
+    if args.work.is_relative_to(ROOT):
+        parser.error(f"--work {args.work} is inside the repository; made graphs must go elsewhere")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    spec = model_image_spec(args.model_dir)
+    variants = [v for v in VARIANTS if args.small_size or not v.small]
+    setup, graphs = prepare(args, variants, spec)
+    if BASELINE.name not in setup.sessions:
+        raise SystemExit(f"the fp32 graph does not load: {setup.outcomes[BASELINE.name].error}")
+    progress("accuracy pass (and warm-up)")
+    measure_accuracy(setup, variants)
+    progress(f"{args.runs} timed rounds")
+    measure_speed(setup, variants, args.runs)
+    setup.sessions.clear()  # free them before the memory processes start
+    if not args.no_memory:
+        progress("memory, one fresh process per variant")
+        measure_memories(setup, variants, graphs, args.threads)
+    info = {**machine(args.threads, args.runs), "model_dir": str(args.model_dir), "image_size": spec.size}
+    outcomes = [setup.outcomes[v.name] for v in variants]
+    print(report(info, outcomes))
+    if args.json:
+        payload = {
+            "machine": info,
+            "keep_rule": f"cosine >= {KEEP_COSINE} on every evaluation photo",
+            "calibration_photos": CALIBRATION_PHOTOS,
+            "evaluation_photos": EVALUATION_PHOTOS,
+            "work_dir": str(args.work),
+            "variants": [asdict(o) for o in outcomes],
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
