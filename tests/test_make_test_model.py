@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,20 @@ def test_regenerated_model_matches_its_fresh_goldens(regenerated: tuple[Path, Pa
 )
 def test_committed_fixture_is_what_the_tool_makes(regenerated: tuple[Path, Path], name: str) -> None:
     model_dir, _ = regenerated
-    assert json.loads((model_dir / name).read_text()) == json.loads((TINY_MODEL / name).read_text())
+    fresh = json.loads((model_dir / name).read_text())
+    committed = json.loads((TINY_MODEL / name).read_text())
+    assert without_version_stamps(fresh) == without_version_stamps(committed)
+
+
+def without_version_stamps(document: Any) -> Any:
+    """`document` without the transformers version that saved it: a fresh install may bring a
+    newer transformers (>=5.0,<6), which writes its own version into each config and changes
+    nothing else."""
+    if isinstance(document, dict):
+        return {key: without_version_stamps(value) for key, value in document.items() if key != "transformers_version"}
+    if isinstance(document, list):
+        return [without_version_stamps(value) for value in document]
+    return document
 
 
 def test_committed_tokenizer_is_what_the_tool_makes(regenerated: tuple[Path, Path]) -> None:
