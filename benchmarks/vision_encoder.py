@@ -307,9 +307,11 @@ def ensure_graph(inputs: Inputs, recipe: str) -> Path:
 
 
 def export_vision_graph(model_dir: str, size: int, out: str) -> None:
-    """(Child process) FastVLM's image features at `size` px, exported as make_test_model does."""
+    """(Child process) FastVLM's image features at `size` px, exported by make_test_model's own
+    export of the vision encoder."""
     sys.path.insert(0, str(ROOT / "tools"))
-    from make_test_model import import_reference_stack  # CPU torch + timm, with its torchvision shim
+    # CPU torch + timm, with its torchvision shim
+    from make_test_model import export_vision_encoder, import_reference_stack
 
     import_reference_stack()
     import torch
@@ -320,20 +322,8 @@ def export_vision_graph(model_dir: str, size: int, out: str) -> None:
         model = FastVlmForConditionalGeneration.from_pretrained(str(weights))
     else:  # the speed of a graph does not depend on its weights' values
         model = FastVlmForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
-    model.eval()
-
-    class VisionEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
     with torch.no_grad():
-        wrapper = VisionEncoder().eval()
-        program = torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), dynamo=True, optimize=True)
-    program.save(out)
+        export_vision_encoder(model.eval(), size, Path(out))
 
 
 # --------------------------------------------------------------------------- sessions and measuring

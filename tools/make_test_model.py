@@ -312,14 +312,6 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
     head_dim = text.head_dim
     batch = torch.export.Dim("batch", min=1, max=64)
 
-    class VisionEncoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
-
     class EmbedTokens(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -351,16 +343,8 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
                 presents.extend([layer.keys, layer.values])
             return (logits, *presents)
 
-    size = preset.image_size
     log.info("exporting vision_encoder")
-    export(
-        VisionEncoder(),
-        (torch.randn(2, 3, size, size),),
-        onnx_dir / "vision_encoder.onnx",
-        input_names=["pixel_values"],
-        output_names=["image_features"],
-        dynamic_shapes={"pixel_values": {0: batch}},
-    )
+    export_vision_encoder(model, preset.image_size, onnx_dir / "vision_encoder.onnx")
     log.info("exporting embed_tokens")
     export(
         EmbedTokens(),
@@ -401,6 +385,29 @@ def export_onnx(model: Any, preset: SizePreset, out_dir: Path) -> None:
             "position_ids": {0: batch, 1: auto},
             "past_key_values": [({0: batch, 2: auto}, {0: batch, 2: auto})] * text.num_hidden_layers,
         },
+    )
+
+
+def export_vision_encoder(model: Any, size: int, path: Path) -> None:
+    """The vision encoder's graph at `size` px: pixel_values [batch, 3, size, size] ->
+    image_features (benchmarks/vision_encoder.py exports it at other sizes too)."""
+    import torch
+
+    class VisionEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    export(
+        VisionEncoder(),
+        (torch.randn(2, 3, size, size),),
+        path,
+        input_names=["pixel_values"],
+        output_names=["image_features"],
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1, max=64)}},
     )
 
 
