@@ -6,13 +6,13 @@ int8: 8-bit weights in the form this machine's CPU runs faster (--int8-form, def
       "integer", onnxruntime's dynamic quantization (int8 weights, per tensor, MatMulInteger),
       or "nbits", 8-bit MatMulNBits weights (block 128, symmetric, accuracy_level 4). auto
       picks nbits on an x86 CPU with AVX-512 VNNI or AVX-VNNI and no AMX, integer elsewhere:
-      measured (benchmarks/RESULTS.md, "Peers"), nbits decoded 1.20x faster than integer and
-      prefilled 0.92x its time on an AMD EPYC with AVX-512 VNNI, with half its logit error,
-      but 0.66x as fast on an AVX2-only EPYC; with AMX, integer's prefill is the fastest
-      measured (ORT's AMX int8 GEMM). The file has the same name either way.
+      measured (benchmarks/RESULTS.md, "Peers"), nbits decoded 1.09-1.43x as fast as integer
+      and prefilled within 5% of its time on an AMD EPYC with AVX-512 VNNI, with half its
+      logit error, but 0.66x as fast on an AVX2-only EPYC; with AMX, integer's prefill is
+      the fastest measured (ORT's AMX int8 GEMM). The file has the same name either way.
 q4:   onnxruntime's MatMulNBits 4-bit weights, block size 128 with zero points (asymmetric),
       accuracy_level 4 (int8 dot products on CPU, markedly faster than level 0 on x86). Block
-      128 decoded 1.06-1.42x faster than block 32 on the machines measured (benchmarks/RESULTS.md,
+      128 decoded 1.06-1.40x as fast as block 32 on the machines measured (benchmarks/RESULTS.md,
       "Peers"), at the same top-1 agreement with fp32 and a ~9% larger max logit error;
       zero points made it more accurate than symmetric block 128, and no slower.
 Only onnxruntime and onnx are needed, no torch.
