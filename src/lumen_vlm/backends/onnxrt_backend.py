@@ -248,13 +248,9 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._vision = self._open(files.graphs["vision"], copy_options(options, enable_cpu_mem_arena=False))
         self._embed = self._open(files.graphs["embed"], options)
         self._context_length = context_length
-        # How many layers' attention runs as one fused kernel (0: as the graph spells it out);
-        # with it, each request's KV cache is allocated once and written in place.
-        self.fused_attention_layers = 0
-        self.fused_norms = 0  # RMS norms run as one kernel each
-        self.fused_projections = 0  # weight matmuls joined to a sibling's (q/k/v, gate/up)
-        self.fused_residual_adds = 0  # residual Adds done inside the norm that reads them
-        self.packed_attention_layers = 0  # layers whose attention reads q, k and v as one tensor
+        # The rewritten decoder in use and what was rewritten (graphs/decoder.py), or None
+        # when the decoder runs as exported.
+        self._rewrites: DerivedDecoder | None = None
         # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
         # the GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
         # OptimizedGraphCache.derived_decoder) is used when one can be made.
@@ -299,11 +295,22 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             ", ".join(active),
             self._info.load_time_ms,
             "fused" if self.fused_attention_layers else "as exported",
-            self.packed_attention_layers,
+            self._rewrites.packed_attention_layers if self._rewrites else 0,
             self.fused_norms,
-            self.fused_residual_adds,
-            self.fused_projections,
+            self._rewrites.fused_residual_adds if self._rewrites else 0,
+            self._rewrites.fused_projections if self._rewrites else 0,
         )
+
+    @property
+    def fused_attention_layers(self) -> int:
+        """How many layers' attention runs as one fused kernel (0: as the graph spells it out);
+        with it, each request's KV cache is allocated once and written in place."""
+        return self._rewrites.fused_attention_layers if self._rewrites else 0
+
+    @property
+    def fused_norms(self) -> int:
+        """RMS norms run as one kernel each."""
+        return self._rewrites.fused_norms if self._rewrites else 0
 
     # ------------------------------------------------------------------ loading
 
@@ -324,11 +331,7 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
                 derived.discard(exc)
             else:
-                self.fused_attention_layers = derived.fused_attention_layers
-                self.fused_norms = derived.fused_norms
-                self.fused_projections = derived.fused_projections
-                self.fused_residual_adds = derived.fused_residual_adds
-                self.packed_attention_layers = derived.packed_attention_layers
+                self._rewrites = derived
                 return session, derived.last_position_logits
         return self._open(source, options, reuse_optimized=False), False
 
