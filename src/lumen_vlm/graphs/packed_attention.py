@@ -57,23 +57,21 @@ def _layer_at(graph: GraphIndex, attention: onnx.NodeProto) -> _Layer | None:
     its order and nothing else reads them; else None."""
     if len(attention.input) < 3 or not all(attention.input[:3]):
         return None  # already packed
-    adds, biases, splits = [], [], []
+    adds, biases, split = [], [], None
     for index, name in enumerate(attention.input[:3]):
         add = graph.producer.get(name)
         if add is None or graph.read_only_by(name, attention.op_type) is not attention:
             return None
         part = next((value for value in add.input if value in graph.producer), None)
-        split = graph.producer.get(part) if part else None
+        split = split or (graph.producer.get(part) if part else None)
         bias = _bias(graph, add, part) if part else None
-        if split is None or split.op_type != "Split" or bias is None or list(split.output).index(part) != index:
+        if split is None or split.op_type != "Split" or bias is None or list(split.output)[index : index + 1] != [part]:
             return None
         if graph.read_only_by(part, "Add") is not add:
             return None
         adds.append(add)
         biases.append(bias)
-        splits.append(split)
-    split = splits[0]
-    if any(other is not split for other in splits) or len(split.output) != 3 or not _splits_last_axis(split):
+    if split is None or len(split.output) != 3 or not _splits_last_axis(split):
         return None
     return _Layer(attention, split, tuple(adds), tuple(biases))
 
