@@ -63,6 +63,7 @@ def quantize_int8(source: Path, target: Path, form: str = "auto") -> str:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
     else:
         raise ValueError(f"int8 form {form!r}: choose one of {', '.join(INT8_FORMS)}")
+    log.info("%s: int8 weights as %s", target.name, "MatMulNBits" if chosen == "nbits" else "MatMulInteger")
     return chosen
 
 
@@ -96,7 +97,7 @@ def remove_graph(target: Path) -> None:
         path.unlink()
 
 
-QUANTIZERS = {"int8": quantize_int8, "q4": quantize_q4}
+PRECISIONS = ("int8", "q4")
 
 
 def quantize_decoder(model_dir: Path, precision: str, int8_form: str = "auto") -> Path:
@@ -105,17 +106,18 @@ def quantize_decoder(model_dir: Path, precision: str, int8_form: str = "auto") -
     target = onnx_dir / f"{DECODER}_{precision}.onnx"
     source = onnx_dir / f"{DECODER}.onnx"
     if precision == "int8":
-        form = quantize_int8(source, target, int8_form)
-        log.info("%s: int8 weights as %s", target.name, "MatMulNBits" if form == "nbits" else "MatMulInteger")
+        quantize_int8(source, target, int8_form)
+    elif precision == "q4":
+        quantize_q4(source, target)
     else:
-        QUANTIZERS[precision](source, target)
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("precisions", nargs="+", choices=sorted(QUANTIZERS))
+    parser.add_argument("precisions", nargs="+", choices=PRECISIONS)
     parser.add_argument(
         "--int8-form", choices=INT8_FORMS, default="auto", help="int8's kernels (default: auto, for this CPU)"
     )
