@@ -45,7 +45,6 @@ import concurrent.futures
 import hashlib
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -61,7 +60,9 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the package, and tools/
+
+from run_benchmark import machine_description, memory_read_bandwidth  # noqa: E402  (the sibling script)
 
 from lumen_vlm.backends.onnxrt_backend import default_session_options  # noqa: E402
 from lumen_vlm.fastvlm.image import image_to_pixels  # noqa: E402
@@ -309,9 +310,8 @@ def ensure_graph(inputs: Inputs, recipe: str) -> Path:
 def export_vision_graph(model_dir: str, size: int, out: str) -> None:
     """(Child process) FastVLM's image features at `size` px, exported by make_test_model's own
     export of the vision encoder."""
-    sys.path.insert(0, str(ROOT / "tools"))
     # CPU torch + timm, with its torchvision shim
-    from make_test_model import export_vision_encoder, import_reference_stack
+    from tools.make_test_model import export_vision_encoder, import_reference_stack
 
     import_reference_stack()
     import torch
@@ -495,33 +495,22 @@ def measure_memories(setup: Setup, variants: Sequence[Variant], graphs: dict[str
 # --------------------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+def mlas_int8_flags() -> list[str]:
+    """The CPU flags that decide MLAS's int8 kernels: VNNI avoids AVX2's u8s8 saturation."""
+    from tools.quantize_model import cpu_flags
 
-
-def cpu_flags() -> list[str]:
-    """The flags that decide MLAS's int8 kernels: VNNI avoids AVX2's u8s8 saturation."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return sorted(f for f in flags if f.startswith(("avx", "amx")) or "vnni" in f)
-    return []
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or "vnni" in f)
 
 
 def machine(threads: int, runs: int) -> dict[str, Any]:
-    import os
-
+    """run_benchmark's description of the machine, its memory read bandwidth before the run,
+    and this run's settings."""
     return {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cores": os.cpu_count(),
+        **machine_description(),
+        "cpu_flags": mlas_int8_flags(),
+        "memory_read_gb_s": memory_read_bandwidth() / 1e9,
         "threads": threads,
         "runs": runs,
-        "onnxruntime": ort.__version__,
-        "python": platform.python_version(),
     }
 
 
@@ -583,7 +572,8 @@ def photo_table(outcomes: Sequence[Outcome]) -> list[str]:
 
 def report(info: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
     head = [
-        f"CPU: {info['cpu']} ({info['cores']} cores; {', '.join(info['cpu_flags']) or 'no AVX'}); "
+        f"CPU: {info['cpu']} ({info['logical_cores']} logical cores; {', '.join(info['cpu_flags']) or 'no AVX'}); "
+        f"memory read {info['memory_read_gb_s']:.1f} GB/s before the run; "
         f"onnxruntime {info['onnxruntime']}; {info['threads']} intra-op threads for every variant.",
         f"Model: {info['model_dir']}; vision graph input {info['image_size']} px.",
         f"Encode time: median of {info['runs']} interleaved rounds on {EVALUATION_PHOTOS[0]}, "
@@ -637,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     spec = model_image_spec(args.model_dir)
+    info = {**machine(args.threads, args.runs), "model_dir": str(args.model_dir), "image_size": spec.size}
     variants = [v for v in VARIANTS if args.small_size or not v.small]
     setup, graphs = prepare(args, variants, spec)
     if BASELINE.name not in setup.sessions:
@@ -649,7 +640,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_memory:
         progress("memory, one fresh process per variant")
         measure_memories(setup, variants, graphs, args.threads)
-    info = {**machine(args.threads, args.runs), "model_dir": str(args.model_dir), "image_size": spec.size}
     outcomes = [setup.outcomes[v.name] for v in variants]
     print(report(info, outcomes))
     if args.json:
