@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from .decoders import decoder_path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def q4_decoder(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    sys.path.insert(0, str(ROOT))
     from tools.quantize_model import quantize_q4
 
     target = tmp_path / "decoder_q4.onnx"
