@@ -1,0 +1,202 @@
+"""Small checks of ONNX Runtime's CPU kernels behind the peers section's conclusions.
+
+    python benchmarks/kernel_checks.py profile GRAPH [--depth 292] [--steps 40]
+    python benchmarks/kernel_checks.py fp16
+    python benchmarks/kernel_checks.py lm-head
+
+profile: ORT's profiler over decode steps of a decoder graph (our rewritten one from
+  <cache_dir>/ort-optimized/*-decoder/model.onnx, or onnxruntime-genai's model.onnx): one new
+  token after `--depth` past positions of random KV, past and present in separate buffers; the
+  time per op type, per step.
+fp16: 24 decode-shaped MatMuls (M = 1, 896 x 4864) with fp32 weights and with fp16 weights, in
+  turns: whether half the bytes is faster on this CPU, and which ops ORT runs for fp16.
+lm-head: FastVLM-0.5B's lm_head shape (M = 1, K = 896, N = 151936) as MatMulNBits in several
+  forms, in turns, with each form's relative output error against fp32.
+
+2 intra-op threads throughout; random weights (speed does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+THREADS = 2
+
+
+def session(model: bytes | str, profile_prefix: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def mean_ms(run: Callable[[], object], calls: int) -> float:
+    """Mean milliseconds a call over `calls` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        run()
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - started) / calls * 1000
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def decode_feeds(sess: ort.InferenceSession, depth: int) -> dict[str, np.ndarray]:
+    """One new token after `depth` positions, for either engine's input names."""
+    rng = np.random.default_rng(0)
+    types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+    feeds = {}
+    for value in sess.get_inputs():
+        dtype = types[value.type]
+        if value.name == "inputs_embeds":
+            feeds[value.name] = (rng.standard_normal((1, 1, value.shape[2])) * 0.1).astype(dtype)
+        elif value.name == "input_ids":
+            feeds[value.name] = np.array([[100]], dtype=dtype)
+        elif value.name == "position_ids":
+            feeds[value.name] = np.array([[depth]], dtype=dtype)
+        elif value.name == "attention_mask":
+            feeds[value.name] = np.ones((1, depth + 1), dtype=dtype)
+        elif "past" in value.name:  # [batch, kv heads, past positions, head size]
+            head_size = 64 if value.shape[3] == "kv_cache_dim" else value.shape[3]
+            feeds[value.name] = (rng.standard_normal((1, value.shape[1], depth, head_size)) * 0.5).astype(dtype)
+        else:
+            raise SystemExit(f"input {value.name} {value.shape}: not a decoder input this check knows")
+    return feeds
+
+
+def profile(graph: Path, depth: int, steps: int) -> None:
+    prefix = str(Path(tempfile.mkdtemp()) / "profile")
+    sess = session(str(graph), prefix)
+    feeds = decode_feeds(sess, depth)
+    wall = mean_ms(lambda: sess.run(None, feeds), steps)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = steps + 3
+    by_op: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+            count[event["args"]["op_name"]] += 1
+    print(f"{graph}: {wall:.2f} ms a step (mean, profiler on), depth {depth}")
+    for op, microseconds in by_op.most_common():
+        print(f"  {op:34s} {microseconds / runs / 1000:7.3f} ms  x{count[op] // runs}")
+
+
+# --------------------------------------------------------------------------- fp16
+
+
+def matmuls(dtype: type, count: int = 24, k: int = 896, n: int = 4864) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = TensorProto.FLOAT16 if dtype is np.float16 else TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.random((k, n)) - 0.5).astype(dtype), f"w{i}") for i in range(count)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(count)]
+    graph = helper.make_graph(
+        nodes,
+        "matmuls",
+        [helper.make_tensor_value_info("x", elem, [1, k])],
+        [helper.make_tensor_value_info(f"y{i}", elem, None) for i in range(count)],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def fp16() -> None:
+    sessions = {dtype: session(matmuls(dtype)) for dtype in (np.float32, np.float16)}
+    for round_ in range(2):
+        for dtype, sess in sessions.items():
+            x = {"x": np.ones((1, 896), dtype)}
+            ms = mean_ms(lambda sess=sess, x=x: sess.run(None, x), 40)
+            megabytes = 24 * 896 * 4864 * np.dtype(dtype).itemsize / 1e6
+            print(f"round {round_}, {np.dtype(dtype).name} weights: {ms:.2f} ms for {megabytes:.0f} MB")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.log_severity_level = 3
+    optimized = Path(tempfile.mkdtemp()) / "fp16.onnx"
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(matmuls(np.float16), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    print("ops ORT runs for fp16 weights:", sorted({node.op_type for node in onnx.load(str(optimized)).graph.node}))
+
+
+# --------------------------------------------------------------------------- lm-head
+
+
+LM_HEAD_FORMS = {  # name: (bits, block size, symmetric)
+    "4-bit block 32 symmetric": (4, 32, True),
+    "4-bit block 128 zero points": (4, 128, False),
+    "4-bit block 128 symmetric": (4, 128, True),
+    "8-bit block 128 symmetric": (8, 128, True),
+}
+
+
+def lm_head() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    k, n = 896, 151936
+    weight = (np.random.default_rng(0).standard_normal((k, n)) * 0.02).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((1, 1, k)).astype(np.float32)
+    reference = x[0] @ weight
+    sessions = {}
+    for name, (bits, block, symmetric) in LM_HEAD_FORMS.items():
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="lm_head")],
+            "lm_head",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w")],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4)
+        quantizer.process()
+        sessions[name] = session(quantizer.model.model.SerializeToString())
+        got = sessions[name].run(None, {"x": x})[0][0]
+        print(f"{name}: relative error {np.linalg.norm(got - reference) / np.linalg.norm(reference):.4f}")
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(5):
+        for name, sess in sessions.items():
+            times[name].append(mean_ms(lambda sess=sess: sess.run(None, {"x": x}), 20))
+    for name, values in times.items():
+        print(f"{name}: median {np.median(values):.2f} ms over 5 rounds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("check", choices=("profile", "fp16", "lm-head"))
+    parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph")
+    parser.add_argument("--depth", type=int, default=292)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args(argv)
+    print(f"onnxruntime {ort.__version__}, {THREADS} threads, {os.cpu_count()} logical cores")
+    if args.check == "profile":
+        if args.graph is None:
+            parser.error("profile needs the decoder graph")
+        profile(args.graph, args.depth, args.steps)
+    elif args.check == "fp16":
+        fp16()
+    else:
+        lm_head()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
