@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lumen_vlm.resources.model_files import graph_files
+from lumen_vlm.resources.model_files import graph_files, remove_graph
 
 DECODER = "decoder_model_merged"
 log = logging.getLogger("quantize_model")
@@ -88,13 +88,6 @@ def quantize_q4(
     large = source.stat().st_size > 1_800_000_000 or len(graph_files(source)) > 1
     remove_graph(target)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
-
-
-def remove_graph(target: Path) -> None:
-    """Remove a graph written before, with its side files: onnx appends external weights to a
-    side file that exists, so a re-quantized decoder would carry the old weights' bytes too."""
-    for path in graph_files(target):
-        path.unlink()
 
 
 PRECISIONS = ("int8", "q4")

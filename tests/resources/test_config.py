@@ -161,6 +161,15 @@ def test_short_form_server_and_precision_alias(tmp_path: Path) -> None:
     assert settings.backend.providers == ["CPUExecutionProvider"]
 
 
+def test_vision_precision_is_its_own_option(tmp_path: Path) -> None:
+    model = "services:\n  vlm:\n    models:\n      m: {model: x, runtime: onnx, precision: q4}\n"
+    assert load_settings(write(tmp_path, model)).model.vision_precision is None  # the model's precision
+    settings = load_settings(write(tmp_path, model + "    vlm_settings: {vision_precision: int8}\n"))
+    assert (settings.model.precision, settings.model.vision_precision) == ("q4", "int8")
+    with pytest.raises(ConfigError, match=r"services\.vlm\.vlm_settings\.vision_precision: unknown precision 'int9'"):
+        load_settings(write(tmp_path, model + "    vlm_settings: {vision_precision: int9}\n"))
+
+
 def test_tilde_and_relative_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

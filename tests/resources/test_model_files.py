@@ -209,6 +209,19 @@ def test_a_mixed_directory_loads_each_graph_in_the_best_precision_present(
     assert result.generated_tokens == case["max_new_tokens"] and result.text
 
 
+def test_the_vision_graph_can_have_a_precision_of_its_own(tmp_path: Path) -> None:
+    # What tools/quantize_vision.py leaves: an int8 vision encoder beside q4 and fp32 decoders.
+    model_dir = community_model(tmp_path / "m")
+    for name in ("vision_encoder_int8.onnx", "decoder_model_merged_q4.onnx"):
+        (model_dir / "onnx" / name).write_bytes(b"")
+    files = locate_model_files(model_dir, "q4", vision_precision="int8")
+    assert files.graph_precisions == {"vision": "int8", "embed": "fp32", "decoder": "q4"}
+    assert locate_model_files(model_dir, "q4").graph_precisions["vision"] == "fp32"  # unset: the decoder's
+    assert locate_model_files(model_dir, "fp32", vision_precision="fp16").graph_precisions["vision"] == "fp32"
+    with pytest.raises(ModelFilesError, match="unknown precision 'int9'"):
+        locate_model_files(model_dir, "q4", vision_precision="int9")
+
+
 def test_a_graph_missing_in_every_precision_names_what_is_there(tmp_path: Path) -> None:
     model_dir = lumen_model(tmp_path / "m", {"decoder": "decoder.fp16.onnx"})
     (model_dir / "onnx" / "decoder.fp16.onnx").unlink()

@@ -127,6 +127,7 @@ class FastVLMModelManager:
         cls,
         model_dir: Path | str,
         precision: str = ModelSettings.precision,
+        vision_precision: str | None = ModelSettings.vision_precision,
         device: str = BackendSettings.device,
         providers: Sequence[Any] | None = None,
         intra_op_threads: int = BackendSettings.intra_op_threads,
@@ -136,7 +137,7 @@ class FastVLMModelManager:
         """Load a model directory with the ONNX Runtime backend."""
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
-        files = locate_model_files(Path(model_dir), precision)
+        files = locate_model_files(Path(model_dir), precision, vision_precision)
         tokenizer, stated = read_model(files)
         chosen = select_providers(device, providers)
         try:
@@ -161,6 +162,7 @@ class FastVLMModelManager:
             return cls.from_model_dir(
                 model_dir,
                 precision=settings.model.precision,
+                vision_precision=settings.model.vision_precision,
                 device=settings.backend.device,
                 providers=settings.backend.providers,
                 # ORT's intra-op pool belongs to the session and is shared by concurrent runs, so
@@ -186,7 +188,7 @@ class FastVLMModelManager:
         `check_device`'s.
         """
         try:
-            files = locate_model_files(Path(model_dir), settings.model.precision)
+            files = locate_model_files(Path(model_dir), settings.model.precision, settings.model.vision_precision)
             _, stated = read_model(files)
             ChatTemplate(stated.text.chat_template, stated.text.special_tokens)  # compiles and probes it
         except ModelFilesError as exc:

@@ -104,6 +104,7 @@ class VLMOptions(BaseModel):
     intra_op_threads: _NonNegativeInt | None = None  # 0: ONNX Runtime's default
     feature_cache_bytes: _NonNegativeInt | None = None  # 0: no image-feature cache
     prefix_cache_bytes: _NonNegativeInt | None = None  # 0: no prompt-prefix KV cache
+    vision_precision: str | None = None  # the vision graph's precision; unset: the model's
 
 
 VLM_KEYS = tuple(VLMOptions.model_fields)
@@ -452,7 +453,7 @@ def _build_settings(
     backend = service_config.backend_settings or LumenBackendSettings()
     return VLMSettings(
         cache_dir=cache_dir,
-        model=_model_settings(service_config.models, f"services.{service}.models"),
+        model=_model_settings(service_config.models, f"services.{service}.models", options.get("vision_precision")),
         backend=BackendSettings(
             device=backend.device or BackendSettings.device,  # null means auto-detect, as in lumen-resources
             providers=_providers(backend.onnx_providers, f"services.{service}.backend_settings.onnx_providers"),
@@ -468,7 +469,10 @@ def _build_settings(
     )
 
 
-def _model_settings(models: Mapping[str, ModelConfig], prefix: str) -> ModelSettings:
+def _model_settings(
+    models: Mapping[str, ModelConfig], prefix: str, vision_precision: tuple[str, str] | None = None
+) -> ModelSettings:
+    """The one model entry, and the vision precision option as (value, key) where it is set."""
     if not models:
         raise ConfigError(
             f"{prefix}: no model configured; add one, e.g. {prefix}.fastvlm: {{model: ..., runtime: onnx}}"
@@ -485,7 +489,10 @@ def _model_settings(models: Mapping[str, ModelConfig], prefix: str) -> ModelSett
     if not entry.model.strip():
         raise ConfigError(f"{path}.model: must name a model directory, Lumen model or Hugging Face repo")
     precision = _precision(entry.precision, f"{path}.precision")
-    return ModelSettings(alias=alias, model=entry.model.strip(), runtime=runtime, precision=precision)
+    vision = _precision(*vision_precision) if vision_precision else None
+    return ModelSettings(
+        alias=alias, model=entry.model.strip(), runtime=runtime, precision=precision, vision_precision=vision
+    )
 
 
 def _precision(value: str | None, path: str) -> str:

@@ -115,6 +115,13 @@ def graph_files(graph: Path) -> list[Path]:
     return sorted(p for p in graph.parent.glob(graph.name + "*") if p.is_file())
 
 
+def remove_graph(graph: Path) -> None:
+    """Remove a graph file with its side files, before a tool writes it anew: onnx appends
+    external weights to a side file that exists, so the new graph would carry the old bytes too."""
+    for path in graph_files(graph):
+        path.unlink()
+
+
 def detect_layout(root: Path) -> str:
     if (root / "model_info.json").is_file():
         return "lumen"
@@ -145,8 +152,9 @@ def _find_graph(root: Path, layout: str, graph: str, requested: str) -> tuple[Pa
     return (root / best[0], best[1]) if best else None
 
 
-def locate_model_files(root: Path, precision: str = "fp32") -> ModelFiles:
-    """Pick each graph in `precision`, or in the best precision present (`fallback_precisions`)."""
+def locate_model_files(root: Path, precision: str = "fp32", vision_precision: str | None = None) -> ModelFiles:
+    """Pick each graph in `precision` (the vision graph in `vision_precision`, where given), or in
+    the best precision present (`fallback_precisions`)."""
     root = root.expanduser()
     if not root.is_dir():
         raise ModelFilesError(f"model directory {root} does not exist")
@@ -154,13 +162,16 @@ def locate_model_files(root: Path, precision: str = "fp32") -> ModelFiles:
     layout = detect_layout(root)
     graphs: dict[str, Path] = {}
     found: dict[str, str] = {}
+    wanted = {graph: requested for graph in GRAPHS}
+    if vision_precision is not None:
+        wanted["vision"] = canonical_precision(vision_precision)
     for graph in GRAPHS:
-        best = _find_graph(root, layout, graph, requested)
+        best = _find_graph(root, layout, graph, wanted[graph])
         if best is None:
-            expected = " or ".join(p.as_posix() for p in graph_candidates(layout, graph, requested))
+            expected = " or ".join(p.as_posix() for p in graph_candidates(layout, graph, wanted[graph]))
             present = sorted(p.name for p in (root / "onnx").glob("*.onnx")) if (root / "onnx").is_dir() else []
             raise ModelFilesError(
-                f"{root} has no {requested} {graph} graph (expected {expected}), nor one in another precision; "
+                f"{root} has no {wanted[graph]} {graph} graph (expected {expected}), nor one in another precision; "
                 f"graphs present: {', '.join(present) or 'none'}"
             )
         graphs[graph], found[graph] = best

@@ -19,6 +19,8 @@ class ModelSettings:
     model: str  # a local directory, a Lumen model name, or a Hugging Face repo id
     runtime: str = "onnx"
     precision: str = "fp32"
+    # The vision encoder's own precision (tools/quantize_vision.py writes an int8 one); None: `precision`.
+    vision_precision: str | None = None
 
 
 @dataclass(frozen=True)
