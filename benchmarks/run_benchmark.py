@@ -51,6 +51,9 @@ CACHE = Path(os.environ.get("LUMEN_VLM_BENCH_CACHE", "~/.cache/lumen-vlm/bench")
 QUESTION = "Describe this photo in detail: what objects, colours and people do you see?"
 MESSAGES = [{"role": "user", "content": QUESTION}]
 ENGINES = ("lumen-fp32", "lumen-int8", "lumen-q4", "transformers")
+# Opt-in (--engines): a decoder precision with the int8 vision encoder tools/quantize_vision.py
+# writes into the model directory (run it first; it needs scikit-image's photos).
+VISION_INT8_ENGINES = ("lumen-int8-vision-int8", "lumen-q4-vision-int8")
 # The concurrency mode: streams submitted at once, and the burst set against one after another.
 STREAMS = (1, 2, 4, 8)
 BURST_PHOTOS = 16
@@ -189,19 +192,32 @@ class EncodeClock:
         return features
 
 
-def load_manager(model_dir: Path, precision: str) -> tuple[Any, float, EncodeClock]:
+def engine_precisions(engine: str) -> tuple[str, str | None]:
+    """(decoder precision, vision precision or None for the same) of a lumen engine's name."""
+    precision, _, vision = engine.removeprefix("lumen-").partition("-vision-")
+    return precision, vision or None
+
+
+def load_manager(model_dir: Path, precision: str, vision: str | None = None) -> tuple[Any, float, EncodeClock]:
     """The model as the server loads it, with ORT's optimized graphs saved in the cache (made by
     a first load, not timed); (manager, load ms, its encode clock). EOS is taken out of the
     model's facts, so that every stream generates exactly the tokens it asks for: a random-weight
     model may sample EOS at any step, and a shorter stream would decode less than the others."""
     from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager
+    from lumen_vlm.resources.model_files import locate_model_files
 
+    if vision and locate_model_files(model_dir, precision, vision).graph_precisions["vision"] != vision:
+        raise SystemExit(f"{model_dir} has no {vision} vision encoder: run tools/quantize_vision.py {model_dir}")
     optimized = model_dir.parent / "ort-optimized"  # beside the model: --quick's goes with its temp dir
-    FastVLMModelManager.from_model_dir(model_dir, precision=precision, optimized_graph_dir=optimized).close()
+
+    def load() -> Any:
+        return FastVLMModelManager.from_model_dir(
+            model_dir, precision=precision, vision_precision=vision, optimized_graph_dir=optimized
+        )
+
+    load().close()
     reset_peak_rss()
-    load_ms, manager = timed(
-        lambda: FastVLMModelManager.from_model_dir(model_dir, precision=precision, optimized_graph_dir=optimized)
-    )
+    load_ms, manager = timed(load)
     manager.spec = replace(manager.spec, text=replace(manager.spec.text, eos_token_ids=frozenset()))
     clock = EncodeClock(manager.backend)
     manager.backend = clock
@@ -553,10 +569,10 @@ def batch_step_ms(manager: Any, prompt: Any, rows: int, slot_tokens: int, token:
 
 
 def lumen_worker(
-    model_dir: Path, precision: str, runs: int, new_tokens: int, streams: tuple[int, ...], burst: int
+    model_dir: Path, engine: str, runs: int, new_tokens: int, streams: tuple[int, ...], burst: int
 ) -> dict[str, Any]:
-    progress(f"lumen-{precision}: loading, then one stream")
-    manager, load_ms, encodes = load_manager(model_dir, precision)
+    progress(f"{engine}: loading, then one stream")
+    manager, load_ms, encodes = load_manager(model_dir, *engine_precisions(engine))
     result: dict[str, Any] = single_stream(manager, encodes, runs, new_tokens)
     result["peak_rss_mb"] = peak_rss_mb()  # one stream's: before the engine's KV cache is used
     bench = Bench.start(manager, encodes)
@@ -569,7 +585,7 @@ def lumen_worker(
     info = manager.backend.info
     result.update(
         {
-            "engine": f"lumen-{precision}",
+            "engine": engine,
             "load_ms": load_ms,
             "decoder_bytes": info.decoder_bytes,
             "model_bytes": info.model_bytes,
@@ -917,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, help="use (and cache) the model here")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES + VISION_INT8_ENGINES, default=list(ENGINES))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the report here (e.g. benchmarks/RESULTS.md)")
     parser.add_argument(
@@ -930,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", action="store_true", help="our decoder beside llama.cpp and onnxruntime-genai (benchmarks/peers.py)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="peers mode: rounds of every engine in turn")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=ENGINES + VISION_INT8_ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     streams = tuple(args.streams)
     if any(not 1 <= count <= BATCH_SLOTS for count in streams) or args.burst < 0:
@@ -940,8 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker == "transformers":
             result = transformers_worker(args.model_dir, args.runs, args.new_tokens)
         else:
-            precision = args.worker.split("-", 1)[1]
-            result = lumen_worker(args.model_dir, precision, args.runs, args.new_tokens, streams, args.burst)
+            result = lumen_worker(args.model_dir, args.worker, args.runs, args.new_tokens, streams, args.burst)
         args.json.write_text(json.dumps(result))
         return 0
 

@@ -10,8 +10,9 @@ Every variant is measured against the model's own fp32 graph (onnx/vision_encode
 * int8 dynamic quantization (`quantize_dynamic`, QInt8 weights; ConvInteger/MatMulInteger);
 * int8 static quantization in QDQ format (`quantize_static`, per-channel weights, uint8
   activations), calibrated on real photographs: with int8 weights (U8S8, ORT's x86 choice),
-  the same with `reduce_range`, with uint8 weights (U8U8), and U8S8 on the dense (group 1)
-  convolutions only, see `make_static`;
+  the same with `reduce_range`, with uint8 weights (U8U8), U8S8 on the dense (group 1)
+  convolutions only, see `make_static`, and tools/quantize_vision.py's graph: the dense ones
+  less those its sensitivity search leaves in fp32 (`make_searched`);
 * fp32 at a smaller input (`--small-size`, 512 px: 64 image tokens instead of 256), a choice
   a user would make. Its features are not comparable with the model's, so it gets speed only.
   The model's graph has its input size baked in, so that graph is re-exported from the model's
@@ -56,24 +57,34 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.quantization import QuantType, quantize_dynamic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # the package, and tools/
 
 from run_benchmark import machine_description, memory_read_bandwidth  # noqa: E402  (the sibling script)
 
-from lumen_vlm.backends.onnxrt_backend import default_session_options  # noqa: E402
-from lumen_vlm.fastvlm.image import image_to_pixels  # noqa: E402
-from lumen_vlm.resources.model_files import load_tokenizer, locate_model_files, read_file_spec  # noqa: E402
 from lumen_vlm.resources.model_spec import ImageSpec  # noqa: E402
+from tools.quantize_vision import (  # noqa: E402  (the recipe, its photos and its measures are the tool's)
+    CALIBRATION_PHOTOS,
+    HELD_OUT_PHOTOS,
+    KEEP_COSINE,
+    SEARCH_RUNS,
+    SELECT_COSINE,
+    Search,
+    bundled_photo,
+    compare,
+    dense_convs,
+    encode,
+    make_session,
+    model_image_spec,
+    preprocess,
+    quantize_qdq,
+)
+from tools.quantize_vision import pixels_for as photo_pixels  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "lumen-vlm" / "bench" / "fastvlm-0.5b-random"
-# Colour (and one grey) photographs bundled in scikit-image's wheel; the two sets share none.
-CALIBRATION_PHOTOS = ("astronaut.png", "coffee.png", "motorcycle_left.png", "hubble_deep_field.jpg", "camera.png")
-EVALUATION_PHOTOS = ("chelsea.png", "rocket.jpg", "retina.jpg", "ihc.png")
-KEEP_COSINE = 0.99  # the issue's rule, on every evaluation photo
+EVALUATION_PHOTOS = HELD_OUT_PHOTOS  # the tool's verdict photos; calibration never sees them
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
@@ -103,6 +114,7 @@ VARIANTS = (
     Variant("int8 static QDQ, per-channel, U8S8 reduce_range", "int8-static-u8s8-reduce-range"),
     Variant("int8 static QDQ, per-channel, U8U8", "int8-static-u8u8"),
     Variant("int8 static QDQ, per-channel, U8S8, dense convolutions only", "int8-static-dense-convs"),
+    Variant("int8 static QDQ, dense convolutions, sensitivity search (tools/quantize_vision.py)", "int8-tool"),
     Variant("fp32, ORT_ENABLE_ALL, small input", "fp32-small", small=True),
 )
 BASELINE = VARIANTS[0]
@@ -130,55 +142,12 @@ class Outcome:
 # --------------------------------------------------------------------------- photos and pixels
 
 
-def photo_bytes(name: str) -> bytes:
-    """A photo file from scikit-image's bundled data, as the bytes a request would carry."""
-    try:
-        import skimage.data
-    except ImportError as exc:
-        raise SystemExit("this benchmark needs scikit-image for its photographs: pip install scikit-image") from exc
-    path = Path(skimage.data.data_dir) / name
-    if not path.is_file():
-        raise SystemExit(f"{path} is not in this scikit-image wheel; pick photos that are bundled")
-    return path.read_bytes()
-
-
-def model_image_spec(model_dir: Path) -> ImageSpec:
-    """The image preprocessing the server uses for this model, as its files state it."""
-    files = locate_model_files(model_dir)
-    spec = read_file_spec(files, load_tokenizer(files.tokenizer).token_to_id).image
-    if spec.size == 0:  # no file states it: the server takes the vision graph's input size
-        spec = replace(spec, size=graph_input_size(files.graphs["vision_encoder"]))
-    return spec
-
-
-def graph_input_size(path: Path) -> int:
-    """The square side a vision graph's pixel_values input declares."""
-    shape = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
-    return int(shape[-1])
-
-
 def pixels_for(photos: Sequence[str], spec: ImageSpec) -> dict[str, np.ndarray]:
-    return {name: image_to_pixels(photo_bytes(name), spec) for name in photos}
+    """Each of scikit-image's photos, by name, through the server's preprocessing."""
+    return photo_pixels([bundled_photo(name) for name in photos], spec)
 
 
 # --------------------------------------------------------------------------- graphs
-
-
-class PhotoReader(CalibrationDataReader):
-    """Feeds the calibration photos' pixels, one at a time, to ORT's calibrator."""
-
-    def __init__(self, input_name: str, pixels: Sequence[np.ndarray]) -> None:
-        self._feeds = [{input_name: p} for p in pixels]
-        self._next: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._next, None)
-
-    def __len__(self) -> int:
-        return len(self._feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._next = iter(self._feeds[start_index:end_index])
 
 
 @dataclass(frozen=True)
@@ -188,9 +157,9 @@ class Inputs:
     model_dir: Path
     fp32: Path
     work: Path
-    input_name: str
-    calibration: list[np.ndarray]
+    calibration: dict[str, np.ndarray]  # photo -> pixels
     small_size: int
+    threads: int
 
 
 def make_dynamic(inputs: Inputs, out: Path) -> None:
@@ -200,10 +169,7 @@ def make_dynamic(inputs: Inputs, out: Path) -> None:
 def preprocessed_fp32(inputs: Inputs) -> Path:
     """ORT's recommended pre-processing for static quantization (shape inference and basic
     optimizations), once for both static recipes."""
-    out = inputs.work / f"fp32-preprocessed.{source_stamp(inputs)[:16]}.onnx"
-    if not out.is_file():
-        quant_pre_process(str(inputs.fp32), str(out))
-    return out
+    return preprocess(inputs.fp32, inputs.work / f"fp32-preprocessed.{source_stamp(inputs)[:16]}.onnx")
 
 
 def make_static(
@@ -223,30 +189,18 @@ def make_static(
     (cosine >= 0.997) and saved no time; the depthwise ones cost most of the accuracy.
     """
     graph = preprocessed_fp32(inputs)
-    quantize_static(
-        str(graph),
-        str(out),
-        PhotoReader(inputs.input_name, inputs.calibration),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8,
-        weight_type=weights,
-        calibration_cache_path=calibration_cache(inputs),
-        nodes_to_quantize=dense_convs(graph) if dense_convs_only else None,
-    )
+    nodes = dense_convs(graph) if dense_convs_only else None
+    quantize_qdq(graph, out, list(inputs.calibration.values()), calibration_cache(inputs), weights, reduce_range, nodes)
 
 
-def dense_convs(graph: Path) -> list[str]:
-    """The names of the graph's Conv nodes with group 1 (not depthwise)."""
-    import onnx
-    from onnx import helper
-
-    def group(node: onnx.NodeProto) -> int:
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
-
-    nodes = onnx.load(str(graph), load_external_data=False).graph.node
-    return [node.name for node in nodes if node.op_type == "Conv" and group(node) == 1]
+def make_searched(inputs: Inputs, out: Path) -> None:
+    """tools/quantize_vision.py's graph: dense convolutions, some left in fp32 by its search on
+    the calibration photos (the evaluation photos here are its held-out ones)."""
+    search = Search(preprocessed_fp32(inputs), inputs.work, inputs.calibration, inputs.threads)
+    search.ranges = calibration_cache(inputs)  # the same photos' ranges: computed once for all recipes
+    left_out = search.choose()
+    progress(f"the search left {len(left_out)} of {len(search.dense)} dense convolutions in fp32")
+    search.build(left_out, out)
 
 
 def calibration_cache(inputs: Inputs) -> Path:
@@ -271,6 +225,7 @@ GRAPH_RECIPES: dict[str, Callable[[Inputs, Path], None]] = {
     "int8-static-u8s8-reduce-range": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, reduce_range=True),
     "int8-static-u8u8": lambda inputs, out: make_static(inputs, out, QuantType.QUInt8),
     "int8-static-dense-convs": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, dense_convs_only=True),
+    "int8-tool": make_searched,
     "fp32-small": make_small,
 }
 
@@ -285,6 +240,8 @@ def source_stamp(inputs: Inputs, *parts: str) -> str:
 def recipe_stamp(inputs: Inputs, recipe: str) -> str:
     if recipe.startswith("int8-static"):
         return source_stamp(inputs, recipe, *CALIBRATION_PHOTOS)
+    if recipe == "int8-tool":
+        return source_stamp(inputs, recipe, *CALIBRATION_PHOTOS, str(SELECT_COSINE), str(SEARCH_RUNS))
     if recipe == "fp32-small":
         return source_stamp(inputs, recipe, str(inputs.small_size))
     return source_stamp(inputs, recipe)
@@ -329,34 +286,6 @@ def export_vision_graph(model_dir: str, size: int, out: str) -> None:
 # --------------------------------------------------------------------------- sessions and measuring
 
 
-def make_session(graph: Path, level: ort.GraphOptimizationLevel, threads: int) -> ort.InferenceSession:
-    """The server's session options (default_session_options) at `threads` threads and `level`."""
-    options = default_session_options(threads)
-    options.graph_optimization_level = level
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-
-
-def encode(session: ort.InferenceSession, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-    """(features [tokens, hidden], milliseconds) of one encode, as the backend's encode_image."""
-    name = session.get_inputs()[0].name
-    started = time.perf_counter()
-    (features,) = session.run(None, {name: pixels})
-    return features[0], (time.perf_counter() - started) * 1000
-
-
-def compare(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
-    """How far `features` are from fp32's, in float64 so the metrics add no error of their own."""
-    ref, got = reference.astype(np.float64), features.astype(np.float64)
-    diff = got - ref
-    token_cos = np.sum(ref * got, axis=-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
-    return {
-        "cosine": float(np.dot(ref.ravel(), got.ravel()) / (np.linalg.norm(ref) * np.linalg.norm(got))),
-        "min_token_cosine": float(token_cos.min()),
-        "max_abs_error": float(np.abs(diff).max()),
-        "relative_error": float(np.linalg.norm(diff) / np.linalg.norm(ref)),
-    }
-
-
 def rss_mb(field_name: str) -> float:
     """A field of /proc/self/status (VmRSS, VmHWM), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -368,7 +297,7 @@ def rss_mb(field_name: str) -> float:
 def measure_memory(graph: str, level: int, size: int, threads: int) -> dict[str, float]:
     """(Child process) RSS a variant costs: loaded and run once, over the RSS before loading."""
     before = rss_mb("VmRSS")
-    session = make_session(Path(graph), ort.GraphOptimizationLevel(level), threads)
+    session = make_session(Path(graph), threads, ort.GraphOptimizationLevel(level))
     encode(session, np.zeros((1, 3, size, size), dtype=np.float32))
     return {"steady_rss_mb": rss_mb("VmRSS") - before, "peak_rss_mb": rss_mb("VmHWM") - before}
 
@@ -401,15 +330,8 @@ class Setup:
 def prepare(args: argparse.Namespace, variants: Sequence[Variant], spec: ImageSpec) -> tuple[Setup, dict[str, Path]]:
     """Make every graph, open a session per variant; a variant that fails is kept with its error."""
     fp32 = args.model_dir / "onnx" / "vision_encoder.onnx"
-    input_name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-    inputs = Inputs(
-        args.model_dir,
-        fp32,
-        args.work,
-        input_name,
-        list(pixels_for(CALIBRATION_PHOTOS, spec).values()),
-        args.small_size,
-    )
+    calibration = pixels_for(CALIBRATION_PHOTOS, spec)
+    inputs = Inputs(args.model_dir, fp32, args.work, calibration, args.small_size, args.threads)
     small_spec = replace(spec, size=args.small_size)
     setup = Setup({}, {}, pixels_for(EVALUATION_PHOTOS, spec), pixels_for(EVALUATION_PHOTOS[:1], small_spec))
     graphs: dict[str, Path] = {}
@@ -421,7 +343,7 @@ def prepare(args: argparse.Namespace, variants: Sequence[Variant], spec: ImageSp
             graph = graphs.get(variant.graph) or ensure_graph(inputs, variant.graph)
             graphs[variant.graph] = graph
             outcome.graph_mb = graph_megabytes(graph)
-            setup.sessions[variant.name] = make_session(graph, variant.level, args.threads)
+            setup.sessions[variant.name] = make_session(graph, args.threads, variant.level)
         except Exception as exc:  # reported in the table, the other variants still run
             outcome.error = f"{type(exc).__name__}: {exc}"
             progress(f"{variant.name}: {outcome.error}")

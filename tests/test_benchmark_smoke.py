@@ -15,7 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_benchmark import STREAMS, Stream, aggregate_decode_tok_s, gaps_while_joining_ms  # noqa: E402
+from run_benchmark import (  # noqa: E402
+    STREAMS,
+    VISION_INT8_ENGINES,
+    Stream,
+    aggregate_decode_tok_s,
+    engine_precisions,
+    gaps_while_joining_ms,
+)
 
 
 @pytest.mark.reference
@@ -74,3 +81,8 @@ def test_gaps_while_joining_are_the_gaps_that_overlap_another_streams_join() -> 
     a = stream(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     b = stream(2.5, 4.5, 6.5)
     assert gaps_while_joining_ms([a, b]) == [1000.0, 1000.0, 1000.0]
+
+
+def test_engine_names_give_the_decoder_and_vision_precisions() -> None:
+    assert engine_precisions("lumen-q4") == ("q4", None)
+    assert [engine_precisions(e) for e in VISION_INT8_ENGINES] == [("int8", "int8"), ("q4", "int8")]
