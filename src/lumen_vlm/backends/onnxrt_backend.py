@@ -244,7 +244,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         _log_graph_choice(files)
         # The vision encoder's activations at 1024 px are hundreds of MB, needed once per new
         # photo: without an arena they are freed after each encode (measured: ~290 MB less
-        # resident memory for fp32), at no measurable cost next to a 1.3 s encode.
+        # resident memory for fp32), at 5-10% of the encode's time (benchmarks/RESULTS.md,
+        # "Vision encoder"); the peak-RSS target (files + 25%) is worth that.
         self._vision = self._open(files.graphs["vision"], copy_options(options, enable_cpu_mem_arena=False))
         self._embed = self._open(files.graphs["embed"], options)
         self._context_length = context_length
