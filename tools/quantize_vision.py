@@ -141,7 +141,9 @@ def compare(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
     }
 
 
-def cosines(graph: Path, pixels: dict[str, np.ndarray], reference: dict[str, np.ndarray], threads: int) -> dict:
+def cosines(
+    graph: Path, pixels: dict[str, np.ndarray], reference: dict[str, np.ndarray], threads: int
+) -> dict[str, float]:
     """Each photo's features cosine with `reference` (fp32's) under `graph`."""
     session = make_session(graph, threads)
     return {name: compare(reference[name], encode(session, p)[0])["cosine"] for name, p in pixels.items()}
@@ -252,6 +254,7 @@ class Search:
         self.trials = 0
 
     def build(self, left_out: Sequence[str], out: Path) -> Path:
+        """The QDQ graph with every dense convolution in int8 but `left_out`, written to `out`."""
         skip = set(left_out)
         quantize_qdq(
             self.graph,
