@@ -3,6 +3,7 @@
     python benchmarks/kernel_checks.py profile GRAPH [--depth 292] [--steps 40]
     python benchmarks/kernel_checks.py fp16
     python benchmarks/kernel_checks.py lm-head
+    python benchmarks/kernel_checks.py accuracy-levels
 
 profile: ORT's profiler over decode steps of a decoder graph (our rewritten one from
   <cache_dir>/ort-optimized/*-decoder/model.onnx, or onnxruntime-genai's model.onnx): one new
@@ -12,6 +13,9 @@ fp16: 24 decode-shaped MatMuls (M = 1, 896 x 4864) with fp32 weights and with fp
   turns: whether half the bytes is faster on this CPU, and which ops ORT runs for fp16.
 lm-head: FastVLM-0.5B's lm_head shape (M = 1, K = 896, N = 151936) as MatMulNBits in several
   forms, in turns, with each form's relative output error against fp32.
+accuracy-levels: a decode step's weight matmuls (M = 1; six layers' worth of the joined q/k/v,
+  o, joined gate/up and down shapes) as 4-bit MatMulNBits, block 128 with zero points, at each
+  accuracy level (0-4: the compute type MLAS uses), in turns.
 
 2 intra-op threads throughout; random weights (speed does not depend on their values).
 """
@@ -179,9 +183,48 @@ def lm_head() -> None:
         print(f"{name}: median {np.median(values):.2f} ms over 5 rounds")
 
 
+# --------------------------------------------------------------------------- accuracy levels
+
+
+LAYER_SHAPES = ((896, 1152), (896, 896), (896, 9728), (4864, 896))  # FastVLM-0.5B's, as K x N
+
+
+def decode_matmuls_q4(accuracy_level: int, layers: int = 6) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    shapes = LAYER_SHAPES * layers
+    weights = [
+        numpy_helper.from_array((rng.standard_normal(s) * 0.02).astype(np.float32), f"w{i}")
+        for i, s in enumerate(shapes)
+    ]
+    nodes = [helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
+    inputs = [
+        helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, 1, k]) for k in sorted({k for k, _ in shapes})
+    ]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))]
+    graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, accuracy_level=accuracy_level)
+    quantizer.process()
+    return quantizer.model.model.SerializeToString()
+
+
+def accuracy_levels() -> None:
+    sessions = {level: session(decode_matmuls_q4(level)) for level in range(5)}
+    feeds = {f"x{k}": np.ones((1, 1, k), np.float32) for k in sorted({k for k, _ in LAYER_SHAPES})}
+    times: dict[int, list[float]] = {level: [] for level in sessions}
+    for _ in range(5):
+        for level, sess in sessions.items():
+            times[level].append(mean_ms(lambda sess=sess: sess.run(None, feeds), 20))
+    for level, values in times.items():
+        print(f"accuracy_level {level}: median {np.median(values):.2f} ms over 5 rounds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("profile", "fp16", "lm-head"))
+    parser.add_argument("check", choices=("profile", "fp16", "lm-head", "accuracy-levels"))
     parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph")
     parser.add_argument("--depth", type=int, default=292)
     parser.add_argument("--steps", type=int, default=40)
@@ -193,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         profile(args.graph, args.depth, args.steps)
     elif args.check == "fp16":
         fp16()
-    else:
+    elif args.check == "lm-head":
         lm_head()
+    else:
+        accuracy_levels()
     return 0
 
 
