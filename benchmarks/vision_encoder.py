@@ -196,8 +196,9 @@ def make_static(
 def make_searched(inputs: Inputs, out: Path) -> None:
     """tools/quantize_vision.py's graph: dense convolutions, some left in fp32 by its search on
     the calibration photos (the evaluation photos here are its held-out ones)."""
-    search = Search(preprocessed_fp32(inputs), inputs.work, inputs.calibration, inputs.threads)
-    search.ranges = calibration_cache(inputs)  # the same photos' ranges: computed once for all recipes
+    # The same photos' ranges as the other static recipes': computed once for all of them.
+    ranges = calibration_cache(inputs)
+    search = Search(preprocessed_fp32(inputs), inputs.work, inputs.calibration, inputs.threads, ranges)
     left_out = search.choose()
     progress(f"the search left {len(left_out)} of {len(search.dense)} dense convolutions in fp32")
     search.build(left_out, out)

@@ -248,9 +248,12 @@ class Outcome:
 class Search:
     """Quantizes the dense convolutions but `left_out`, and measures the calibration photos."""
 
-    def __init__(self, graph: Path, work: Path, calibration: dict[str, np.ndarray], threads: int) -> None:
+    def __init__(
+        self, graph: Path, work: Path, calibration: dict[str, np.ndarray], threads: int, ranges: Path | None = None
+    ) -> None:
+        """`ranges`: the calibration ranges' file (computed there on first use); default in `work`."""
         self.graph, self.work, self.calibration, self.threads = graph, work, calibration, threads
-        self.ranges = work / "ranges.json"
+        self.ranges = ranges or work / "ranges.json"
         self.dense = dense_convs(graph)
         fp32 = make_session(graph, threads)
         self.reference = {name: encode(fp32, p)[0] for name, p in calibration.items()}
