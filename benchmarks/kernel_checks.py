@@ -4,6 +4,7 @@
     python benchmarks/kernel_checks.py fp16
     python benchmarks/kernel_checks.py lm-head
     python benchmarks/kernel_checks.py accuracy-levels
+    python benchmarks/kernel_checks.py vision-arena GRAPH [--model-dir DIR]
 
 profile: ORT's profiler over decode steps of a decoder graph (our rewritten one from
   <cache_dir>/ort-optimized/*-decoder/model.onnx, or onnxruntime-genai's model.onnx): one new
@@ -16,6 +17,10 @@ lm-head: FastVLM-0.5B's lm_head shape (M = 1, K = 896, N = 151936) as MatMulNBit
 accuracy-levels: a decode step's weight matmuls (M = 1; six layers' worth of the joined q/k/v,
   o, joined gate/up and down shapes) as 4-bit MatMulNBits, block 128 with zero points, at each
   accuracy level (0-4: the compute type MLAS uses), in turns.
+vision-arena: a vision graph of the model (e.g. MODEL_DIR/onnx/vision_encoder.onnx) with ORT's
+  CPU memory arena on and off, opened directly and through the server's saved-optimized-graph
+  cache, 6 rounds in turns on one of scikit-image's photos: what the server's arena-off vision
+  session costs.
 
 2 intra-op threads throughout; random weights (speed does not depend on their values).
 """
@@ -222,10 +227,39 @@ def accuracy_levels() -> None:
         print(f"accuracy_level {level}: median {np.median(values):.2f} ms over 5 rounds")
 
 
+# --------------------------------------------------------------------------- vision arena
+
+
+def vision_arena(graph: Path, model_dir: Path) -> None:
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parents[1])]
+    from lumen_vlm.backends.onnxrt_backend import default_session_options
+    from lumen_vlm.backends.ort_runtime import copy_options
+    from lumen_vlm.graphs.cache import OptimizedGraphCache
+    from tools.quantize_vision import bundled_photo, encode, model_image_spec, pixels_for
+
+    pixels = pixels_for([bundled_photo("chelsea.png")], model_image_spec(model_dir))["chelsea.png"]
+    cache = OptimizedGraphCache(Path(tempfile.mkdtemp(prefix="vision-arena-")))
+    providers = ["CPUExecutionProvider"]
+    sessions = {}
+    for arena in (True, False):
+        options = copy_options(default_session_options(THREADS), enable_cpu_mem_arena=arena)
+        sessions[f"direct, arena {'on' if arena else 'off'}"] = ort.InferenceSession(
+            str(graph), options, providers=providers
+        )
+        sessions[f"saved optimized, arena {'on' if arena else 'off'}"] = cache.open(graph, options, providers)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(6):
+        for name, sess in sessions.items():
+            times[name].append(encode(sess, pixels)[1])
+    for name, values in times.items():
+        print(f"{graph.name}, {name}: median {np.median(values):.0f} ms, min {min(values):.0f} ms over 6 rounds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("profile", "fp16", "lm-head", "accuracy-levels"))
-    parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph")
+    parser.add_argument("check", choices=("profile", "fp16", "lm-head", "accuracy-levels", "vision-arena"))
+    parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph; vision-arena: a vision graph")
+    parser.add_argument("--model-dir", type=Path, help="vision-arena: the model (default: the graph's onnx/ parent)")
     parser.add_argument("--depth", type=int, default=292)
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
@@ -238,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         fp16()
     elif args.check == "lm-head":
         lm_head()
-    else:
+    elif args.check == "accuracy-levels":
         accuracy_levels()
+    else:
+        if args.graph is None:
+            parser.error("vision-arena needs a vision graph")
+        vision_arena(args.graph, args.model_dir or args.graph.resolve().parent.parent)
     return 0
 
 
