@@ -2,6 +2,7 @@
 
     python benchmarks/vision_encoder.py [--model-dir DIR] [--work DIR] [--runs 5] [--threads 2]
                                         [--small-size 512] [--json FILE] [--no-memory]
+                                        [--only RECIPE ...]
 
 Every variant is measured against the model's own fp32 graph (onnx/vision_encoder.onnx):
 
@@ -11,8 +12,9 @@ Every variant is measured against the model's own fp32 graph (onnx/vision_encode
 * int8 static quantization in QDQ format (`quantize_static`, per-channel weights, uint8
   activations), calibrated on real photographs: with int8 weights (U8S8, ORT's x86 choice),
   the same with `reduce_range`, with uint8 weights (U8U8), U8S8 on the dense (group 1)
-  convolutions only, see `make_static`, and tools/quantize_vision.py's graph: the dense ones
-  less those its sensitivity search leaves in fp32 (`make_searched`);
+  convolutions only (with 8-bit weights, and with the tool's 7-bit ones), see `make_static`,
+  and tools/quantize_vision.py's graph: the dense ones less those its sensitivity search leaves
+  in fp32 (`make_searched`);
 * fp32 at a smaller input (`--small-size`, 512 px: 64 image tokens instead of 256), a choice
   a user would make. Its features are not comparable with the model's, so it gets speed only.
   The model's graph has its input size baked in, so that graph is re-exported from the model's
@@ -69,6 +71,7 @@ from tools.quantize_vision import (  # noqa: E402  (the recipe, its photos and i
     CALIBRATION_PHOTOS,
     HELD_OUT_PHOTOS,
     KEEP_COSINE,
+    REDUCE_RANGE,
     SEARCH_RUNS,
     SELECT_COSINE,
     Search,
@@ -114,6 +117,10 @@ VARIANTS = (
     Variant("int8 static QDQ, per-channel, U8S8 reduce_range", "int8-static-u8s8-reduce-range"),
     Variant("int8 static QDQ, per-channel, U8U8", "int8-static-u8u8"),
     Variant("int8 static QDQ, per-channel, U8S8, dense convolutions only", "int8-static-dense-convs"),
+    Variant(
+        "int8 static QDQ, per-channel, U8S8, dense convolutions only, 7-bit weights (the tool's recipe, no search)",
+        "int8-static-dense-convs-reduce-range",
+    ),
     Variant("int8 static QDQ, dense convolutions, sensitivity search (tools/quantize_vision.py)", "int8-tool"),
     Variant("fp32, ORT_ENABLE_ALL, small input", "fp32-small", small=True),
 )
@@ -226,6 +233,9 @@ GRAPH_RECIPES: dict[str, Callable[[Inputs, Path], None]] = {
     "int8-static-u8s8-reduce-range": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, reduce_range=True),
     "int8-static-u8u8": lambda inputs, out: make_static(inputs, out, QuantType.QUInt8),
     "int8-static-dense-convs": lambda inputs, out: make_static(inputs, out, QuantType.QInt8, dense_convs_only=True),
+    "int8-static-dense-convs-reduce-range": lambda inputs, out: make_static(
+        inputs, out, QuantType.QInt8, reduce_range=True, dense_convs_only=True
+    ),
     "int8-tool": make_searched,
     "fp32-small": make_small,
 }
@@ -242,7 +252,9 @@ def recipe_stamp(inputs: Inputs, recipe: str) -> str:
     if recipe.startswith("int8-static"):
         return source_stamp(inputs, recipe, *CALIBRATION_PHOTOS)
     if recipe == "int8-tool":
-        return source_stamp(inputs, recipe, *CALIBRATION_PHOTOS, str(SELECT_COSINE), str(SEARCH_RUNS))
+        return source_stamp(
+            inputs, recipe, *CALIBRATION_PHOTOS, str(SELECT_COSINE), str(SEARCH_RUNS), str(REDUCE_RANGE)
+        )
     if recipe == "fp32-small":
         return source_stamp(inputs, recipe, str(inputs.small_size))
     return source_stamp(inputs, recipe)
@@ -538,6 +550,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--small-size", type=int, default=512, help="the smaller input to time; 0 skips it")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant RSS processes")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(GRAPH_RECIPES), help="measure these graphs' variants (fp32's always)"
+    )
     args = parser.parse_args(argv)
     args.model_dir = args.model_dir.expanduser()
     args.work = (args.work.expanduser() if args.work else default_work(args.model_dir)).resolve()
@@ -546,12 +561,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def chosen(variant: Variant, only: Sequence[str] | None) -> bool:
+    """Whether --only asks for `variant`; the baseline is always measured, as every ratio's base."""
+    return only is None or variant == BASELINE or variant.graph in only
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     spec = model_image_spec(args.model_dir)
     info = {**machine(args.threads, args.runs), "model_dir": str(args.model_dir), "image_size": spec.size}
-    variants = [v for v in VARIANTS if args.small_size or not v.small]
+    variants = [v for v in VARIANTS if (args.small_size or not v.small) and chosen(v, args.only)]
     setup, graphs = prepare(args, variants, spec)
     if BASELINE.name not in setup.sessions:
         raise SystemExit(f"the fp32 graph does not load: {setup.outcomes[BASELINE.name].error}")

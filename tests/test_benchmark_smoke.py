@@ -86,3 +86,12 @@ def test_gaps_while_joining_are_the_gaps_that_overlap_another_streams_join() -> 
 def test_engine_names_give_the_decoder_and_vision_precisions() -> None:
     assert engine_precisions("lumen-q4") == ("q4", None)
     assert [engine_precisions(e) for e in VISION_INT8_ENGINES] == [("int8", "int8"), ("q4", "int8")]
+
+
+def test_vision_benchmark_only_measures_the_asked_recipes_beside_fp32() -> None:
+    from vision_encoder import BASELINE, GRAPH_RECIPES, VARIANTS, chosen
+
+    assert {v.graph for v in VARIANTS} <= set(GRAPH_RECIPES)
+    picked = [v.graph for v in VARIANTS if chosen(v, ["int8-tool", "int8-static-dense-convs-reduce-range"])]
+    assert picked == [BASELINE.graph, "int8-static-dense-convs-reduce-range", "int8-tool"]
+    assert [v for v in VARIANTS if chosen(v, None)] == list(VARIANTS)

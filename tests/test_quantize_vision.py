@@ -77,6 +77,24 @@ def test_writes_an_int8_vision_graph_that_keeps_the_features(model_dir: Path, ph
     assert files.graph_precisions == {"vision": "int8", "embed": "fp32", "decoder": "fp32"}
 
 
+def test_the_weights_fit_in_7_bits_so_no_cpu_saturates(model_dir: Path, photos) -> None:  # type: ignore[no-untyped-def]
+    """CPUs without VNNI add pairs of u8 x s8 products in int16: 2 x 255 x 64 fits, 2 x 255 x 127
+    does not. So every int8 weight the tool writes lies in [-64, 64], and the verdict it measured
+    holds on those CPUs too."""
+    calibration, held_out = photos
+    assert qv.quantize_vision(model_dir, calibration, held_out, threads=1).kept
+    graph = onnx.load(str(model_dir / "onnx" / "vision_encoder_int8.onnx"))
+    weights = [  # the convolutions' kernels; their zero points are int8 too, all 0
+        onnx.numpy_helper.to_array(t)
+        for t in graph.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4
+    ]
+    assert len(weights) == len(qv.dense_convs(model_dir / "onnx" / "vision_encoder.onnx")) - len(
+        json.loads((model_dir / "onnx" / "vision_encoder_int8.json").read_text())["fp32_dense_convs"]
+    )
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+
+
 def test_the_served_model_runs_the_int8_vision_graph(model_dir: Path, photos) -> None:  # type: ignore[no-untyped-def]
     """vision_precision int8 loads the tool's graph beside the fp32 decoder, and its features are
     that graph's (not fp32's)."""
