@@ -3,7 +3,7 @@
     python benchmarks/kernel_checks.py profile GRAPH [--depth 292] [--steps 40]
     python benchmarks/kernel_checks.py fp16
     python benchmarks/kernel_checks.py lm-head
-    python benchmarks/kernel_checks.py accuracy-levels
+    python benchmarks/kernel_checks.py accuracy-levels [--rows 1]
     python benchmarks/kernel_checks.py vision-arena GRAPH [--model-dir DIR]
 
 profile: ORT's profiler over decode steps of a decoder graph (our rewritten one from
@@ -14,9 +14,10 @@ fp16: 24 decode-shaped MatMuls (M = 1, 896 x 4864) with fp32 weights and with fp
   turns: whether half the bytes is faster on this CPU, and which ops ORT runs for fp16.
 lm-head: FastVLM-0.5B's lm_head shape (M = 1, K = 896, N = 151936) as MatMulNBits in several
   forms, in turns, with each form's relative output error against fp32.
-accuracy-levels: a decode step's weight matmuls (M = 1; six layers' worth of the joined q/k/v,
-  o, joined gate/up and down shapes) as 4-bit MatMulNBits, block 128 with zero points, at each
-  accuracy level (0-4: the compute type MLAS uses), in turns.
+accuracy-levels: a decode step's weight matmuls (M = `--rows`, 1 by default; 292 is a 1024 px
+  photo's prefill; six layers' worth of the joined q/k/v, o, joined gate/up and down shapes) as
+  4-bit MatMulNBits, block 128 with zero points, at each accuracy level (0-4: the compute type
+  MLAS uses), in turns.
 vision-arena: a vision graph of the model (e.g. MODEL_DIR/onnx/vision_encoder.onnx) with ORT's
   CPU memory arena on and off, opened directly and through the server's saved-optimized-graph
   cache, 6 rounds in turns on one of scikit-image's photos: what the server's arena-off vision
@@ -194,7 +195,7 @@ def lm_head() -> None:
 LAYER_SHAPES = ((896, 1152), (896, 896), (896, 9728), (4864, 896))  # FastVLM-0.5B's, as K x N
 
 
-def decode_matmuls_q4(accuracy_level: int, layers: int = 6) -> bytes:
+def decode_matmuls_q4(accuracy_level: int, rows: int, layers: int = 6) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -206,7 +207,7 @@ def decode_matmuls_q4(accuracy_level: int, layers: int = 6) -> bytes:
     ]
     nodes = [helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]) for i, (k, _) in enumerate(shapes)]
     inputs = [
-        helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, 1, k]) for k in sorted({k for k, _ in shapes})
+        helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, rows, k]) for k in sorted({k for k, _ in shapes})
     ]
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))]
     graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
@@ -216,15 +217,16 @@ def decode_matmuls_q4(accuracy_level: int, layers: int = 6) -> bytes:
     return quantizer.model.model.SerializeToString()
 
 
-def accuracy_levels() -> None:
-    sessions = {level: session(decode_matmuls_q4(level)) for level in range(5)}
-    feeds = {f"x{k}": np.ones((1, 1, k), np.float32) for k in sorted({k for k, _ in LAYER_SHAPES})}
+def accuracy_levels(rows: int) -> None:
+    sessions = {level: session(decode_matmuls_q4(level, rows)) for level in range(5)}
+    feeds = {f"x{k}": np.ones((1, rows, k), np.float32) for k in sorted({k for k, _ in LAYER_SHAPES})}
+    calls = max(1, 20 // rows)
     times: dict[int, list[float]] = {level: [] for level in sessions}
     for _ in range(5):
         for level, sess in sessions.items():
-            times[level].append(mean_ms(lambda sess=sess: sess.run(None, feeds), 20))
+            times[level].append(mean_ms(lambda sess=sess: sess.run(None, feeds), calls))
     for level, values in times.items():
-        print(f"accuracy_level {level}: median {np.median(values):.2f} ms over 5 rounds")
+        print(f"accuracy_level {level}, M = {rows}: median {np.median(values):.2f} ms over 5 rounds")
 
 
 # --------------------------------------------------------------------------- vision arena
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, help="vision-arena: the model (default: the graph's onnx/ parent)")
     parser.add_argument("--depth", type=int, default=292)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rows", type=int, default=1, help="accuracy-levels: the matmuls' M (292: a prefill)")
     args = parser.parse_args(argv)
     print(f"onnxruntime {ort.__version__}, {THREADS} threads, {os.cpu_count()} logical cores")
     if args.check == "profile":
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.check == "lm-head":
         lm_head()
     elif args.check == "accuracy-levels":
-        accuracy_levels()
+        accuracy_levels(args.rows)
     else:
         if args.graph is None:
             parser.error("vision-arena needs a vision graph")

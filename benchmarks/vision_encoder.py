@@ -12,7 +12,8 @@ Every variant is measured against the model's own fp32 graph (onnx/vision_encode
 * int8 static quantization in QDQ format (`quantize_static`, per-channel weights, uint8
   activations), calibrated on real photographs: with int8 weights (U8S8, ORT's x86 choice),
   the same with `reduce_range`, with uint8 weights (U8U8), U8S8 on the dense (group 1)
-  convolutions only (with 8-bit weights, and with the tool's 7-bit ones), see `make_static`,
+  convolutions only (with 8-bit weights, the same graph unfused at ORT_DISABLE_ALL, which
+  computes its arithmetic without the int8 kernels, and with the tool's 7-bit weights), see `make_static`,
   and tools/quantize_vision.py's graph: the dense ones less those its sensitivity search leaves
   in fp32 (`make_searched`);
 * fp32 at a smaller input (`--small-size`, 512 px: 64 image tokens instead of 256), a choice
@@ -90,6 +91,7 @@ DEFAULT_MODEL = Path.home() / ".cache" / "lumen-vlm" / "bench" / "fastvlm-0.5b-r
 EVALUATION_PHOTOS = HELD_OUT_PHOTOS  # the tool's verdict photos; calibration never sees them
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+UNFUSED = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # QDQ graphs as their arithmetic: no int8 kernel
 
 
 # --------------------------------------------------------------------------- variants
@@ -117,6 +119,13 @@ VARIANTS = (
     Variant("int8 static QDQ, per-channel, U8S8 reduce_range", "int8-static-u8s8-reduce-range"),
     Variant("int8 static QDQ, per-channel, U8U8", "int8-static-u8u8"),
     Variant("int8 static QDQ, per-channel, U8S8, dense convolutions only", "int8-static-dense-convs"),
+    # The same graph's arithmetic without ORT's int8 kernels: on a CPU without VNNI, what the
+    # kernels lose to int16 saturation is the difference from the line above.
+    Variant(
+        "the same, unfused (ORT_DISABLE_ALL: dequantize, fp32 convolution, quantize)",
+        "int8-static-dense-convs",
+        level=UNFUSED,
+    ),
     Variant(
         "int8 static QDQ, per-channel, U8S8, dense convolutions only, 7-bit weights (the tool's recipe, no search)",
         "int8-static-dense-convs-reduce-range",
@@ -345,8 +354,9 @@ def prepare(args: argparse.Namespace, variants: Sequence[Variant], spec: ImageSp
     fp32 = args.model_dir / "onnx" / "vision_encoder.onnx"
     calibration = pixels_for(CALIBRATION_PHOTOS, spec)
     inputs = Inputs(args.model_dir, fp32, args.work, calibration, args.small_size, args.threads)
-    small_spec = replace(spec, size=args.small_size)
-    setup = Setup({}, {}, pixels_for(EVALUATION_PHOTOS, spec), pixels_for(EVALUATION_PHOTOS[:1], small_spec))
+    # --small-size 0 skips the small input: no pixels are made for it.
+    small = pixels_for(EVALUATION_PHOTOS[:1], replace(spec, size=args.small_size)) if args.small_size else {}
+    setup = Setup({}, {}, pixels_for(EVALUATION_PHOTOS, spec), small)
     graphs: dict[str, Path] = {}
     for variant in variants:
         size = args.small_size if variant.small else spec.size

@@ -95,3 +95,5 @@ def test_vision_benchmark_only_measures_the_asked_recipes_beside_fp32() -> None:
     picked = [v.graph for v in VARIANTS if chosen(v, ["int8-tool", "int8-static-dense-convs-reduce-range"])]
     assert picked == [BASELINE.graph, "int8-static-dense-convs-reduce-range", "int8-tool"]
     assert [v for v in VARIANTS if chosen(v, None)] == list(VARIANTS)
+    dense = [v.level.name for v in VARIANTS if chosen(v, ["int8-static-dense-convs"]) and v != BASELINE]
+    assert dense == ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]  # the graph with its kernels, and unfused
