@@ -12,10 +12,10 @@ Every variant is measured against the model's own fp32 graph (onnx/vision_encode
 * int8 static quantization in QDQ format (`quantize_static`, per-channel weights, uint8
   activations), calibrated on real photographs: with int8 weights (U8S8, ORT's x86 choice),
   the same with `reduce_range`, with uint8 weights (U8U8), U8S8 on the dense (group 1)
-  convolutions only (with 8-bit weights, the same graph unfused at ORT_DISABLE_ALL, which
-  computes its arithmetic without the int8 kernels, and with the tool's 7-bit weights), see `make_static`,
-  and tools/quantize_vision.py's graph: the dense ones less those its sensitivity search leaves
-  in fp32 (`make_searched`);
+  convolutions only (with 8-bit weights; the same graph unfused at ORT_DISABLE_ALL, which
+  computes its arithmetic without the int8 kernels; and with the tool's 7-bit weights), see
+  `make_static`, and tools/quantize_vision.py's graph: the dense ones less those its
+  sensitivity search leaves in fp32 (`make_searched`);
 * fp32 at a smaller input (`--small-size`, 512 px: 64 image tokens instead of 256), a choice
   a user would make. Its features are not comparable with the model's, so it gets speed only.
   The model's graph has its input size baked in, so that graph is re-exported from the model's

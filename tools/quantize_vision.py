@@ -11,9 +11,8 @@ The recipe (benchmarks/vision_encoder.py measures it against the alternatives): 
 quantization in QDQ form, int8 weights per output channel and uint8 activations (U8S8, ONNX
 Runtime's choice for x86), the weights in 7 bits (`REDUCE_RANGE`), MinMax ranges from
 calibration photographs sent through the server's own preprocessing, on FastViTHD's dense
-(group 1) convolutions only. The depthwise convolutions
-and the attention MatMuls stay fp32: the depthwise ones cost most of the accuracy, the MatMuls
-saved no time.
+(group 1) convolutions only. The depthwise convolutions and the attention MatMuls stay fp32:
+the depthwise ones cost most of the accuracy, the MatMuls saved no time.
 
 Quantizing every dense convolution is not always accurate enough (on the random-weight 0.5B model
 one unseen photo fell to cosine 0.988), so a sensitivity search leaves some in fp32:
