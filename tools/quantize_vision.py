@@ -15,7 +15,7 @@ calibration photographs sent through the server's own preprocessing, on FastViTH
 the depthwise ones cost most of the accuracy, the MatMuls saved no time.
 
 Quantizing every dense convolution is not always accurate enough (on the random-weight 0.5B model
-one unseen photo fell to cosine 0.988), so a sensitivity search leaves some in fp32:
+one unseen photo fell to cosine 0.987-0.988 on two CPUs), so a sensitivity search leaves some in fp32:
 
 1. the dense convolutions, in graph order, are cut into `SEARCH_RUNS` runs of neighbours;
 2. each run is tried left in fp32 alone, on the calibration photos, and
@@ -74,7 +74,7 @@ KEEP_COSINE = 0.99  # the accuracy rule: features cosine with fp32's, on every h
 SELECT_COSINE = 0.995
 # Runs of neighbouring dense convolutions the search leaves in fp32 or not. On the random-weight
 # 0.5B model's 96, 16 runs of 6 left 24 in fp32 where 8 runs of 12 left 36, under the same rule
-# (0.65x fp32's encode against 0.71x), in 21 trials against 12.
+# (0.65x fp32's encode against 0.71x), in 21 trials against 12 (8-bit weights, AVX-512 VNNI).
 SEARCH_RUNS = 16
 # Weights in 7 bits ([-64, 64]), so that no x86 CPU's int8 kernel saturates and the verdict holds
 # on every CPU, not only the one that ran the tool. Without AVX-512 VNNI or AVX-VNNI, ONNX
