@@ -75,3 +75,21 @@ def test_a_slot_costs_what_its_layers_keys_and_values_take(tmp_path: Path, tiny_
         assert cache.slot_bytes == 100 * cache.token_bytes
         if isinstance(cache, SharedSlots):
             assert sum(buffer.nbytes for buffer in cache.buffers) == 2 * cache.slot_bytes
+
+
+def test_a_row_range_is_bound_once_and_its_binding_reused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The KV buffers are bound to the runtime once per row range of a cache; the steps after
+    reuse that binding, and give exactly the logits of binding them afresh."""
+    backend = FastVLMModelManager.from_model_dir(tiny_model_dir, optimized_graph_dir=tmp_path).backend
+    kept, fresh = backend.new_kv_cache(2, 32), backend.new_kv_cache(2, 32)
+    assert isinstance(kept, SharedSlots) and isinstance(fresh, SharedSlots)
+    prompt = backend.embed(np.arange(10, 30))[None]
+    np.testing.assert_array_equal(backend.forward(kept, [1], prompt), backend.forward(fresh, [1], prompt))
+    binding = kept.bindings[(1, 1)]
+    for token in (5, 6, 7):
+        step = backend.embed(np.array([token]))[:, None]
+        fresh.bindings.clear()  # bound anew for this step
+        np.testing.assert_array_equal(backend.forward(kept, [1], step), backend.forward(fresh, [1], step))
+    assert kept.bindings == {(1, 1): binding}
+    backend.forward(kept, [0, 1], backend.embed(np.array([3, 4]))[:, None])
+    assert set(kept.bindings) == {(1, 1), (0, 2)}  # rows 0..1 together: a range of its own
