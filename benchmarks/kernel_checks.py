@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rows", type=int, default=1, help="accuracy-levels: the matmuls' M (292: a prefill)")
     args = parser.parse_args(argv)
+    if args.rows < 1:
+        parser.error("--rows must be at least 1")
     print(f"onnxruntime {ort.__version__}, {THREADS} threads, {os.cpu_count()} logical cores")
     if args.check == "profile":
         if args.graph is None:

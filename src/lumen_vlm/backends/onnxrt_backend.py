@@ -478,7 +478,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         """A binding with rows first..first+rows of every KV buffer bound as past and present,
         made once per row range of a cache and kept on it. The buffers never move and their
         shapes are fixed, so only the embeddings, the feeds and the logits change per run;
-        binding the 2 x layers KV blocks anew for every token cost 1-2 ms of a ~20 ms q4 step."""
+        binding the 2 x layers KV blocks anew for every token cost about 10% of a q4 step (27.8
+        against 25.1 ms, one A/B on an AVX2-only AMD EPYC)."""
         key = (first, rows)
         binding = cache.bindings.get(key)
         if binding is None:
