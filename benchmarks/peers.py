@@ -89,6 +89,9 @@ CANDIDATES = (
     Candidate("lumen-int8-integer", "int8", {"int8_form": "integer"}),  # MatMulInteger
     Candidate("lumen-int8-nbits", "int8", {"int8_form": "nbits"}),  # 8-bit MatMulNBits
 )
+# Our decoders with prompts through another of the model's decoders (prefill_precision): name ->
+# (weight class, the decoder's precision, the prompts' precision).
+PREFILL_ENGINES = {"lumen-q4-prefill-int8": ("q4", "q4", "int8")}
 
 
 def progress(message: str) -> None:
@@ -263,6 +266,7 @@ class EngineSpec:
     weight_class: str  # a key of CLASSES
     path: Path
     option: str = ""  # lumen: precision; llama: "fa0"/"fa1"
+    prefill_precision: str | None = None  # lumen: the prompts' decoder, where another
 
 
 def prepare_engines(model_dir: Path, work: Path) -> list[EngineSpec]:
@@ -271,6 +275,8 @@ def prepare_engines(model_dir: Path, work: Path) -> list[EngineSpec]:
     for candidate in CANDIDATES:
         path = candidate_dir(model_dir, work, candidate)
         specs.append(EngineSpec(candidate.name, "lumen", candidate.weight_class, path, "q4"))
+    for name, (weight_class, precision, prefill) in PREFILL_ENGINES.items():
+        specs.append(EngineSpec(name, "lumen", weight_class, model_dir, precision, prefill))
     qwen_dir = write_qwen2_dir(model_dir, work / "qwen2")
     for precision, weight_class in GENAI_PRECISIONS.items():
         progress(f"onnxruntime-genai's builder: {precision}")
@@ -302,7 +308,11 @@ def lumen_runner(spec: EngineSpec) -> Runner:
 
     optimized = spec.path.parent / "ort-optimized"
     manager = FastVLMModelManager.from_model_dir(
-        spec.path, precision=spec.option, intra_op_threads=THREADS, optimized_graph_dir=optimized
+        spec.path,
+        precision=spec.option,
+        prefill_precision=spec.prefill_precision,
+        intra_op_threads=THREADS,
+        optimized_graph_dir=optimized,
     )
 
     def run(prompt: np.ndarray, steps: np.ndarray) -> Iterator[np.ndarray]:
@@ -419,12 +429,16 @@ def accuracy(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 
 def file_bytes(spec: EngineSpec) -> int:
+    """The decoder's files (ours with prompts through another decoder: both)."""
     if spec.kind == "llama":
         return spec.path.stat().st_size
     if spec.kind == "genai":
         return sum(p.stat().st_size for p in spec.path.glob("*.onnx*"))
-    suffix = "" if spec.option == "fp32" else f"_{spec.option}"
-    return sum(p.stat().st_size for p in (spec.path / "onnx").glob(f"decoder_model_merged{suffix}.onnx*"))
+    total = 0
+    for precision in dict.fromkeys([spec.option, spec.prefill_precision or spec.option]):
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        total += sum(p.stat().st_size for p in (spec.path / "onnx").glob(f"decoder_model_merged{suffix}.onnx*"))
+    return total
 
 
 def run_class(specs: list[EngineSpec], prompt: np.ndarray, steps: np.ndarray, rounds: int) -> dict[str, Any]:
@@ -547,7 +561,8 @@ def class_rows(report: dict[str, Any]) -> list[str]:
 
 
 def ours_in_class(label: str, main_engine: str) -> list[str]:
-    return [main_engine, *(c.name for c in CANDIDATES if c.weight_class == label)]
+    candidates = [c.name for c in CANDIDATES if c.weight_class == label]
+    return [main_engine, *candidates, *(name for name, (c, _, _) in PREFILL_ENGINES.items() if c == label)]
 
 
 def report_markdown(report: dict[str, Any]) -> str:

@@ -54,6 +54,9 @@ ENGINES = ("lumen-fp32", "lumen-int8", "lumen-q4", "transformers")
 # Opt-in (--engines): a decoder precision with the int8 vision encoder tools/quantize_vision.py
 # writes into the model directory (run it first; it needs scikit-image's photos).
 VISION_INT8_ENGINES = ("lumen-int8-vision-int8", "lumen-q4-vision-int8")
+# Opt-in too: the q4 decoder with prompts through the int8 one (prefill_precision: int8).
+PREFILL_INT8_ENGINES = ("lumen-q4-prefill-int8", "lumen-q4-vision-int8-prefill-int8")
+OPT_IN_ENGINES = VISION_INT8_ENGINES + PREFILL_INT8_ENGINES
 # The concurrency mode: streams submitted at once, and the burst set against one after another.
 STREAMS = (1, 2, 4, 8)
 BURST_PHOTOS = 16
@@ -192,13 +195,17 @@ class EncodeClock:
         return features
 
 
-def engine_precisions(engine: str) -> tuple[str, str | None]:
-    """(decoder precision, vision precision or None for the same) of a lumen engine's name."""
-    precision, _, vision = engine.removeprefix("lumen-").partition("-vision-")
-    return precision, vision or None
+def engine_precisions(engine: str) -> tuple[str, str | None, str | None]:
+    """(decoder precision, vision precision, prefill precision) of a lumen engine's name,
+    ``lumen-PRECISION[-vision-PRECISION][-prefill-PRECISION]``; None where the decoder's."""
+    rest, _, prefill = engine.removeprefix("lumen-").partition("-prefill-")
+    precision, _, vision = rest.partition("-vision-")
+    return precision, vision or None, prefill or None
 
 
-def load_manager(model_dir: Path, precision: str, vision: str | None = None) -> tuple[Any, float, EncodeClock]:
+def load_manager(
+    model_dir: Path, precision: str, vision: str | None = None, prefill: str | None = None
+) -> tuple[Any, float, EncodeClock]:
     """The model as the server loads it, with ORT's optimized graphs saved in the cache (made by
     a first load, not timed); (manager, load ms, its encode clock). EOS is taken out of the
     model's facts, so that every stream generates exactly the tokens it asks for: a random-weight
@@ -212,7 +219,11 @@ def load_manager(model_dir: Path, precision: str, vision: str | None = None) -> 
 
     def load() -> Any:
         return FastVLMModelManager.from_model_dir(
-            model_dir, precision=precision, vision_precision=vision, optimized_graph_dir=optimized
+            model_dir,
+            precision=precision,
+            vision_precision=vision,
+            prefill_precision=prefill,
+            optimized_graph_dir=optimized,
         )
 
     load().close()
@@ -933,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, help="use (and cache) the model here")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES + VISION_INT8_ENGINES, default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES + OPT_IN_ENGINES, default=list(ENGINES))
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--markdown", type=Path, help="write the report here (e.g. benchmarks/RESULTS.md)")
     parser.add_argument(
@@ -946,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", action="store_true", help="our decoder beside llama.cpp and onnxruntime-genai (benchmarks/peers.py)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="peers mode: rounds of every engine in turn")
-    parser.add_argument("--worker", choices=ENGINES + VISION_INT8_ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=ENGINES + OPT_IN_ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     streams = tuple(args.streams)
     if any(not 1 <= count <= BATCH_SLOTS for count in streams) or args.burst < 0:

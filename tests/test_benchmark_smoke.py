@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import (  # noqa: E402
+    PREFILL_INT8_ENGINES,
     STREAMS,
     VISION_INT8_ENGINES,
     Stream,
@@ -84,8 +85,9 @@ def test_gaps_while_joining_are_the_gaps_that_overlap_another_streams_join() -> 
 
 
 def test_engine_names_give_the_decoder_and_vision_precisions() -> None:
-    assert engine_precisions("lumen-q4") == ("q4", None)
-    assert [engine_precisions(e) for e in VISION_INT8_ENGINES] == [("int8", "int8"), ("q4", "int8")]
+    assert engine_precisions("lumen-q4") == ("q4", None, None)
+    assert [engine_precisions(e) for e in VISION_INT8_ENGINES] == [("int8", "int8", None), ("q4", "int8", None)]
+    assert [engine_precisions(e) for e in PREFILL_INT8_ENGINES] == [("q4", None, "int8"), ("q4", "int8", "int8")]
 
 
 def test_vision_benchmark_only_measures_the_asked_recipes_beside_fp32() -> None:

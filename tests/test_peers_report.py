@@ -15,7 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peers import CANDIDATES, accuracy, best_llama, class_rows, median_ratio, workload  # noqa: E402
+from peers import CANDIDATES, PREFILL_ENGINES, accuracy, best_llama, class_rows, median_ratio, workload  # noqa: E402
 
 
 def engine(step_ms: list[float], prefill_ms: list[float]) -> dict[str, Any]:
@@ -54,13 +54,14 @@ def test_class_rows_set_ours_beside_each_peer() -> None:
     for name in ("llama-F16", "llama-Q8_0", "llama-Q4_0"):
         report["engines"][f"{name}-fa0"] = engine([10.0, 10.0, 10.0], [400.0, 400.0, 400.0])
         report["engines"][f"{name}-fa1"] = engine([8.0, 8.0, 8.0], [500.0, 500.0, 500.0])
-    for candidate in CANDIDATES:
-        report["engines"][candidate.name] = engine(ours_step, ours_prefill)
+    for name in [c.name for c in CANDIDATES] + list(PREFILL_ENGINES):
+        report["engines"][name] = engine(ours_step, ours_prefill)
     rows = {line.split("|")[2].strip(): line for line in class_rows(report)[2:]}
     assert "| 2.00x | 2.00x |" in rows["lumen-fp32 / genai-fp32"]  # twice genai's speed, twice its prefill time
     assert "| 0.80x | 0.25x |" in rows["lumen-fp32 / llama-F16"]  # llama's best step (8 ms), best prefill
     assert "| 1.60x | 0.50x |" in rows["lumen-q4 / llama-Q4_0"]
     assert "lumen-q4-b32-sym / llama-Q4_0" in rows and "lumen-int8-nbits / genai-int8" in rows
+    assert "lumen-q4-prefill-int8 / llama-Q4_0" in rows and "lumen-q4-prefill-int8 / genai-int4" in rows
 
 
 def test_accuracy_counts_top1_agreement_over_positions() -> None:

@@ -85,11 +85,11 @@ def test_a_row_range_is_bound_once_and_its_binding_reused(tmp_path: Path, tiny_m
     assert isinstance(kept, SharedSlots) and isinstance(fresh, SharedSlots)
     prompt = backend.embed(np.arange(10, 30))[None]
     np.testing.assert_array_equal(backend.forward(kept, [1], prompt), backend.forward(fresh, [1], prompt))
-    binding = kept.bindings[(1, 1)]
+    binding = kept.bindings[("decode", 1, 1)]
     for token in (5, 6, 7):
         step = backend.embed(np.array([token]))[:, None]
         fresh.bindings.clear()  # bound anew for this step
         np.testing.assert_array_equal(backend.forward(kept, [1], step), backend.forward(fresh, [1], step))
-    assert kept.bindings == {(1, 1): binding}
+    assert kept.bindings == {("decode", 1, 1): binding}
     backend.forward(kept, [0, 1], backend.embed(np.array([3, 4]))[:, None])
-    assert set(kept.bindings) == {(1, 1), (0, 2)}  # rows 0..1 together: a range of its own
+    assert set(kept.bindings) == {("decode", 1, 1), ("decode", 0, 2)}  # rows 0..1 together: a range of its own

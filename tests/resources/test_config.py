@@ -170,6 +170,15 @@ def test_vision_precision_is_its_own_option(tmp_path: Path) -> None:
         load_settings(write(tmp_path, model + "    vlm_settings: {vision_precision: int9}\n"))
 
 
+def test_prefill_precision_is_its_own_option(tmp_path: Path) -> None:
+    model = "services:\n  vlm:\n    models:\n      m: {model: x, runtime: onnx, precision: q4}\n"
+    assert load_settings(write(tmp_path, model)).model.prefill_precision is None  # the decoder alone
+    settings = load_settings(write(tmp_path, model + "    vlm_settings: {prefill_precision: int8}\n"))
+    assert (settings.model.precision, settings.model.prefill_precision) == ("q4", "int8")
+    with pytest.raises(ConfigError, match=r"services\.vlm\.vlm_settings\.prefill_precision: unknown precision 'q5'"):
+        load_settings(write(tmp_path, model + "    vlm_settings: {prefill_precision: q5}\n"))
+
+
 def test_tilde_and_relative_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

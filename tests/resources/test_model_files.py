@@ -222,6 +222,26 @@ def test_the_vision_graph_can_have_a_precision_of_its_own(tmp_path: Path) -> Non
         locate_model_files(model_dir, "q4", vision_precision="int9")
 
 
+def test_prompts_can_run_through_a_decoder_graph_of_another_precision(tmp_path: Path) -> None:
+    model_dir = community_model(tmp_path / "m")
+    for name in ("decoder_model_merged_int8.onnx", "decoder_model_merged_q4.onnx"):
+        (model_dir / "onnx" / name).write_bytes(b"")
+    files = locate_model_files(model_dir, "q4", prefill_precision="int8")
+    assert files.graphs["prefill"] == model_dir / "onnx" / "decoder_model_merged_int8.onnx"
+    assert files.graph_precisions == {"vision": "fp32", "embed": "fp32", "decoder": "q4", "prefill": "int8"}
+    assert files.precision == "q4"
+    # The decoder's own precision, or none asked: the decoder runs prompts too.
+    assert "prefill" not in locate_model_files(model_dir, "q4", prefill_precision="q4").graphs
+    assert "prefill" not in locate_model_files(model_dir, "q4").graphs
+    # No fallback: another precision would not prefill faster, so a missing one is an error.
+    with pytest.raises(
+        ModelFilesError, match=r"has no fp16 decoder graph for prompts \(expected onnx/decoder_model_merged_fp16.onnx\)"
+    ):
+        locate_model_files(model_dir, "q4", prefill_precision="fp16")
+    with pytest.raises(ModelFilesError, match="unknown precision 'int9'"):
+        locate_model_files(model_dir, "q4", prefill_precision="int9")
+
+
 def test_a_graph_missing_in_every_precision_names_what_is_there(tmp_path: Path) -> None:
     model_dir = lumen_model(tmp_path / "m", {"decoder": "decoder.fp16.onnx"})
     (model_dir / "onnx" / "decoder.fp16.onnx").unlink()

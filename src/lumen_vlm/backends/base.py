@@ -26,7 +26,7 @@ class BackendInfo:
     precision: str  # the decoder's: most of the model's weight and time
     precisions: tuple[str, ...] = ()  # every precision a graph was loaded in, the decoder's first
     load_time_ms: float = 0.0
-    model_bytes: int = 0  # all three graphs, with their external data
+    model_bytes: int = 0  # every graph loaded (a prompt decoder too), with their external data
     decoder_bytes: int = 0  # the weights every decode step reads
 
 

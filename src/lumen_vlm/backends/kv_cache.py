@@ -73,10 +73,10 @@ class SharedSlots(KVCache):
         # np.zeros asks the OS for zeroed pages, which become resident only when written: a
         # budget that is never used costs address space, not memory.
         self.buffers = [np.zeros((slots, kv_heads, slot_tokens, head_dim), dtype=dtype) for _ in range(tensors)]
-        # The runtime's bindings of these buffers, by (first row, rows), made by the backend that
-        # runs on them (typed loosely so that this module needs no ORT import). They hold raw
-        # pointers into `buffers`, so they live and die with this object.
-        self.bindings: dict[tuple[int, int], Any] = {}
+        # The runtime's bindings of these buffers, by (decoder graph, first row, rows), made by the
+        # backend that runs on them (typed loosely so that this module needs no ORT import). They
+        # hold raw pointers into `buffers`, so they live and die with this object.
+        self.bindings: dict[tuple[str, int, int], Any] = {}
 
     def read(self, slot: int) -> KVBlock:
         length = self.lengths[slot]

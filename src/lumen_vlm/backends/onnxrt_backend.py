@@ -1,5 +1,9 @@
 """FastVLM on ONNX Runtime: three sessions, IOBinding, and a per-request KV cache.
 
+A fourth session, where the model files name one (`ModelFiles.graphs["prefill"]`), is a second
+decoder graph of the same model in another precision that runs prompts: int8 matmuls prefill
+faster than q4 ones, which decode faster. Both write the one KV cache.
+
 Every model fact this module needs is read from the sessions themselves: layer count and
 KV shape from the decoder's ``past_key_values.*`` inputs, vocabulary size from its logits,
 image size and token count from the vision encoder. Nothing about FastVLM-0.5B is assumed.
@@ -15,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +59,9 @@ _ORT_TO_NUMPY = {
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
 }
+# Runs of at least this many tokens go through the prompt graph, where there is one. Shorter ones
+# read the weights for few rows, and the decoder's smaller weights (q4 against int8) win there.
+PREFILL_GRAPH_MIN_TOKENS = 8
 _INDEX_TYPES = ("tensor(int64)", "tensor(int32)")  # what ids, masks and positions may be declared as
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # what embeddings, the KV cache and logits may be
 
@@ -224,6 +231,40 @@ def _single_value(arg: Any, value: object, dtype: type) -> np.ndarray:
     return np.full([1] * len(dims), value, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class DecoderGraph:
+    """One decoder session and how to run it."""
+
+    session: ort.InferenceSession
+    role: Literal["decode", "prefill"]  # part of its KV bindings' key on a cache
+    precision: str
+    spec: DecoderSpec
+    past_names: tuple[str, ...]
+    present_names: tuple[str, ...]
+    feeds: DecoderFeeds
+    kv_dtype: type
+    embeds_dtype: type
+    logits_dtype: type
+    last_position_logits: bool  # a run's logits cover its last position only
+    rewrites: DerivedDecoder | None  # what was rewritten (graphs/decoder.py); None: run as exported
+
+    @property
+    def fused_attention_layers(self) -> int:
+        return self.rewrites.fused_attention_layers if self.rewrites else 0
+
+    def cache_layout(self) -> tuple[object, ...]:
+        """What a second graph must share with this one to read and write its KV cache."""
+        providers = tuple(self.session.get_providers())  # where its KV tensors live
+        return (
+            self.spec,
+            self.past_names,
+            self.present_names,
+            self.kv_dtype,
+            self.fused_attention_layers > 0,
+            providers,
+        )
+
+
 class FastVLMONNXBackend(BaseFastVLMBackend):
     """Runs the onnx-community three-graph FastVLM export with ONNX Runtime."""
 
@@ -249,36 +290,26 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         self._vision = self._open(files.graphs["vision"], copy_options(options, enable_cpu_mem_arena=False))
         self._embed = self._open(files.graphs["embed"], options)
         self._context_length = context_length
-        # The rewritten decoder in use and what was rewritten (graphs/decoder.py), or None
-        # when the decoder runs as exported.
-        self._rewrites: DerivedDecoder | None = None
-        # Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for
-        # the GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
-        # OptimizedGraphCache.derived_decoder) is used when one can be made.
-        # last_position_logits: whether prefill's logits come for the last position only.
-        self._decoder, self.last_position_logits = self._open_decoder(files.graphs["decoder"], options)
-        active = tuple(self._decoder.get_providers())
+        try:
+            self._ids_dtype = self._read_ids_dtype()
+        except BackendLoadError as exc:
+            raise BackendLoadError(f"{files.root}: {exc}") from exc
+        self._decoder = self._load_decoder(files, "decoder", "decode", options)
+        # The graph prompts run through: the decoder itself, unless the files name a second one.
+        self._prefill = self._decoder
+        if "prefill" in files.graphs:
+            self._prefill = self._load_decoder(files, "prefill", "prefill", options)
+            self._check_shares_cache(files)
+        active = tuple(self._decoder.session.get_providers())
         self._device = _device_type(active)
         image_size, image_tokens, feature_width = self._read_vision_io(files.graphs["vision"])
-        try:
-            decoder, self._past_names, self._present_names = self._read_decoder_io()
-            self._feeds = read_decoder_feeds({v.name: v for v in self._decoder.get_inputs()})
-            self._ids_dtype = self._read_ids_dtype()
-            self._kv_dtype = _dtype_of(self._decoder.get_inputs(), self._past_names[0])
-            self._embeds_dtype = _dtype_of(self._decoder.get_inputs(), NAMES.inputs_embeds)
-            self._logits_dtype = _dtype_of(self._decoder.get_outputs(), NAMES.logits)
-        except (BackendLoadError, ValueError, TypeError, IndexError) as exc:  # e.g. int() of a dynamic dimension
-            raise BackendLoadError(
-                f"{files.root}: the embedding and decoder graphs' inputs and outputs are not a FastVLM export's: {exc}"
-            ) from exc
+        decoder = self._decoder.spec
         if feature_width != decoder.hidden_size:
             raise BackendLoadError(
                 f"{files.root}: the vision encoder gives {feature_width}-wide image features, but the decoder takes "
                 f"{decoder.hidden_size}-wide embeddings: the graphs are not of one model"
             )
         self._graph_spec = GraphSpec(image_size, image_tokens, decoder)
-        # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
-        self.last_position_logits = self.last_position_logits or self._feeds.logits_to_keep is not None
         self._info = BackendInfo(
             runtime=f"onnxrt-{self._device}",
             providers=active,
@@ -290,28 +321,39 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         )
         log.info(
             "loaded %s (%s, %s) in %.0f ms; attention %s (%d layers packed), %d RMS norms fused "
-            "(%d with their residual Add), %d projections joined",
+            "(%d with their residual Add), %d projections joined; prompts through the %s decoder",
             files.root.name,
             files.precision,
             ", ".join(active),
             self._info.load_time_ms,
             "fused" if self.fused_attention_layers else "as exported",
-            self._rewrites.packed_attention_layers if self._rewrites else 0,
+            rewrites.packed_attention_layers if (rewrites := self._decoder.rewrites) else 0,
             self.fused_norms,
-            self._rewrites.fused_residual_adds if self._rewrites else 0,
-            self._rewrites.fused_projections if self._rewrites else 0,
+            rewrites.fused_residual_adds if rewrites else 0,
+            rewrites.fused_projections if rewrites else 0,
+            self._prefill.precision,
         )
 
     @property
     def fused_attention_layers(self) -> int:
         """How many layers' attention runs as one fused kernel (0: as the graph spells it out);
         with it, each request's KV cache is allocated once and written in place."""
-        return self._rewrites.fused_attention_layers if self._rewrites else 0
+        return self._decoder.fused_attention_layers
 
     @property
     def fused_norms(self) -> int:
         """RMS norms run as one kernel each."""
-        return self._rewrites.fused_norms if self._rewrites else 0
+        return self._decoder.rewrites.fused_norms if self._decoder.rewrites else 0
+
+    @property
+    def last_position_logits(self) -> bool:
+        """Whether a prompt's run computes its last position's logits only."""
+        return self._prefill.last_position_logits
+
+    @property
+    def prefill_precision(self) -> str:
+        """The precision of the decoder graph that prompts run through."""
+        return self._prefill.precision
 
     # ------------------------------------------------------------------ loading
 
@@ -323,8 +365,55 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         except Exception as exc:  # ORT raises several unrelated types: not ONNX, missing weights, bad graph
             raise BackendLoadError(f"cannot load {path}: {exc}") from exc
 
-    def _open_decoder(self, source: Path, options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
-        """(decoder session, whether its logits cover the last position only)."""
+    def _load_decoder(
+        self, files: ModelFiles, graph: str, role: Literal["decode", "prefill"], options: ort.SessionOptions
+    ) -> DecoderGraph:
+        """A decoder graph of `files` ("decoder" or "prefill"), opened and read."""
+        session, rewrites = self._open_decoder(files.graphs[graph], options)
+        try:
+            spec, past_names, present_names = self._read_decoder_io(session)
+            inputs, outputs = session.get_inputs(), session.get_outputs()
+            feeds = read_decoder_feeds({v.name: v for v in inputs})
+            return DecoderGraph(
+                session=session,
+                role=role,
+                precision=files.graph_precisions[graph],
+                spec=spec,
+                past_names=tuple(past_names),
+                present_names=tuple(present_names),
+                feeds=feeds,
+                kv_dtype=_dtype_of(inputs, past_names[0]),
+                embeds_dtype=_dtype_of(inputs, NAMES.inputs_embeds),
+                logits_dtype=_dtype_of(outputs, NAMES.logits),
+                # num_logits_to_keep = 1 makes the graph itself compute the last position's logits only.
+                last_position_logits=(rewrites is not None and rewrites.last_position_logits)
+                or feeds.logits_to_keep is not None,
+                rewrites=rewrites,
+            )
+        except (BackendLoadError, ValueError, TypeError, IndexError) as exc:  # e.g. int() of a dynamic dimension
+            raise BackendLoadError(
+                f"{files.root}: the embedding and decoder graphs' inputs and outputs are not a FastVLM export's "
+                f"({files.graphs[graph].name}): {exc}"
+            ) from exc
+
+    def _check_shares_cache(self, files: ModelFiles) -> None:
+        """BackendLoadError unless the prompt graph reads and writes the decoder's KV cache as it does."""
+        if self._prefill.cache_layout() != self._decoder.cache_layout():
+            raise BackendLoadError(
+                f"{files.root}: the {self._prefill.precision} decoder graph for prompts "
+                f"({files.graphs['prefill'].name}) does not share a KV cache with the {self._decoder.precision} "
+                f"decoder ({files.graphs['decoder'].name}): their layers, KV tensors, types, attention "
+                "fusion or providers differ"
+            )
+
+    def _open_decoder(
+        self, source: Path, options: ort.SessionOptions
+    ) -> tuple[ort.InferenceSession, DerivedDecoder | None]:
+        """(decoder session, what was rewritten in it, or None where it runs as exported).
+
+        Not ORT's saved optimized decoder: its memory-mapped weights are not pre-packed for the
+        GEMM kernels, and decoding measured ~18% slower that way. A rewritten copy (see
+        OptimizedGraphCache.derived_decoder) is used when one can be made."""
         derived = self._derived_decoder(source)
         if derived is not None:
             try:
@@ -332,9 +421,8 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             except BackendLoadError as exc:  # a damaged copy: drop it, the source still works
                 derived.discard(exc)
             else:
-                self._rewrites = derived
-                return session, derived.last_position_logits
-        return self._open(source, options, reuse_optimized=False), False
+                return session, derived
+        return self._open(source, options, reuse_optimized=False), None
 
     def _derived_decoder(self, source: Path) -> DerivedDecoder | None:
         if self._graph_cache is None:
@@ -372,15 +460,15 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             )
         return _declared_dtype(inputs[NAMES.input_ids], _INDEX_TYPES, "embedding")
 
-    def _read_decoder_io(self) -> tuple[DecoderSpec, list[str], list[str]]:
-        inputs = {v.name: v for v in self._decoder.get_inputs()}
+    def _read_decoder_io(self, session: ort.InferenceSession) -> tuple[DecoderSpec, list[str], list[str]]:
+        inputs = {v.name: v for v in session.get_inputs()}
         layers = sorted({layer for name in inputs if (layer := NAMES.past_layer(name)) is not None})
         if not layers or layers != list(range(len(layers))):
             first = ", ".join(NAMES.past(0))
             raise BackendLoadError(f"decoder graph has no KV cache inputs ({first}, ...) numbered from 0")
         past_names = [name for i in layers for name in NAMES.past(i)]
         present_names = [name for i in layers for name in NAMES.present(i)]
-        outputs = {v.name: v for v in self._decoder.get_outputs()}
+        outputs = {v.name: v for v in session.get_outputs()}
         wanted_inputs = [*past_names, NAMES.inputs_embeds, NAMES.attention_mask, NAMES.position_ids]
         missing = [n for n in wanted_inputs if n not in inputs]
         missing += [n for n in [NAMES.logits, *present_names] if n not in outputs]
@@ -421,11 +509,11 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids).reshape(1, -1).astype(self._ids_dtype, copy=False)
         (embeds,) = self._embed.run(None, {NAMES.input_ids: ids})
-        return embeds[0].astype(self._embeds_dtype, copy=False)
+        return embeds[0].astype(self._decoder.embeds_dtype, copy=False)
 
     def new_kv_cache(self, slots: int, slot_tokens: int) -> KVCache:
-        spec = self._graph_spec.decoder
-        shape = (slots, slot_tokens, spec.num_kv_heads, spec.head_dim, len(self._past_names), self._kv_dtype)
+        spec, graph = self._graph_spec.decoder, self._decoder
+        shape = (slots, slot_tokens, spec.num_kv_heads, spec.head_dim, len(graph.past_names), graph.kv_dtype)
         if self.fused_attention_layers:
             return SharedSlots(*shape)
         return SeparateSlots(*shape, device=self._device)
@@ -440,18 +528,26 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
                     f"the KV slot holds {cache.slot_tokens} tokens; {cache.lengths[slot]} are used "
                     f"and {new_tokens} more do not fit"
                 )
+        graph = self._graph_for(new_tokens)
+        embeds = embeds.astype(graph.embeds_dtype, copy=False)
         if isinstance(cache, SharedSlots):
-            logits = self._forward_shared(cache, slots, embeds)
+            logits = self._forward_shared(graph, cache, slots, embeds)
         else:
             assert isinstance(cache, SeparateSlots)
             logits = np.stack(
-                [self._forward_separate(cache, slot, embeds[row : row + 1]) for row, slot in enumerate(slots)]
+                [self._forward_separate(graph, cache, slot, embeds[row : row + 1]) for row, slot in enumerate(slots)]
             )
         for slot in slots:
             cache.lengths[slot] += new_tokens
         return logits
 
-    def _forward_shared(self, cache: SharedSlots, slots: Sequence[int], embeds: np.ndarray) -> np.ndarray:
+    def _graph_for(self, new_tokens: int) -> DecoderGraph:
+        """The prompt graph for a run of PREFILL_GRAPH_MIN_TOKENS or more, the decoder otherwise."""
+        return self._prefill if new_tokens >= PREFILL_GRAPH_MIN_TOKENS else self._decoder
+
+    def _forward_shared(
+        self, graph: DecoderGraph, cache: SharedSlots, slots: Sequence[int], embeds: np.ndarray
+    ) -> np.ndarray:
         """One decoder call for every row, on the shared buffers.
 
         A single slot is bound alone (a view of its rows of each buffer). Several are run as
@@ -466,26 +562,26 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
         if not in_order:  # buffer row r is slot r: put each embedding in its slot's row
             batch_embeds = np.zeros((rows, 1, embeds.shape[2]), dtype=embeds.dtype)
             batch_embeds[list(slots)] = embeds
-        binding = self._kv_binding(cache, first, rows)
+        binding = self._kv_binding(graph, cache, first, rows)
         binding.bind_cpu_input(NAMES.inputs_embeds, np.ascontiguousarray(batch_embeds))
-        self._feeds.bind(binding, lengths, embeds.shape[1])
-        logits = self._bind_logits(binding, rows, embeds.shape[1])
-        self._decoder.run_with_iobinding(binding)
+        graph.feeds.bind(binding, lengths, embeds.shape[1])
+        logits = self._bind_logits(graph, binding, rows, embeds.shape[1])
+        graph.session.run_with_iobinding(binding)
         last = logits[:, -1] if in_order else logits[list(slots), -1]
         return np.array(last, dtype=np.float32)
 
-    def _kv_binding(self, cache: SharedSlots, first: int, rows: int) -> ort.IOBinding:
-        """A binding with rows first..first+rows of every KV buffer bound as past and present,
-        made once per row range of a cache and kept on it. The buffers never move and their
-        shapes are fixed, so only the embeddings, the feeds and the logits change per run;
-        binding the 2 x layers KV blocks anew for every token cost about 10% of a q4 step (27.8
-        against 25.1 ms, one A/B on an AVX2-only AMD EPYC)."""
-        key = (first, rows)
+    def _kv_binding(self, graph: DecoderGraph, cache: SharedSlots, first: int, rows: int) -> ort.IOBinding:
+        """A binding of `graph` with rows first..first+rows of every KV buffer bound as past and
+        present, made once per graph and row range of a cache and kept on it. The buffers never
+        move and their shapes are fixed, so only the embeddings, the feeds and the logits change
+        per run; binding the 2 x layers KV blocks anew for every token cost about 10% of a q4
+        step (27.8 against 25.1 ms, one A/B on an AVX2-only AMD EPYC)."""
+        key = (graph.role, first, rows)
         binding = cache.bindings.get(key)
         if binding is None:
-            binding = self._decoder.io_binding()
+            binding = graph.session.io_binding()
             for past_name, present_name, buffer in zip(
-                self._past_names, self._present_names, cache.buffers, strict=True
+                graph.past_names, graph.present_names, cache.buffers, strict=True
             ):
                 block = buffer[first : first + rows]
                 # GroupQueryAttention appends in place when past and present are one buffer.
@@ -494,26 +590,26 @@ class FastVLMONNXBackend(BaseFastVLMBackend):
             cache.bindings[key] = binding
         return binding
 
-    def _forward_separate(self, cache: SeparateSlots, slot: int, embeds: np.ndarray) -> np.ndarray:
+    def _forward_separate(self, graph: DecoderGraph, cache: SeparateSlots, slot: int, embeds: np.ndarray) -> np.ndarray:
         """One slot's run: its past tensors in, the presents (the next past) out, on the device."""
-        binding = self._decoder.io_binding()
+        binding = graph.session.io_binding()
         binding.bind_cpu_input(NAMES.inputs_embeds, np.ascontiguousarray(embeds))
-        self._feeds.bind(binding, [cache.lengths[slot]], embeds.shape[1])
-        for name, value in zip(self._past_names, cache.past[slot], strict=True):
+        graph.feeds.bind(binding, [cache.lengths[slot]], embeds.shape[1])
+        for name, value in zip(graph.past_names, cache.past[slot], strict=True):
             binding.bind_ortvalue_input(name, value)
-        logits = self._bind_logits(binding, 1, embeds.shape[1])
-        for name in self._present_names:
+        logits = self._bind_logits(graph, binding, 1, embeds.shape[1])
+        for name in graph.present_names:
             binding.bind_output(name, self._device)
-        self._decoder.run_with_iobinding(binding)
+        graph.session.run_with_iobinding(binding)
         cache.past[slot] = list(binding.get_outputs()[1:])
         # A copy of one row: a view would keep the whole [seq, vocab] block alive.
         return np.array(logits[0, -1], dtype=np.float32)
 
-    def _bind_logits(self, binding: ort.IOBinding, rows: int, new_tokens: int) -> np.ndarray:
+    def _bind_logits(self, graph: DecoderGraph, binding: ort.IOBinding, rows: int, new_tokens: int) -> np.ndarray:
         """ORT writes the logits straight into this buffer (no second copy of a [seq, vocab]
         block when the graph computes every position's)."""
-        positions = 1 if self.last_position_logits else new_tokens
-        logits = np.empty((rows, positions, self._graph_spec.decoder.vocab_size), dtype=self._logits_dtype)
+        positions = 1 if graph.last_position_logits else new_tokens
+        logits = np.empty((rows, positions, self._graph_spec.decoder.vocab_size), dtype=graph.logits_dtype)
         binding.bind_output(NAMES.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
         return logits
 
@@ -538,6 +634,9 @@ def _log_graph_choice(files: ModelFiles) -> None:
                 files.requested_precision,
                 graph,
             )
+    if "prefill" in files.graphs:
+        path, found = files.graphs["prefill"].relative_to(files.root), files.graph_precisions["prefill"]
+        log.info("prefill graph (prompts): %s (%s)", path, found)
 
 
 def _shapes(values: Sequence[Any]) -> str:

@@ -128,6 +128,7 @@ class FastVLMModelManager:
         model_dir: Path | str,
         precision: str = ModelSettings.precision,
         vision_precision: str | None = ModelSettings.vision_precision,
+        prefill_precision: str | None = ModelSettings.prefill_precision,
         device: str = BackendSettings.device,
         providers: Sequence[Any] | None = None,
         intra_op_threads: int = BackendSettings.intra_op_threads,
@@ -137,7 +138,7 @@ class FastVLMModelManager:
         """Load a model directory with the ONNX Runtime backend."""
         from ..backends.onnxrt_backend import FastVLMONNXBackend, default_session_options, select_providers
 
-        files = locate_model_files(Path(model_dir), precision, vision_precision)
+        files = locate_model_files(Path(model_dir), precision, vision_precision, prefill_precision)
         tokenizer, stated = read_model(files)
         chosen = select_providers(device, providers)
         try:
@@ -163,6 +164,7 @@ class FastVLMModelManager:
                 model_dir,
                 precision=settings.model.precision,
                 vision_precision=settings.model.vision_precision,
+                prefill_precision=settings.model.prefill_precision,
                 device=settings.backend.device,
                 providers=settings.backend.providers,
                 # ORT's intra-op pool belongs to the session and is shared by concurrent runs, so
@@ -188,7 +190,10 @@ class FastVLMModelManager:
         `check_device`'s.
         """
         try:
-            files = locate_model_files(Path(model_dir), settings.model.precision, settings.model.vision_precision)
+            model = settings.model
+            files = locate_model_files(
+                Path(model_dir), model.precision, model.vision_precision, model.prefill_precision
+            )
             _, stated = read_model(files)
             ChatTemplate(stated.text.chat_template, stated.text.special_tokens)  # compiles and probes it
         except ModelFilesError as exc:

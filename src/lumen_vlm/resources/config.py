@@ -105,6 +105,7 @@ class VLMOptions(BaseModel):
     feature_cache_bytes: _NonNegativeInt | None = None  # 0: no image-feature cache
     prefix_cache_bytes: _NonNegativeInt | None = None  # 0: no prompt-prefix KV cache
     vision_precision: str | None = None  # the vision graph's precision; unset: the model's
+    prefill_precision: str | None = None  # a second decoder graph's, for prompts; unset: the decoder alone
 
 
 VLM_KEYS = tuple(VLMOptions.model_fields)
@@ -453,7 +454,12 @@ def _build_settings(
     backend = service_config.backend_settings or LumenBackendSettings()
     return VLMSettings(
         cache_dir=cache_dir,
-        model=_model_settings(service_config.models, f"services.{service}.models", options.get("vision_precision")),
+        model=_model_settings(
+            service_config.models,
+            f"services.{service}.models",
+            options.get("vision_precision"),
+            options.get("prefill_precision"),
+        ),
         backend=BackendSettings(
             device=backend.device or BackendSettings.device,  # null means auto-detect, as in lumen-resources
             providers=_providers(backend.onnx_providers, f"services.{service}.backend_settings.onnx_providers"),
@@ -470,9 +476,12 @@ def _build_settings(
 
 
 def _model_settings(
-    models: Mapping[str, ModelConfig], prefix: str, vision_precision: tuple[str, str] | None = None
+    models: Mapping[str, ModelConfig],
+    prefix: str,
+    vision_precision: tuple[str, str] | None = None,
+    prefill_precision: tuple[str, str] | None = None,
 ) -> ModelSettings:
-    """The one model entry, and the vision precision option as (value, key) where it is set."""
+    """The one model entry, and the vision and prefill precision options as (value, key) where set."""
     if not models:
         raise ConfigError(
             f"{prefix}: no model configured; add one, e.g. {prefix}.fastvlm: {{model: ..., runtime: onnx}}"
@@ -489,9 +498,13 @@ def _model_settings(
     if not entry.model.strip():
         raise ConfigError(f"{path}.model: must name a model directory, Lumen model or Hugging Face repo")
     precision = _precision(entry.precision, f"{path}.precision")
-    vision = _precision(*vision_precision) if vision_precision else None
     return ModelSettings(
-        alias=alias, model=entry.model.strip(), runtime=runtime, precision=precision, vision_precision=vision
+        alias=alias,
+        model=entry.model.strip(),
+        runtime=runtime,
+        precision=precision,
+        vision_precision=_precision(*vision_precision) if vision_precision else None,
+        prefill_precision=_precision(*prefill_precision) if prefill_precision else None,
     )
 
 

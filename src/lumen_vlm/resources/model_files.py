@@ -57,7 +57,9 @@ class ModelFiles:
     root: Path
     layout: str  # "onnx-community" or "lumen"
     requested_precision: str
-    graphs: dict[str, Path]  # "vision" / "embed" / "decoder" -> .onnx file
+    # "vision" / "embed" / "decoder" -> .onnx file; and "prefill", the decoder graph prompts run
+    # through, where one in another precision than the decoder's was asked for.
+    graphs: dict[str, Path]
     graph_precisions: dict[str, str]  # the precision each graph was actually found in
     tokenizer: Path
 
@@ -152,9 +154,12 @@ def _find_graph(root: Path, layout: str, graph: str, requested: str) -> tuple[Pa
     return (root / best[0], best[1]) if best else None
 
 
-def locate_model_files(root: Path, precision: str = "fp32", vision_precision: str | None = None) -> ModelFiles:
+def locate_model_files(
+    root: Path, precision: str = "fp32", vision_precision: str | None = None, prefill_precision: str | None = None
+) -> ModelFiles:
     """Pick each graph in `precision` (the vision graph in `vision_precision`, where given), or in
-    the best precision present (`fallback_precisions`)."""
+    the best precision present (`fallback_precisions`); and, for `prefill_precision`, a second
+    decoder graph for prompts (`find_prefill_decoder`)."""
     root = root.expanduser()
     if not root.is_dir():
         raise ModelFilesError(f"model directory {root} does not exist")
@@ -175,10 +180,29 @@ def locate_model_files(root: Path, precision: str = "fp32", vision_precision: st
                 f"graphs present: {', '.join(present) or 'none'}"
             )
         graphs[graph], found[graph] = best
+    if prefill_precision is not None:
+        prefill = find_prefill_decoder(root, layout, canonical_precision(prefill_precision), found["decoder"])
+        if prefill is not None:
+            graphs["prefill"], found["prefill"] = prefill
     tokenizer = root / "tokenizer.json"
     if not tokenizer.is_file():
         raise ModelFilesError(f"{root} has no tokenizer.json")
     return ModelFiles(root, layout, requested, graphs, found, tokenizer)
+
+
+def find_prefill_decoder(root: Path, layout: str, precision: str, decoder_precision: str) -> tuple[Path, str] | None:
+    """(file, precision) of the decoder graph that runs prompts, or None where the decoder itself
+    is in `precision` (one graph does both).
+
+    Exactly the asked precision, no fallback: the graph is there to prefill faster than the
+    decoder does, and another precision would not."""
+    if precision == decoder_precision:
+        return None
+    for relative in graph_candidates(layout, "decoder", precision):
+        if (root / relative).is_file():
+            return root / relative, precision
+    expected = " or ".join(p.as_posix() for p in graph_candidates(layout, "decoder", precision))
+    raise ModelFilesError(f"{root} has no {precision} decoder graph for prompts (expected {expected})")
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

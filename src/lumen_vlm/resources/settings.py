@@ -21,6 +21,9 @@ class ModelSettings:
     precision: str = "fp32"
     # The vision encoder's own precision (tools/quantize_vision.py writes an int8 one); None: `precision`.
     vision_precision: str | None = None
+    # A second decoder graph that prompts run through (e.g. int8 beside a q4 decoder: int8 matmuls
+    # prefill faster, q4 ones decode faster); None: the decoder runs both.
+    prefill_precision: str | None = None
 
 
 @dataclass(frozen=True)
