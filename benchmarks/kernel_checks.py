@@ -5,6 +5,7 @@
     python benchmarks/kernel_checks.py lm-head
     python benchmarks/kernel_checks.py accuracy-levels [--rows 1]
     python benchmarks/kernel_checks.py vision-arena GRAPH [--model-dir DIR]
+    python benchmarks/kernel_checks.py prefill-graphs [--model-dir DIR] [--rounds 12]
 
 profile: ORT's profiler over decode steps of a decoder graph (our rewritten one from
   <cache_dir>/ort-optimized/*-decoder/model.onnx, or onnxruntime-genai's model.onnx): one new
@@ -22,6 +23,12 @@ vision-arena: a vision graph of the model (e.g. MODEL_DIR/onnx/vision_encoder.on
   CPU memory arena on and off, opened directly and through the server's saved-optimized-graph
   cache, 6 rounds in turns on one of scikit-image's photos: what the server's arena-off vision
   session costs.
+prefill-graphs: the model's q4 and int8 decoders as the server runs them (FastVLMModelManager,
+  rewritten graphs): first one run of M = 1..32 tokens after 270 positions through each, in
+  turns (where `PREFILL_GRAPH_MIN_TOKENS` comes from); then a 292-token prompt (a 1024 px photo's)
+  prefilled by q4 alone, int8 alone, and q4 with int8 prompts (`prefill_precision: int8`), the
+  three loaded together and run in a rotating order over `--rounds` rounds. The model directory
+  needs both decoders (`tools/quantize_model.py`); by default the benchmark's model.
 
 2 intra-op threads throughout; random weights (speed does not depend on their values).
 """
@@ -42,6 +49,10 @@ import numpy as np
 import onnxruntime as ort
 
 THREADS = 2
+# run_benchmark.py's model (its CACHE / "fastvlm-0.5b-random").
+BENCH_MODEL = Path(os.environ.get("LUMEN_VLM_BENCH_CACHE", "~/.cache/lumen-vlm/bench")).expanduser() / (
+    "fastvlm-0.5b-random"
+)
 
 
 def session(model: bytes | str, profile_prefix: str | None = None) -> ort.InferenceSession:
@@ -257,17 +268,80 @@ def vision_arena(graph: Path, model_dir: Path) -> None:
         print(f"{graph.name}, {name}: median {np.median(values):.0f} ms, min {min(values):.0f} ms over 6 rounds")
 
 
+# --------------------------------------------------------------------------- prefill graphs
+
+PREFILL_PROMPT_TOKENS = 292
+RUN_ROWS = (1, 2, 4, 8, 16, 32)
+
+
+def prefill_graphs(model_dir: Path, rounds: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from lumen_vlm.fastvlm.fastvlm_model import FastVLMModelManager, PreparedRequest
+
+    def load(precision: str, prefill: str | None = None) -> FastVLMModelManager:
+        return FastVLMModelManager.from_model_dir(
+            model_dir,
+            precision=precision,
+            prefill_precision=prefill,
+            intra_op_threads=THREADS,
+            optimized_graph_dir=model_dir.parent / "ort-optimized",
+        )
+
+    managers = {"q4": load("q4"), "int8": load("int8"), "q4 with int8 prompts": load("q4", "int8")}
+    backends = {name: managers[name].backend for name in ("q4", "int8")}
+    runs: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+    for _ in range(3):
+        for rows in RUN_ROWS:
+            for name, backend in backends.items():
+                cache = backend.new_kv_cache(1, 512)
+                backend.forward(cache, [0], backend.embed(np.arange(270))[None])
+                embeds = backend.embed(np.arange(rows))[None]
+                started = time.perf_counter()
+                backend.forward(cache, [0], embeds)
+                runs[(rows, name)].append((time.perf_counter() - started) * 1000)
+    for rows in RUN_ROWS:
+        medians = ", ".join(f"{name} {np.median(runs[(rows, name)]):.1f} ms" for name in backends)
+        print(f"a run of {rows:2d} tokens after 270 (median of 3): {medians}")
+    vocab = managers["q4"].spec.decoder.vocab_size
+    prompt = np.random.default_rng(0).integers(0, vocab, PREFILL_PROMPT_TOKENS)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    order = list(managers)
+    for round_index in range(rounds):
+        for name in order[round_index % 3 :] + order[: round_index % 3]:
+            manager = managers[name]
+            cache = manager.new_kv_cache(1, PREFILL_PROMPT_TOKENS + 1)
+            prepared = PreparedRequest(prompt, None, 1, time.perf_counter())
+            started = time.perf_counter()
+            for _ in manager.prefill(prepared, cache, 0, PREFILL_PROMPT_TOKENS):
+                pass
+            times[name].append((time.perf_counter() - started) * 1000)
+    both = times["q4 with int8 prompts"]
+    for name, values in times.items():
+        print(f"{PREFILL_PROMPT_TOKENS}-token prefill, {name}: median {np.median(values):.0f} ms over {rounds} rounds")
+    for name in ("q4", "int8"):
+        ratios = [a / b for a, b in zip(both, times[name], strict=True)]
+        print(f"q4 with int8 prompts / {name}: median per-round ratio {np.median(ratios):.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("profile", "fp16", "lm-head", "accuracy-levels", "vision-arena"))
+    parser.add_argument(
+        "check", choices=("profile", "fp16", "lm-head", "accuracy-levels", "vision-arena", "prefill-graphs")
+    )
     parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph; vision-arena: a vision graph")
-    parser.add_argument("--model-dir", type=Path, help="vision-arena: the model (default: the graph's onnx/ parent)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="vision-arena: the model (default: the graph's onnx/ parent); prefill-graphs: the model "
+        "(default: the benchmark's)",
+    )
+    parser.add_argument("--rounds", type=int, default=12, help="prefill-graphs: rounds of the three prefills")
     parser.add_argument("--depth", type=int, default=292)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rows", type=int, default=1, help="accuracy-levels: the matmuls' M (292: a prefill)")
     args = parser.parse_args(argv)
-    if args.rows < 1:
-        parser.error("--rows must be at least 1")
+    if args.rows < 1 or args.rounds < 1:
+        parser.error("--rows and --rounds must be at least 1")
     print(f"onnxruntime {ort.__version__}, {THREADS} threads, {os.cpu_count()} logical cores")
     if args.check == "profile":
         if args.graph is None:
@@ -279,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         lm_head()
     elif args.check == "accuracy-levels":
         accuracy_levels(args.rows)
+    elif args.check == "prefill-graphs":
+        prefill_graphs((args.model_dir or BENCH_MODEL).expanduser(), args.rounds)
     else:
         if args.graph is None:
             parser.error("vision-arena needs a vision graph")

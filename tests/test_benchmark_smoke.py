@@ -99,3 +99,14 @@ def test_vision_benchmark_only_measures_the_asked_recipes_beside_fp32() -> None:
     assert [v for v in VARIANTS if chosen(v, None)] == list(VARIANTS)
     dense = [v.level.name for v in VARIANTS if chosen(v, ["int8-static-dense-convs"]) and v != BASELINE]
     assert dense == ["ORT_ENABLE_ALL", "ORT_DISABLE_ALL"]  # the graph with its kernels, and unfused
+
+
+def test_the_prefill_graphs_check_runs_on_a_model_with_both_decoders(
+    quantized_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kernel_checks import prefill_graphs
+
+    prefill_graphs(quantized_model_dir, rounds=1)
+    out = capsys.readouterr().out
+    assert "a run of 32 tokens after 270" in out
+    assert "q4 with int8 prompts / q4: median per-round ratio" in out

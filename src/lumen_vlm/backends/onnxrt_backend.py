@@ -60,7 +60,9 @@ _ORT_TO_NUMPY = {
     "tensor(bool)": np.bool_,
 }
 # Runs of at least this many tokens go through the prompt graph, where there is one. Shorter ones
-# read the weights for few rows, and the decoder's smaller weights (q4 against int8) win there.
+# read the weights for few rows, and the decoder's smaller weights (q4 against int8) win there;
+# on an AVX2-only CPU the crossover lay between 4 and 16 rows (`benchmarks/kernel_checks.py
+# prefill-graphs`, benchmarks/RESULTS.md).
 PREFILL_GRAPH_MIN_TOKENS = 8
 _INDEX_TYPES = ("tensor(int64)", "tensor(int32)")  # what ids, masks and positions may be declared as
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")  # what embeddings, the KV cache and logits may be
