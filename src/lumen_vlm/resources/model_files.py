@@ -173,7 +173,7 @@ def locate_model_files(
     for graph in GRAPHS:
         best = _find_graph(root, layout, graph, wanted[graph])
         if best is None:
-            expected = " or ".join(p.as_posix() for p in graph_candidates(layout, graph, wanted[graph]))
+            expected = _expected_names(layout, graph, wanted[graph])
             present = sorted(p.name for p in (root / "onnx").glob("*.onnx")) if (root / "onnx").is_dir() else []
             raise ModelFilesError(
                 f"{root} has no {wanted[graph]} {graph} graph (expected {expected}), nor one in another precision; "
@@ -201,8 +201,13 @@ def find_prefill_decoder(root: Path, layout: str, precision: str, decoder_precis
     for relative in graph_candidates(layout, "decoder", precision):
         if (root / relative).is_file():
             return root / relative, precision
-    expected = " or ".join(p.as_posix() for p in graph_candidates(layout, "decoder", precision))
+    expected = _expected_names(layout, "decoder", precision)
     raise ModelFilesError(f"{root} has no {precision} decoder graph for prompts (expected {expected})")
+
+
+def _expected_names(layout: str, graph: str, precision: str) -> str:
+    """The file names a missing graph could have had, for an error message."""
+    return " or ".join(p.as_posix() for p in graph_candidates(layout, graph, precision))
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
