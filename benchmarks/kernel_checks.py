@@ -4,6 +4,7 @@
     python benchmarks/kernel_checks.py fp16
     python benchmarks/kernel_checks.py lm-head
     python benchmarks/kernel_checks.py accuracy-levels [--rows 1]
+    python benchmarks/kernel_checks.py weight-only-8bit
     python benchmarks/kernel_checks.py vision-arena GRAPH [--model-dir DIR]
     python benchmarks/kernel_checks.py prefill-graphs [--model-dir DIR] [--rounds 12]
 
@@ -19,6 +20,11 @@ accuracy-levels: a decode step's weight matmuls (M = `--rows`, 1 by default; 292
   photo's prefill; six layers' worth of the joined q/k/v, o, joined gate/up and down shapes) as
   4-bit MatMulNBits, block 128 with zero points, at each accuracy level (0-4: the compute type
   MLAS uses), in turns.
+weight-only-8bit: the same six layers' matmuls at M = 1 with fp32 weights, and as MatMulNBits
+  with 8-bit symmetric weights and fp32 activations (accuracy level 0 or 1, block 32 or 128),
+  beside our int8 and q4 forms (level 4, int8 activations), 5 rounds in turns, with each form's
+  relative output error against fp32: whether 8-bit weight-only quantization could be a class
+  between fp32 and int8 on this ONNX Runtime.
 vision-arena: a vision graph of the model (e.g. MODEL_DIR/onnx/vision_encoder.onnx) with ORT's
   CPU memory arena on and off, opened directly and through the server's saved-optimized-graph
   cache, 6 rounds in turns on one of scikit-image's photos: what the server's arena-off vision
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -46,6 +53,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 THREADS = 2
@@ -153,8 +161,6 @@ def fp16() -> None:
     optimized = Path(tempfile.mkdtemp()) / "fp16.onnx"
     options.optimized_model_filepath = str(optimized)
     ort.InferenceSession(matmuls(np.float16), options, providers=["CPUExecutionProvider"])
-    import onnx
-
     print("ops ORT runs for fp16 weights:", sorted({node.op_type for node in onnx.load(str(optimized)).graph.node}))
 
 
@@ -206,9 +212,9 @@ def lm_head() -> None:
 LAYER_SHAPES = ((896, 1152), (896, 896), (896, 9728), (4864, 896))  # FastVLM-0.5B's, as K x N
 
 
-def decode_matmuls_q4(accuracy_level: int, rows: int, layers: int = 6) -> bytes:
+def decode_matmuls(rows: int, layers: int = 6) -> onnx.ModelProto:
+    """`layers` decode layers' weight matmuls (LAYER_SHAPES) with fp32 weights, M = `rows`."""
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     rng = np.random.default_rng(0)
     shapes = LAYER_SHAPES * layers
@@ -222,15 +228,29 @@ def decode_matmuls_q4(accuracy_level: int, rows: int, layers: int = 6) -> bytes:
     ]
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))]
     graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, accuracy_level=accuracy_level)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def as_matmul_nbits(model: onnx.ModelProto, bits: int, block: int, symmetric: bool, accuracy_level: int) -> bytes:
+    """The model with every MatMul quantized to MatMulNBits (ORT's quantizer, as our tools call it)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per matmul otherwise
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level
+    )
     quantizer.process()
     return quantizer.model.model.SerializeToString()
 
 
+def layer_feeds(rows: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {f"x{k}": rng.standard_normal((1, rows, k)).astype(np.float32) for k in sorted({k for k, _ in LAYER_SHAPES})}
+
+
 def accuracy_levels(rows: int) -> None:
-    sessions = {level: session(decode_matmuls_q4(level, rows)) for level in range(5)}
-    feeds = {f"x{k}": np.ones((1, rows, k), np.float32) for k in sorted({k for k, _ in LAYER_SHAPES})}
+    sessions = {level: session(as_matmul_nbits(decode_matmuls(rows), 4, 128, False, level)) for level in range(5)}
+    feeds = layer_feeds(rows)
     calls = max(1, 20 // rows)
     times: dict[int, list[float]] = {level: [] for level in sessions}
     for _ in range(5):
@@ -238,6 +258,51 @@ def accuracy_levels(rows: int) -> None:
             times[level].append(mean_ms(lambda sess=sess: sess.run(None, feeds), calls))
     for level, values in times.items():
         print(f"accuracy_level {level}, M = {rows}: median {np.median(values):.2f} ms over 5 rounds")
+
+
+# --------------------------------------------------------------------------- weight-only 8-bit
+
+
+WEIGHT_FORMS = {  # name: (bits, block size, accuracy level), symmetric weights; None: fp32 MatMul
+    "fp32 MatMul": None,
+    "8-bit block 32, fp32 compute (level 0)": (8, 32, 0),
+    "8-bit block 128, fp32 compute (level 0)": (8, 128, 0),
+    "8-bit block 32, fp32 compute (level 1)": (8, 32, 1),
+    "8-bit block 128, int8 compute (level 4: lumen-int8-nbits)": (8, 128, 4),
+    "4-bit block 128, int8 compute (level 4)": (4, 128, 4),
+}
+
+
+def weight_only_8bit(layers: int = 6, rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Each WEIGHT_FORMS form of `layers` layers' decode matmuls at M = 1, in turns.
+
+    Levels 0 and 1 keep the activations in fp32 (weight-only quantization, the candidate for a
+    class between fp32 and int8); level 4 quantizes them to int8 per block, as our int8 and q4
+    decoders do. Returns {form: (median ms, relative error of all outputs against fp32)}.
+    """
+    sessions = {
+        name: session(
+            decode_matmuls(1, layers).SerializeToString()
+            if form is None
+            else as_matmul_nbits(decode_matmuls(1, layers), form[0], form[1], True, form[2])
+        )
+        for name, form in WEIGHT_FORMS.items()
+    }
+    feeds = layer_feeds(1)
+    reference = np.concatenate([y.ravel() for y in sessions["fp32 MatMul"].run(None, feeds)])
+    errors = {}
+    for name, sess in sessions.items():
+        got = np.concatenate([y.ravel() for y in sess.run(None, feeds)])
+        errors[name] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            times[name].append(mean_ms(lambda sess=sess: sess.run(None, feeds), 5))
+    results = {name: (float(np.median(times[name])), errors[name]) for name in sessions}
+    fp32_ms = results["fp32 MatMul"][0]
+    for name, (ms, error) in results.items():
+        print(f"{name}: median {ms:.2f} ms over {rounds} rounds ({ms / fp32_ms:.2f}x fp32), relative error {error:.1e}")
+    return results
 
 
 # --------------------------------------------------------------------------- vision arena
@@ -326,7 +391,16 @@ def prefill_graphs(model_dir: Path, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "check", choices=("profile", "fp16", "lm-head", "accuracy-levels", "vision-arena", "prefill-graphs")
+        "check",
+        choices=(
+            "profile",
+            "fp16",
+            "lm-head",
+            "accuracy-levels",
+            "weight-only-8bit",
+            "vision-arena",
+            "prefill-graphs",
+        ),
     )
     parser.add_argument("graph", type=Path, nargs="?", help="profile: the decoder graph; vision-arena: a vision graph")
     parser.add_argument(
@@ -353,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         lm_head()
     elif args.check == "accuracy-levels":
         accuracy_levels(args.rows)
+    elif args.check == "weight-only-8bit":
+        weight_only_8bit()
     elif args.check == "prefill-graphs":
         prefill_graphs((args.model_dir or BENCH_MODEL).expanduser(), args.rounds)
     else:

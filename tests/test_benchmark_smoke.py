@@ -110,3 +110,14 @@ def test_the_prefill_graphs_check_runs_on_a_model_with_both_decoders(
     out = capsys.readouterr().out
     assert "a run of 32 tokens after 270" in out
     assert "q4 with int8 prompts / q4: median per-round ratio" in out
+
+
+def test_the_weight_only_8bit_check_times_every_form_and_measures_its_error() -> None:
+    from kernel_checks import WEIGHT_FORMS, weight_only_8bit
+
+    results = weight_only_8bit(layers=1, rounds=1)
+    assert set(results) == set(WEIGHT_FORMS)
+    assert results["fp32 MatMul"][1] == 0.0  # the reference against itself
+    # 8-bit weights with fp32 compute stay close to fp32; 4-bit weights are visibly coarser.
+    assert 0.0 < results["8-bit block 32, fp32 compute (level 0)"][1] < 0.05
+    assert results["4-bit block 128, int8 compute (level 4)"][1] > results["8-bit block 32, fp32 compute (level 0)"][1]
