@@ -83,6 +83,21 @@ def mean_ms(run: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1000
 
 
+def as_matmul_nbits(model: onnx.ModelProto, bits: int, block: int, symmetric: bool, accuracy_level: int) -> bytes:
+    """The model with every MatMul quantized to MatMulNBits (ORT's quantizer, as our tools call it).
+
+    The quantizer rewrites `model` itself, so a caller wanting several forms builds one model each.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per matmul otherwise
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level
+    )
+    quantizer.process()
+    return quantizer.model.model.SerializeToString()
+
+
 # --------------------------------------------------------------------------- profile
 
 
@@ -177,7 +192,6 @@ LM_HEAD_FORMS = {  # name: (bits, block size, symmetric)
 
 def lm_head() -> None:
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     k, n = 896, 151936
     weight = (np.random.default_rng(0).standard_normal((k, n)) * 0.02).astype(np.float32)
@@ -193,9 +207,7 @@ def lm_head() -> None:
             [numpy_helper.from_array(weight, "w")],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4)
-        quantizer.process()
-        sessions[name] = session(quantizer.model.model.SerializeToString())
+        sessions[name] = session(as_matmul_nbits(model, bits, block, symmetric, accuracy_level=4))
         got = sessions[name].run(None, {"x": x})[0][0]
         print(f"{name}: relative error {np.linalg.norm(got - reference) / np.linalg.norm(reference):.4f}")
     times: dict[str, list[float]] = {name: [] for name in sessions}
@@ -229,18 +241,6 @@ def decode_matmuls(rows: int, layers: int = 6) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(shapes))]
     graph = helper.make_graph(nodes, "decode_matmuls", inputs, outputs, weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def as_matmul_nbits(model: onnx.ModelProto, bits: int, block: int, symmetric: bool, accuracy_level: int) -> bytes:
-    """The model with every MatMul quantized to MatMulNBits (ORT's quantizer, as our tools call it)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per matmul otherwise
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level
-    )
-    quantizer.process()
-    return quantizer.model.model.SerializeToString()
 
 
 def layer_feeds(rows: int) -> dict[str, np.ndarray]:
